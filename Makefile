@@ -1,0 +1,34 @@
+# Two commands set everything up on a fresh Linux machine with Python 3.11 and no GPU:
+#   make demo   # venv + CPU torch + project, then the whole demo recipe end to end
+#   make test   # venv + CPU torch + project + test tools, then the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.patho-r1-installed
+# torch goes in first and pinned, so nothing later pulls a CUDA build. Where the CPU wheel is not the default
+# for your platform, add your CPU wheel index here, e.g. make demo TORCH_PIP_ARGS="--index-url <cpu index>".
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+EXTRAS ?= test,faiss
+RECIPE ?= recipes/demo.yaml
+PYTEST_ARGS ?=
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/patho-r1 run $(RECIPE)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

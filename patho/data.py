@@ -1,0 +1,375 @@
+"""Typed records for the five dataset kinds and streaming loaders that name the file, row and field of bad input.
+
+Kinds and their records:
+
+| kind           | record               | used by                     |
+|----------------|----------------------|-----------------------------|
+| `caption`      | `CaptionRecord`      | continued pretraining (CPT) |
+| `conversation` | `ConversationRecord` | chain-of-thought SFT        |
+| `mcq`          | `MCQRecord`          | RL prompts, MCQ evaluation  |
+| `embed_pair`   | `EmbedPairRecord`    | embedding training and eval |
+
+The fifth kind, the VLMEvalKit TSV, is read by `iter_vlmeval_tsv` into `MCQRecord`s.
+
+Sources: JSONL (one object per line), Parquet (read in row batches), or a local `datasets.save_to_disk` directory
+(memory-mapped).  All three stream: a 3.5M-row corpus is never held in memory.  Images may be given as a path (relative
+paths are resolved against the data file's directory), a base64 string or data URI, raw bytes, or a Hugging Face
+`{"bytes": ..., "path": ...}` image dict.  Relative paths are made absolute while loading, so a record is
+self-contained wherever it travels (Ray workers, TRL datasets).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Literal, Union
+
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from patho.errors import DataError
+
+OPTION_LETTERS = "ABCDEF"
+AnswerType = Literal["mcq", "numeric", "expression", "yesno", "open"]
+ImageRef = Union[str, bytes, dict]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Records
+# ----------------------------------------------------------------------------------------------------------------------
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="allow", arbitrary_types_allowed=True)
+    id: str | None = None
+
+
+class CaptionRecord(_Record):
+    images: list[ImageRef] = Field(min_length=1)
+    caption: str
+
+    @field_validator("caption")
+    @classmethod
+    def _caption_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("caption is empty")
+        return v
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "image"]
+    text: str | None = None
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[ContentPart]
+
+    def n_images(self) -> int:
+        return 0 if isinstance(self.content, str) else sum(p.type == "image" for p in self.content)
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text or "" for p in self.content if p.type == "text")
+
+
+class ConversationRecord(_Record):
+    messages: list[Message] = Field(min_length=2)
+    images: list[ImageRef] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check_turns(self):
+        if not any(m.role == "assistant" for m in self.messages):
+            raise ValueError("messages: no assistant turn to learn from")
+        for i, m in enumerate(self.messages):
+            if m.role == "assistant" and not m.text().strip():
+                raise ValueError(f"messages.{i}: empty assistant turn")
+        n = sum(m.n_images() for m in self.messages)
+        if n and n != len(self.images):
+            raise ValueError(f"images: the messages hold {n} image placeholders but {len(self.images)} images are given")
+        return self
+
+
+class MCQRecord(_Record):
+    question: str
+    answer: str
+    options: dict[str, str] = Field(default_factory=dict)
+    answer_type: AnswerType = "mcq"
+    images: list[ImageRef] = Field(default_factory=list)
+    category: str | None = None
+
+    @field_validator("question")
+    @classmethod
+    def _question_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("question is empty")
+        return v
+
+    @model_validator(mode="after")
+    def _check_options(self):
+        if self.answer_type != "mcq":
+            return self
+        letters = list(self.options)
+        if not 2 <= len(letters) <= 6:
+            raise ValueError(f"options: an MCQ needs 2 to 6 options (A-F), got {len(letters)}")
+        if letters != list(OPTION_LETTERS[: len(letters)]):
+            raise ValueError(f"options: keys must be consecutive letters from A, got {letters}")
+        if self.answer not in self.options:
+            raise ValueError(f"answer: {self.answer!r} is not among the options {letters}")
+        return self
+
+    def prompt_text(self) -> str:
+        """Question followed by one `X. option` line per option (the VLMEvalKit MCQ layout)."""
+        if self.answer_type != "mcq":
+            return self.question
+        lines = [self.question, *(f"{k}. {v}" for k, v in self.options.items()), "Answer with the option letter."]
+        return "\n".join(lines)
+
+
+class EmbedSide(BaseModel):
+    """One side of an embedding pair: any mix of text, images and video frames."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    text: str | None = None
+    images: list[ImageRef] = Field(default_factory=list)
+    frames: list[ImageRef] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _not_empty(self):
+        if not (self.text and self.text.strip()) and not self.images and not self.frames:
+            raise ValueError("needs text, images or frames")
+        return self
+
+
+class EmbedPairRecord(_Record):
+    query: EmbedSide
+    positive: EmbedSide
+    task: str = "pair"
+    target_id: str | None = None
+
+
+RECORD_TYPES: dict[str, type[_Record]] = {
+    "caption": CaptionRecord,
+    "conversation": ConversationRecord,
+    "mcq": MCQRecord,
+    "embed_pair": EmbedPairRecord,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------------------------------
+
+_BASE64_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\n")
+
+
+def _resolve_ref(ref: ImageRef, base_dir: str | Path | None) -> Path | bytes:
+    """An image reference as either a file path or encoded image bytes.  Raises `FileNotFoundError`/`ValueError`."""
+    if isinstance(ref, dict):
+        if ref.get("bytes"):
+            return bytes(ref["bytes"])
+        if ref.get("path"):
+            return _resolve_ref(ref["path"], base_dir)
+        raise ValueError("image dict has neither 'bytes' nor 'path'")
+    if isinstance(ref, (bytes, bytearray, memoryview)):
+        return bytes(ref)
+    if not isinstance(ref, str) or not ref:
+        raise ValueError(f"unsupported image reference of type {type(ref).__name__}")
+    if ref.startswith("data:image"):
+        return _b64decode(ref.split(",", 1)[-1])
+    if len(ref) < 4096:
+        path = Path(ref)
+        if base_dir is not None and not path.is_absolute():
+            path = Path(base_dir) / path
+        if path.exists():
+            return path
+    # Not an existing file: base64 if it looks like base64 (long, only base64 characters; a file name has a dot)
+    if len(ref) >= 64 and len(ref) % 4 == 0 and set(ref) <= _BASE64_CHARS:
+        return _b64decode(ref)
+    raise FileNotFoundError(f"image not found: {path if len(ref) < 4096 else ref[:64] + '...'}")
+
+
+def _open_image(source: Path | bytes, *, full: bool) -> Image.Image:
+    """Open an image; `full=False` only parses the header (cheap validation), `full=True` decodes it to RGB."""
+    where = str(source) if isinstance(source, Path) else "bytes"
+    try:
+        img = Image.open(source if isinstance(source, Path) else io.BytesIO(source))
+        if not full:
+            img.verify()
+            return img
+        img.load()
+        return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ValueError(f"{where} is not a readable image ({exc.__class__.__name__})") from None
+
+
+def load_image(ref: ImageRef, base_dir: str | Path | None = None) -> Image.Image:
+    """Materialise an image reference as an RGB PIL image.  Raises `FileNotFoundError` or `ValueError`."""
+    if isinstance(ref, Image.Image):
+        return ref.convert("RGB")
+    return _open_image(_resolve_ref(ref, base_dir), full=True)
+
+
+def _b64decode(s: str) -> bytes:
+    try:
+        return base64.b64decode(s, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("string is neither an existing path nor valid base64") from None
+
+
+def _check_image(ref: ImageRef, base_dir: Path) -> ImageRef:
+    """Check that an image reference opens (header only) and return it with relative paths made absolute."""
+    source = _resolve_ref(ref, base_dir)
+    _open_image(source, full=False)
+    if isinstance(source, Path) and isinstance(ref, str):
+        return str(source.resolve())
+    return ref
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _image_fields(record: _Record) -> Iterator[tuple[str, list]]:
+    if isinstance(record, EmbedPairRecord):
+        for side_name in ("query", "positive"):
+            side = getattr(record, side_name)
+            yield f"{side_name}.images", side.images
+            yield f"{side_name}.frames", side.frames
+    elif hasattr(record, "images"):
+        yield "images", record.images
+
+
+def _pydantic_field(err: dict) -> str:
+    return ".".join(str(x) for x in err["loc"]) or "<row>"
+
+
+def parse_record(raw: Any, kind: str, *, path: str | Path, row: int, base_dir: Path | None = None,
+                 check_images: bool = True) -> _Record:
+    """Validate one raw row into its record type; every problem becomes a `DataError` naming file, row and field."""
+    cls = RECORD_TYPES.get(kind)
+    if cls is None:
+        raise ValueError(f"unknown data kind {kind!r}; expected one of {sorted(RECORD_TYPES)}")
+    if not isinstance(raw, dict):
+        raise DataError(path, row, None, f"expected a JSON object, got {type(raw).__name__}")
+    try:
+        record = cls.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        msg = err["msg"].removeprefix("Value error, ")
+        field = _pydantic_field(err)
+        # Model-level validators report on the whole row (empty loc); their message starts with "field: ".
+        if not err["loc"] and ": " in msg:
+            field, _, msg = msg.partition(": ")
+        more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+        raise DataError(path, row, field, msg + more) from None
+    if check_images:
+        base = base_dir or Path(path).parent
+        for field, refs in _image_fields(record):
+            for i, ref in enumerate(refs):
+                try:
+                    refs[i] = _check_image(ref, base)
+                except (FileNotFoundError, ValueError) as exc:
+                    raise DataError(path, row, f"{field}[{i}]", str(exc)) from None
+    return record
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    with path.open("r", encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(path, lineno, None, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+
+
+def _iter_parquet(path: Path, batch_size: int = 1024) -> Iterator[tuple[int, Any]]:
+    import pyarrow.parquet as pq
+
+    row = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
+        for item in batch.to_pylist():
+            row += 1
+            yield row, item
+
+
+def _iter_hf_dir(path: Path) -> Iterator[tuple[int, Any]]:
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(path))  # memory-mapped Arrow: rows are read on access
+    if hasattr(ds, "keys"):  # a DatasetDict: take the train split
+        ds = ds["train"] if "train" in ds else ds[next(iter(ds.keys()))]
+    for row, item in enumerate(ds, start=1):
+        yield row, item
+
+
+def iter_raw_rows(source: str | Path) -> Iterator[tuple[int, Any]]:
+    path = Path(source)
+    if not path.exists():
+        raise DataError(path, None, None, "data source not found")
+    if path.is_dir():
+        return _iter_hf_dir(path)
+    if path.suffix == ".parquet":
+        return _iter_parquet(path)
+    if path.suffix in (".jsonl", ".json"):
+        return _iter_jsonl(path)
+    raise DataError(path, None, None, "unsupported format (use .jsonl, .parquet or a datasets directory)")
+
+
+def iter_records(source: str | Path, kind: str, *, check_images: bool = True, limit: int | None = None
+                 ) -> Iterator[_Record]:
+    """Stream validated records from a JSONL/Parquet file or a `datasets` directory."""
+    path = Path(source)
+    base_dir = path if path.is_dir() else path.parent
+    for n, (row, raw) in enumerate(iter_raw_rows(path)):
+        if limit is not None and n >= limit:
+            return
+        yield parse_record(raw, kind, path=path, row=row, base_dir=base_dir, check_images=check_images)
+
+
+def load_records(source: str | Path, kind: str, **kwargs) -> list[_Record]:
+    """Eager variant of `iter_records`, for small sets (evaluation splits, tests)."""
+    return list(iter_records(source, kind, **kwargs))
+
+
+def iter_vlmeval_tsv(path: str | Path) -> Iterator[MCQRecord]:
+    """Read a VLMEvalKit-format TSV (`index, image` base64, `question, A..F, answer[, category]`) as MCQ records.
+
+    Rows with no option columns filled are read as Yes/No (when the answer is yes/no) or open questions.
+    """
+    path = Path(path)
+    csv.field_size_limit(sys.maxsize)  # base64 images exceed csv's default 128 KiB field limit
+    with path.open("r", encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh, delimiter="\t")
+        missing = {"index", "question", "answer"} - set(reader.fieldnames or [])
+        if missing:
+            raise DataError(path, 1, sorted(missing)[0], "missing column in TSV header")
+        for row_no, row in enumerate(reader, start=2):
+            options = {k: row[k] for k in OPTION_LETTERS if row.get(k) not in (None, "", "nan")}
+            answer = (row.get("answer") or "").strip()
+            if options:
+                answer_type = "mcq"
+            elif answer.lower() in ("yes", "no"):
+                answer_type = "yesno"
+            else:
+                answer_type = "open"
+            raw = {"id": str(row["index"]), "question": row["question"], "answer": answer, "options": options,
+                   "answer_type": answer_type, "category": row.get("category") or None,
+                   "images": [row["image"]] if row.get("image") else []}
+            yield parse_record(raw, "mcq", path=path, row=row_no, base_dir=path.parent)
+
+
+def validate_file(source: str | Path, kind: str) -> int:
+    """Validate every row; returns the row count or raises the first `DataError`."""
+    n = 0
+    for _ in iter_records(source, kind):
+        n += 1
+    return n

@@ -1,0 +1,156 @@
+"""The accuracy reward, dispatched on each sample's answer type.
+
+| answer type            | how it is judged                                                                       |
+|------------------------|----------------------------------------------------------------------------------------|
+| `mcq` (gold A-F)       | `<answer>` content must be exactly the gold letter (strict); `lenient` also takes      |
+|                        | `B.`, `(B)`, `B)`, `B. Plasma cells`, `Option B`                                       |
+| `yesno`                | normalised yes/no equality                                                             |
+| `numeric`/`expression` | math-verify (`parse` + `verify`), in worker processes with a hard per-sample timeout   |
+| `open`                 | normalised exact string match (use an LLM judge in evaluation for real open VQA)       |
+
+The type comes from an `answer_type` column when the dataset has one, else it is inferred from the gold answer.
+The gold answer is read from the `answer` column (or TRL's conventional `solution`).  A missing or malformed answer
+scores 0.0; nothing here raises on model output.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+from rewards.parsing import completion_text, extract_answer
+from rewards.pool import VerifierPool
+
+OPTION_LETTERS = "ABCDEF"
+_LENIENT_MCQ = re.compile(r"\A(?:option\s+|answer\s*:?\s*)?[\(\[]?([A-F])[\)\]]?(?:[\s.:,)]|\Z)", re.IGNORECASE)
+_YES = {"yes", "y", "true"}
+_NO = {"no", "n", "false"}
+
+
+@dataclass
+class AccuracyConfig:
+    mcq_mode: Literal["strict", "lenient"] = "strict"
+    math_timeout: float = 5.0  # hard per-sample limit for math-verify, in seconds
+    math_workers: int = 1  # worker processes for math-verify; 0 runs it inline (no hard limit)
+
+
+def infer_answer_type(gold: str) -> str:
+    g = gold.strip()
+    if len(g) == 1 and g in OPTION_LETTERS:
+        return "mcq"
+    if g.lower().rstrip(".") in ("yes", "no"):
+        return "yesno"
+    return "numeric"
+
+
+def score_mcq(pred: str | None, gold: str, mode: str = "strict") -> float:
+    if pred is None:
+        return 0.0
+    gold = gold.strip()
+    pred = pred.strip()
+    if mode == "strict":
+        return 1.0 if len(pred) == 1 and pred in OPTION_LETTERS and pred == gold else 0.0
+    m = _LENIENT_MCQ.match(pred)
+    # The letter itself must be upper case: a lowercase "a" usually starts a sentence ("a gland ..."), not an option.
+    if m is None or not m.group(1).isupper():
+        return 0.0
+    return 1.0 if m.group(1) == gold else 0.0
+
+
+def _norm_yesno(text: str) -> str | None:
+    word = text.strip().strip(string.punctuation + " ").lower()
+    if word in _YES:
+        return "yes"
+    if word in _NO:
+        return "no"
+    return None
+
+
+def score_yesno(pred: str | None, gold: str) -> float:
+    if pred is None:
+        return 0.0
+    p, g = _norm_yesno(pred), _norm_yesno(gold)
+    return 1.0 if p is not None and p == g else 0.0
+
+
+def _norm_open(text: str) -> str:
+    return " ".join(text.lower().strip().strip(string.punctuation).split())
+
+
+def math_verify_score(pred: str, gold: str) -> float:
+    """math-verify equivalence of two answers.  Runs in a worker process's main thread, so math-verify's own
+    signal-based timeouts are off (`parsing_timeout=None`, `timeout_seconds=None`) and the pool's hard timeout rules."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+    config = [LatexExtractionConfig(), ExprExtractionConfig()]
+
+    def _parse(text: str):
+        parsed = parse(text, extraction_config=config, parsing_timeout=None)
+        if not parsed and "$" not in text:
+            parsed = parse(f"${text}$", extraction_config=config, parsing_timeout=None)
+        return parsed
+
+    gold_parsed = _parse(gold)
+    if not gold_parsed:
+        return 0.0
+    pred_parsed = _parse(pred)
+    if not pred_parsed:
+        return 0.0
+    return 1.0 if verify(gold_parsed, pred_parsed, timeout_seconds=None) else 0.0
+
+
+class AccuracyReward:
+    __name__ = "accuracy"
+
+    def __init__(self, mcq_mode: str = "strict", math_timeout: float = 5.0, math_workers: int = 1,
+                 pool: VerifierPool | None = None):
+        if mcq_mode not in ("strict", "lenient"):
+            raise ValueError(f"mcq_mode must be 'strict' or 'lenient', got {mcq_mode!r}")
+        self.config = AccuracyConfig(mcq_mode=mcq_mode, math_timeout=math_timeout, math_workers=math_workers)
+        self._pool = pool
+
+    @property
+    def pool(self) -> VerifierPool:
+        if self._pool is None:
+            self._pool = VerifierPool(workers=self.config.math_workers, timeout=self.config.math_timeout)
+        return self._pool
+
+    def __call__(self, prompts=None, completions=None, completion_ids=None, answer=None, solution=None,
+                 answer_type=None, **columns) -> list[float]:
+        golds = answer if answer is not None else solution
+        if golds is None:
+            raise ValueError("accuracy needs the gold answer in an `answer` (or `solution`) column")
+        types: Sequence[str | None] = answer_type if answer_type is not None else [None] * len(completions)
+        scores: list[float] = [0.0] * len(completions)
+        math_jobs: list[tuple[int, str, str]] = []
+        for i, (completion, gold, kind) in enumerate(zip(completions, golds, types)):
+            pred = extract_answer(completion_text(completion))
+            gold = "" if gold is None else str(gold)
+            kind = kind or infer_answer_type(gold)
+            if kind == "mcq":
+                scores[i] = score_mcq(pred, gold, self.config.mcq_mode)
+            elif kind == "yesno":
+                scores[i] = score_yesno(pred, gold)
+            elif kind in ("numeric", "expression", "math"):
+                if pred:
+                    math_jobs.append((i, pred, gold))
+            elif kind == "open":
+                scores[i] = 1.0 if pred is not None and _norm_open(pred) == _norm_open(gold) else 0.0
+            else:
+                raise ValueError(f"unknown answer_type {kind!r}")
+        if math_jobs:
+            results = self.pool.map(math_verify_score, [(p, g) for _, p, g in math_jobs], default=0.0)
+            for (i, _, _), value in zip(math_jobs, results):
+                scores[i] = float(value)
+        return scores
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+
+
+accuracy_reward = AccuracyReward(math_workers=0)
+"""Ready-to-use accuracy reward (strict MCQ; math-verify inline).  For training, build one from the registry, which
+runs math-verify in a worker pool with a hard timeout."""

@@ -1,0 +1,102 @@
+"""`patho-r1 rewards list | score`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from patho.errors import DataError
+
+
+def _cmd_list(args) -> int:
+    from rewards.registry import PRESETS, REGISTRY
+
+    for name, doc in REGISTRY.describe().items():
+        print(f"{name:16s} {doc}")
+    print()
+    for preset, specs in PRESETS.items():
+        print(f"preset {preset}: " + " + ".join(s["name"] for s in specs))
+    return 0
+
+
+def _read_rows(path: Path) -> list[dict]:
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(path, lineno, None, f"invalid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(path, lineno, None, "expected a JSON object")
+            if "completion" not in row:
+                raise DataError(path, lineno, "completion", "missing")
+            rows.append(row)
+    return rows
+
+
+def _cmd_score(args) -> int:
+    from rewards.registry import build_rewards
+
+    specs: str | list[dict] = args.rewards
+    if "," in args.rewards or args.rewards not in ("grpo", "dapo"):
+        specs = [{"name": n.strip()} for n in args.rewards.split(",") if n.strip()]
+        for spec in specs:
+            if spec["name"] == "soft_overlong":
+                spec.update(max_completion_length=args.max_completion_length, cache_length=args.cache_length)
+            if spec["name"] == "accuracy":
+                spec.update(mcq_mode=args.mcq_mode, math_workers=args.workers, math_timeout=args.timeout)
+    path = Path(args.input)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: input file not found")
+    rows = _read_rows(path)
+    reward_set = build_rewards(specs)
+    try:
+        needs_gold = "accuracy" in reward_set.names
+        columns: dict[str, list] = {}
+        if needs_gold:
+            for i, row in enumerate(rows, start=1):
+                if row.get("answer") is None and row.get("solution") is None:
+                    raise DataError(path, i, "answer", "missing (the accuracy reward needs the gold answer)")
+            columns["answer"] = [r.get("answer", r.get("solution")) for r in rows]
+            if any("answer_type" in r for r in rows):
+                columns["answer_type"] = [r.get("answer_type") for r in rows]
+        if "soft_overlong" in reward_set.names:
+            for i, row in enumerate(rows, start=1):
+                if not isinstance(row.get("completion_length"), int):
+                    raise DataError(path, i, "completion_length", "missing or not an integer (soft_overlong needs it)")
+            columns["completion_length"] = [r["completion_length"] for r in rows]
+        scored = reward_set.score([r["completion"] for r in rows], **columns)
+    finally:
+        reward_set.close()
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for i, row in enumerate(rows):
+            fh.write(json.dumps({**row, **{k: v[i] for k, v in scored.items()}}, ensure_ascii=False) + "\n")
+    tmp.replace(out)
+    means = {k: sum(x or 0.0 for x in v) / max(len(v), 1) for k, v in scored.items()}
+    print(json.dumps({"rows": len(rows), "mean": means}, indent=2), file=sys.stdout)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("rewards", help="list and apply reward functions")
+    rsub = p.add_subparsers(dest="rewards_command", required=True)
+    ls = rsub.add_parser("list", help="show the registered rewards and presets")
+    ls.set_defaults(func=_cmd_list)
+    sc = rsub.add_parser("score", help="score a JSONL of completions offline")
+    sc.add_argument("--rewards", default="format,accuracy",
+                    help="comma-separated names or import strings, or a preset (grpo, dapo)")
+    sc.add_argument("--input", required=True, help="JSONL with `completion`, `answer` [, `completion_length`]")
+    sc.add_argument("--output", required=True)
+    sc.add_argument("--mcq-mode", choices=["strict", "lenient"], default="strict")
+    sc.add_argument("--max-completion-length", type=int, default=2048)
+    sc.add_argument("--cache-length", type=int, default=512)
+    sc.add_argument("--workers", type=int, default=1, help="math-verify worker processes (0 = inline)")
+    sc.add_argument("--timeout", type=float, default=5.0, help="hard per-sample math-verify limit, seconds")
+    sc.set_defaults(func=_cmd_score)

@@ -1,0 +1,79 @@
+"""Reading completions: the text of a completion, the strict `<think>/<answer>` layout, and the final answer.
+
+These functions are shared by the rewards, the evaluators and the VLMEvalKit hook, so that training and evaluation
+read an answer the same way.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+_TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
+
+# The whole completion is exactly: optional whitespace, one think block, optional whitespace, one answer block,
+# optional whitespace.  Tag counts are checked separately, so nested or repeated tags cannot sneak through `.*?`.
+_STRICT_LAYOUT = re.compile(r"\A\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*\Z", re.DOTALL)
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def completion_text(completion: Any) -> str:
+    """A completion as plain text.
+
+    TRL passes plain strings for standard prompts and `[{"role": "assistant", "content": str}]` for conversational
+    ones; content may itself be a list of `{"type": "text", "text": ...}` parts.
+    """
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, dict):
+        return completion_text(completion.get("content", ""))
+    if isinstance(completion, (list, tuple)):
+        parts = []
+        for item in completion:
+            if isinstance(item, dict) and "role" in item:
+                if item.get("role") == "assistant":
+                    parts.append(completion_text(item.get("content", "")))
+            elif isinstance(item, dict):
+                if item.get("type", "text") == "text":
+                    parts.append(str(item.get("text", "")))
+            else:
+                parts.append(str(item))
+        return "".join(parts)
+    return "" if completion is None else str(completion)
+
+
+def is_strict_format(text: str) -> bool:
+    """Patho-R1's format rule: one `<think>...</think>` then one `<answer>...</answer>`, only whitespace outside."""
+    if any(text.count(tag) != 1 for tag in _TAGS):
+        return False
+    return _STRICT_LAYOUT.match(text) is not None
+
+
+def extract_answer(text: str) -> str | None:
+    """Content of the last `<answer>...</answer>` block, stripped; None when there is none."""
+    matches = _ANSWER.findall(text)
+    if not matches:
+        return None
+    return matches[-1].strip()
+
+
+def extract_final_answer(text: str) -> str:
+    """What an evaluator should score: the last `<answer>` content, else the text after the last `</think>`,
+    else the whole text.  Never returns the raw tags (VLMEvalKit's matcher would mis-read them)."""
+    answer = extract_answer(text)
+    if answer is not None:
+        return answer
+    if THINK_CLOSE in text:
+        return text.rsplit(THINK_CLOSE, 1)[1].replace(ANSWER_OPEN, "").replace(ANSWER_CLOSE, "").strip()
+    return text.strip()
+
+
+def split_thinking(text: str) -> tuple[str, str]:
+    """(prediction, thinking): the final answer and the reasoning trace, for evaluators that keep both."""
+    thinking = ""
+    if THINK_CLOSE in text:
+        head = text.rsplit(THINK_CLOSE, 1)[0]
+        thinking = head.split(THINK_OPEN, 1)[-1].strip()
+    return extract_final_answer(text), thinking

@@ -1,0 +1,33 @@
+"""A stand-in third-party reward module for the registry tests (loaded by import string and by entry point)."""
+
+import time
+
+
+def brevity(prompts=None, completions=None, **kwargs):
+    """1.0 for completions of at most 40 characters."""
+    return [1.0 if len(str(c)) <= 40 else 0.0 for c in completions]
+
+
+def make_keyword(word="nuclei", value=2.0):
+    """Factory: a reward of `value` when the completion mentions `word`."""
+
+    def keyword(prompts=None, completions=None, **kwargs):
+        return [value if word in str(c) else 0.0 for c in completions]
+
+    return keyword
+
+
+def flaky(prompts=None, completions=None, **kwargs):
+    """Raises on any completion containing 'boom'."""
+    if any("boom" in str(c) for c in completions):
+        raise RuntimeError("boom")
+    return [1.0 for _ in completions]
+
+
+def hang(pred, gold):
+    time.sleep(60)
+    return 1.0
+
+
+def quick(pred, gold):
+    return 1.0 if pred == gold else 0.0

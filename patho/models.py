@@ -121,6 +121,10 @@ def load_backbone(
     """
     path = str(path_or_name)
     local = Path(path)
+    if (local / "adapter_config.json").is_file():
+        return _load_adapter_checkpoint(local, dtype=dtype, attn_implementation=attn_implementation,
+                                        device_map=device_map, min_pixels=min_pixels, max_pixels=max_pixels,
+                                        padding_side=padding_side)
     if (local.exists() or path.startswith((".", "/"))) and not (local / "config.json").is_file():
         raise FileNotFoundError(
             f"{path}: not a model directory (no config.json). Build a tiny model with `patho-r1 tiny-model {path}` "
@@ -136,4 +140,21 @@ def load_backbone(
     processor = load_processor(path, min_pixels=min_pixels, max_pixels=max_pixels, padding_side=padding_side)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    return Backbone(model=model, processor=processor)
+
+
+def _load_adapter_checkpoint(path: Path, **kwargs) -> Backbone:
+    """A LoRA checkpoint (adapter + processor): load its base model, apply the adapter and merge it for inference."""
+    import json
+
+    from peft import PeftModel
+
+    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise FileNotFoundError(f"{path}/adapter_config.json names no base_model_name_or_path")
+    backbone = load_backbone(base, **{k: v for k, v in kwargs.items() if k not in ("min_pixels", "max_pixels",
+                                                                                   "padding_side")})
+    model = PeftModel.from_pretrained(backbone.model, str(path)).merge_and_unload()
+    processor = load_processor(path, min_pixels=kwargs.get("min_pixels"), max_pixels=kwargs.get("max_pixels"),
+                               padding_side=kwargs.get("padding_side", "left"))
     return Backbone(model=model, processor=processor)

@@ -242,6 +242,12 @@ def think_for(tissue: TissueClass, conclusion: str) -> str:
             f"Nuclear density is {tissue.density}. These features indicate {tissue.name}. {conclusion}")
 
 
+def mcq_think(tissue: TissueClass, options: dict[str, str]) -> str:
+    """Reasoning for an MCQ: the visible evidence, the diagnosis, and the option that names it."""
+    letter = next(k for k, v in options.items() if v == tissue.name)
+    return think_for(tissue, f"That is option {letter}.")
+
+
 def text_corpus() -> list[str]:
     """Every phrase the world can emit, so the tiny tokenizer learns the domain's words."""
     out = [REASONING_SYSTEM_PROMPT, *ASPECTS.values(), "Describe the histological features of this tile.",
@@ -249,6 +255,7 @@ def text_corpus() -> list[str]:
     for t in TISSUES:
         out += [caption_for(t, v) for v in range(len(_CAPTION_TEMPLATES))]
         out += [class_description(t), think_for(t, "The answer is A."), t.architecture, t.density, t.background]
+        out += [mcq_think(t, {k: u.name for k, u in zip(LETTERS, TISSUES)})]
         out += [aspect_answer(t, a) for a in ASPECTS]
     return out
 
@@ -298,11 +305,12 @@ class World:
 
     # -- helpers -------------------------------------------------------------------------------------------------------
     def _options(self, rng: np.random.Generator, correct: TissueClass) -> tuple[dict[str, str], str]:
+        """4-6 options: the correct class plus random distractors, listed in the world's fixed class order (as many
+        exam banks do), so the letter of a class varies with which distractors were drawn."""
         n = int(rng.integers(self.config.min_options, self.config.max_options + 1))
         others = [t for t in TISSUES if t.key != correct.key]
-        picked = [others[j] for j in rng.permutation(len(others))[: n - 1]] + [correct]
-        order = rng.permutation(n)
-        names = [picked[j].name for j in order]
+        picked = {correct.key} | {others[j].key for j in rng.permutation(len(others))[: n - 1]}
+        names = [t.name for t in TISSUES if t.key in picked]
         options = {LETTERS[k]: names[k] for k in range(n)}
         answer = LETTERS[names.index(correct.name)]
         return options, answer
@@ -321,7 +329,7 @@ class World:
     def sft_records(self, split: str = "train", n: int | None = None) -> Iterator[dict]:
         tiles = self.split(split)
         n = self.config.n_sft if n is None else n
-        kinds = ("mcq", "mcq", "description", "complex", "multi_turn")
+        kinds = ("mcq", "mcq", "mcq", "description", "complex", "multi_turn")
         for i in range(n):
             rng = _rng(self.seed, _stream_id(f"sft-{split}"), i)
             t = tiles[int(rng.integers(0, len(tiles)))]
@@ -330,8 +338,7 @@ class World:
             if kind in ("mcq", "multi_turn"):
                 options, answer = self._options(rng, t.tissue)
                 q = self._mcq_text("Which tissue type is shown in this H&E tile?", options)
-                mcq_reply = (f"<think>{think_for(t.tissue, f'That is option {answer}.')}</think>"
-                             f"<answer>{answer}</answer>")
+                mcq_reply = f"<think>{mcq_think(t.tissue, options)}</think><answer>{answer}</answer>"
             if kind == "mcq":
                 messages = [{"role": "user", "content": [image_part, {"type": "text", "text": q}]},
                             {"role": "assistant", "content": mcq_reply}]

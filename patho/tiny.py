@@ -66,6 +66,7 @@ class TinySpec:
     vision_hidden_size: int = 64
     vision_depth: int = 2
     vision_heads: int = 2
+    rope_theta: float = 1e6  # the real model's value
     min_pixels: int = 28 * 28 * 4  # 56x56 -> 4 merged visual tokens
     max_pixels: int = 28 * 28 * 16  # 112x112 -> 16 merged visual tokens
     seed: int = 0
@@ -141,7 +142,7 @@ def build_model(tokenizer, spec: TinySpec = TinySpec()) -> Qwen2_5_VLForConditio
             num_attention_heads=spec.num_attention_heads,
             num_key_value_heads=spec.num_key_value_heads,
             max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": spec.mrope_section},
+            rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta, "mrope_section": spec.mrope_section},
             bos_token_id=ids("<|endoftext|>"),
             eos_token_id=ids("<|im_end|>"),
             pad_token_id=ids("<|endoftext|>"),

@@ -1,0 +1,139 @@
+"""Typed configuration shared by every training phase, and YAML loading that reports every bad field at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from patho.errors import ConfigError
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors: a typo in a recipe must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class LoraSpec(StrictModel):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    # Language-model projections only; the vision tower's Linear layers are named qkv/proj/mlp.* and are not matched.
+    target_modules: str | list[str] = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    modules_to_save: list[str] | None = None
+
+    def to_peft(self):
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=self.target_modules, modules_to_save=self.modules_to_save,
+                          task_type="CAUSAL_LM")
+
+
+class WandbConfig(StrictModel):
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "patho-r1"
+    entity: str | None = None
+    run_name: str | None = None
+
+    def report_to(self) -> list[str]:
+        return [] if self.mode == "disabled" else ["wandb"]
+
+
+class TrainConfig(StrictModel):
+    """Fields every trainer phase has.  Phase configs (CPT, SFT, RL, embedding) extend it."""
+
+    model: str = Field(..., description="hub id or local save_pretrained directory")
+    output_dir: str
+    learning_rate: float = Field(1e-5, gt=0)
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    per_device_train_batch_size: int = Field(1, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    num_train_epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="> 0 overrides epochs")
+    max_length: int | None = Field(2048, gt=0)
+    min_pixels: int | None = Field(None, gt=0)
+    max_pixels: int | None = Field(None, gt=0)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: str | None = None
+    gradient_checkpointing: bool = False
+    lora: LoraSpec | None = None
+    merge_lora: bool = Field(False, description="merge the LoRA adapter into the saved final model")
+    freeze_vision_tower: bool = False
+    freeze_projector: bool = False
+    deepspeed: str | None = Field(None, description="DeepSpeed JSON config path")
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    seed: int = 0
+    logging_steps: int = Field(1, gt=0)
+    save_steps: int = Field(50, gt=0, description="intermediate checkpoint every N optimizer steps")
+    save_total_limit: int | None = Field(2, gt=0)
+    resume: bool = Field(False, description="continue from the newest intermediate checkpoint")
+    dataloader_num_workers: int = Field(0, ge=0)
+    use_cpu: bool | None = Field(None, description="None: CPU when no GPU is visible")
+    # Lineage, filled in by the recipe runner.
+    recipe_hash: str | None = None
+    parent: str | None = None
+
+    @model_validator(mode="after")
+    def _check_pixels_and_paths(self):
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            raise ValueError("min_pixels: must not exceed max_pixels")
+        if self.deepspeed and not Path(self.deepspeed).is_file():
+            raise ValueError(f"deepspeed: file not found: {self.deepspeed}")
+        if self.merge_lora and self.lora is None:
+            raise ValueError("merge_lora: set only together with lora")
+        return self
+
+    def check_model_exists(self) -> None:
+        """Local model paths must exist; hub ids (org/name) are resolved later by transformers."""
+        p = Path(self.model)
+        looks_local = self.model.startswith((".", "/", "~")) or p.exists() or self.model.count("/") != 1
+        if looks_local and not (p / "config.json").is_file():
+            raise ConfigError(f"model: {self.model} is not a model directory (no config.json) and not a hub id")
+
+
+def format_validation_error(exc: ValidationError, prefix: str = "", source: str | None = None) -> str:
+    """Every error of a pydantic validation, one line each, as `source: field.path: message`."""
+    lines = []
+    for err in exc.errors():
+        msg = err["msg"].removeprefix("Value error, ")
+        loc = ".".join(str(x) for x in err["loc"])
+        if not err["loc"] and ": " in msg:  # model-level validators name their field first
+            loc, _, msg = msg.partition(": ")
+        loc = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "<root>"
+        lines.append(f"{loc}: {msg}")
+    head = f"{source}: " if source else ""
+    return head + f"{len(lines)} invalid field(s)\n  " + "\n  ".join(lines)
+
+
+def validate_config(cls: type[T], data: dict[str, Any], *, prefix: str = "", source: str | None = None) -> T:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, prefix, source)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_config(cls: type[T], path: str | Path, overrides: dict[str, Any] | None = None) -> T:
+    data = read_yaml(path)
+    data.update(overrides or {})
+    return validate_config(cls, data, source=str(path))

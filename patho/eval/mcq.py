@@ -1,0 +1,147 @@
+"""The built-in MCQ / Yes-No scorer: VLMEvalKit TSVs or our MCQ JSONL in, accuracy tables out.
+
+    patho-r1 eval mcq --model CKPT --tsv eval/PathoSynth_MCQ.tsv --out runs/eval
+
+Generation uses our rollout engines (HF on CPU, vLLM on GPU).  Each response is reduced to its final answer
+(last `<answer>` content, else the text after `</think>`) and judged two ways:
+
+* `accuracy`: VLMEvalKit's exact-matching rules on the final answer (comparable with VLMEvalKit leaderboards);
+* `strict_accuracy`: the RL accuracy reward (the `<answer>` content must be exactly the gold letter).
+
+plus the share of format-valid responses and the mean response length in tokens.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from patho.data import MCQRecord, iter_records, iter_vlmeval_tsv, load_image
+from patho.eval.generation import ChatRequest, Generator, SamplingConfig
+from patho.eval.matching import exact_match_mcq
+from patho.synth import REASONING_SYSTEM_PROMPT
+from rewards.accuracy import score_mcq, score_yesno
+from rewards.parsing import extract_final_answer, is_strict_format
+
+
+@dataclass
+class MCQRow:
+    id: str
+    category: str | None
+    answer: str
+    answer_type: str
+    prediction: str
+    response: str
+    correct: bool
+    strict_correct: bool
+    format_ok: bool
+    response_tokens: int
+
+
+@dataclass
+class MCQReport:
+    n: int
+    accuracy: float
+    strict_accuracy: float
+    format_rate: float
+    mean_response_tokens: float
+    chance: float
+    per_category: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def markdown(self, title: str = "MCQ evaluation") -> str:
+        lines = [f"### {title}", "", "| metric | value |", "|---|---|"]
+        for k in ("n", "accuracy", "strict_accuracy", "format_rate", "mean_response_tokens", "chance"):
+            v = getattr(self, k)
+            lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |")
+        if self.per_category:
+            lines += ["", "| category | n | accuracy | format_rate |", "|---|---|---|---|"]
+            for cat, m in sorted(self.per_category.items()):
+                lines.append(f"| {cat} | {int(m['n'])} | {m['accuracy']:.4f} | {m['format_rate']:.4f} |")
+        return "\n".join(lines) + "\n"
+
+
+def load_eval_records(path: str | Path, limit: int | None = None) -> list[MCQRecord]:
+    path = Path(path)
+    records = list(iter_vlmeval_tsv(path)) if path.suffix == ".tsv" else list(iter_records(path, "mcq"))
+    return records[:limit] if limit else records
+
+
+def build_request(record: MCQRecord, system_prompt: str | None = REASONING_SYSTEM_PROMPT) -> ChatRequest:
+    images = [load_image(ref) for ref in record.images]
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": record.prompt_text()}]
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
+        [{"role": "user", "content": content}]
+    return ChatRequest(messages=messages, images=images)
+
+
+def judge(record: MCQRecord, response: str, n_tokens: int) -> MCQRow:
+    prediction = extract_final_answer(response)
+    if record.answer_type == "mcq":
+        correct = exact_match_mcq(prediction, record.options, record.answer)
+        strict = score_mcq(_answer_block(response), record.answer, "strict") == 1.0
+    elif record.answer_type == "yesno":
+        correct = score_yesno(prediction, record.answer) == 1.0
+        strict = score_yesno(_answer_block(response), record.answer) == 1.0
+    else:
+        raise ValueError(f"row {record.id}: answer_type {record.answer_type!r} needs an LLM judge "
+                         "(patho-r1 eval vqa), not the MCQ scorer")
+    return MCQRow(id=str(record.id), category=record.category, answer=record.answer, answer_type=record.answer_type,
+                  prediction=prediction, response=response, correct=bool(correct), strict_correct=bool(strict),
+                  format_ok=is_strict_format(response), response_tokens=n_tokens)
+
+
+def _answer_block(response: str) -> str | None:
+    from rewards.parsing import extract_answer
+
+    return extract_answer(response)
+
+
+def summarise(records: list[MCQRecord], rows: list[MCQRow]) -> MCQReport:
+    n = len(rows)
+    if n == 0:
+        raise ValueError("no rows to score")
+    chance = sum((1.0 / len(r.options)) if r.answer_type == "mcq" else 0.5 for r in records) / n
+    by_cat: dict[str, list[MCQRow]] = defaultdict(list)
+    for row in rows:
+        by_cat[row.category or "all"].append(row)
+    per_category = {c: {"n": float(len(rs)), "accuracy": sum(r.correct for r in rs) / len(rs),
+                        "format_rate": sum(r.format_ok for r in rs) / len(rs)} for c, rs in by_cat.items()}
+    return MCQReport(
+        n=n,
+        accuracy=sum(r.correct for r in rows) / n,
+        strict_accuracy=sum(r.strict_correct for r in rows) / n,
+        format_rate=sum(r.format_ok for r in rows) / n,
+        mean_response_tokens=sum(r.response_tokens for r in rows) / n,
+        chance=chance,
+        per_category=per_category,
+    )
+
+
+def evaluate_mcq(generator: Generator, records: list[MCQRecord], sampling: SamplingConfig | None = None,
+                 system_prompt: str | None = REASONING_SYSTEM_PROMPT, tokenizer=None
+                 ) -> tuple[MCQReport, list[MCQRow]]:
+    sampling = sampling or SamplingConfig()
+    responses = generator.generate([build_request(r, system_prompt) for r in records], sampling)
+    count = (lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])) if tokenizer else \
+        (lambda s: len(s.split()))
+    rows = [judge(rec, resp, count(resp)) for rec, resp in zip(records, responses)]
+    return summarise(records, rows), rows
+
+
+def write_results(out_dir: str | Path, report: MCQReport, rows: Iterable[MCQRow], title: str = "MCQ evaluation"):
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = list(rows)
+    (out / "results.json").write_text(json.dumps({"report": asdict(report), "rows": [asdict(r) for r in rows]},
+                                                 indent=2) + "\n")
+    with (out / "predictions.csv").open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(asdict(rows[0]).keys()))
+        writer.writeheader()
+        for r in rows:
+            writer.writerow(asdict(r))
+    (out / "results.md").write_text(report.markdown(title))
+    return out

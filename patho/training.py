@@ -1,0 +1,155 @@
+"""Runtime pieces every trainer phase shares: TrainingArguments fields, metrics logging, freezing, resume, final save."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from patho.checkpoint import Manifest, save_checkpoint
+from patho.config import TrainConfig, WandbConfig
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS_SUBDIR = "checkpoints"
+FINAL_SUBDIR = "model"
+
+
+def final_model_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.output_dir) / FINAL_SUBDIR
+
+
+def setup_wandb(cfg: WandbConfig, run_name: str) -> None:
+    """wandb runs offline unless the user says otherwise; an explicit WANDB_MODE in the environment wins."""
+    if cfg.mode == "disabled":
+        return
+    os.environ.setdefault("WANDB_MODE", cfg.mode)
+    os.environ.setdefault("WANDB_PROJECT", cfg.project)
+    if cfg.entity:
+        os.environ.setdefault("WANDB_ENTITY", cfg.entity)
+    os.environ.setdefault("WANDB_NAME", cfg.run_name or run_name)
+
+
+def use_cpu(cfg: TrainConfig) -> bool:
+    return cfg.use_cpu if cfg.use_cpu is not None else not torch.cuda.is_available()
+
+
+def training_arguments(cfg: TrainConfig, run_name: str) -> dict[str, Any]:
+    """The `transformers.TrainingArguments` fields our TrainConfig decides (TRL's configs extend these)."""
+    cpu = use_cpu(cfg)
+    bf16 = not cpu and cfg.dtype in ("auto", "bfloat16")
+    return dict(
+        output_dir=str(Path(cfg.output_dir) / CHECKPOINTS_SUBDIR),
+        run_name=run_name,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
+        weight_decay=cfg.weight_decay,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        bf16=bf16,
+        fp16=not cpu and cfg.dtype == "float16",
+        use_cpu=cpu,
+        deepspeed=cfg.deepspeed,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        report_to=cfg.wandb.report_to(),
+        dataloader_num_workers=cfg.dataloader_num_workers,
+        remove_unused_columns=False,  # our collators read the raw columns (image references, extra fields)
+        disable_tqdm=True,  # JsonlMetricsCallback prints one progress line per log instead
+    )
+
+
+class JsonlMetricsCallback(TrainerCallback):
+    """Appends every log event to `metrics.jsonl` and prints a one-line progress report."""
+
+    def __init__(self, path: str | Path, phase: str, print_progress: bool = True):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.phase = phase
+        self.print_progress = print_progress
+        self._t0 = time.time()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        row = {"phase": self.phase, "step": state.global_step, "epoch": state.epoch,
+               "time": round(time.time() - self._t0, 3), **logs}
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row, default=float) + "\n")
+        if self.print_progress:
+            shown = {k: v for k, v in logs.items() if isinstance(v, (int, float)) and not k.startswith("total_flos")}
+            keys = [k for k in ("loss", "reward", "rewards/accuracy/mean", "learning_rate", "grad_norm") if k in shown]
+            keys += [k for k in shown if k not in keys][: max(0, 6 - len(keys))]
+            text = " ".join(f"{k}={shown[k]:.4g}" for k in keys)
+            print(f"[{self.phase}] step {state.global_step}/{state.max_steps} {text}", flush=True)
+
+
+def quiet_trainer_printing(trainer) -> None:
+    """With tqdm off, transformers prints every log dict; JsonlMetricsCallback already prints one line per log."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+
+
+def apply_freezing(model, *, freeze_vision_tower: bool, freeze_projector: bool) -> dict[str, int]:
+    """Freeze the vision tower blocks and/or the patch merger (projector).  Returns trainable counts for the log."""
+    visual = model.model.visual
+    for name, param in visual.named_parameters():
+        is_projector = name.startswith("merger.")
+        if (is_projector and freeze_projector) or (not is_projector and freeze_vision_tower):
+            param.requires_grad_(False)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable}
+
+
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def latest_checkpoint(cfg: TrainConfig) -> str | None:
+    """Newest intermediate checkpoint that was fully written (HF writes trainer_state.json last)."""
+    root = Path(cfg.output_dir) / CHECKPOINTS_SUBDIR
+    if not root.is_dir():
+        return None
+    found = []
+    for d in root.iterdir():
+        m = _CHECKPOINT_RE.match(d.name)
+        if m and (d / "trainer_state.json").is_file():
+            found.append((int(m.group(1)), d))
+    return str(max(found)[1]) if found else None
+
+
+def finalize(trainer, processor, cfg: TrainConfig, phase: str, metrics: dict[str, float] | None = None) -> Path:
+    """Write the phase's final `save_pretrained` directory (model + processor + manifest), atomically.
+
+    A LoRA run saves its adapter, or with `merge_lora` the merged full model, which then loads anywhere as a plain
+    Qwen2.5-VL checkpoint.
+    """
+    model = trainer.accelerator.unwrap_model(trainer.model) if hasattr(trainer, "accelerator") else trainer.model
+    extra: dict[str, Any] = {"lora": cfg.lora is not None, "merged": False}
+    if cfg.lora is not None and cfg.merge_lora:
+        model = model.merge_and_unload()
+        extra["merged"] = True
+    manifest = Manifest(phase=phase, step=int(trainer.state.global_step), recipe_hash=cfg.recipe_hash,
+                        parent=cfg.parent or cfg.model, complete=True,
+                        metrics={k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))},
+                        extra=extra)
+    if trainer.args.should_save:
+        out = save_checkpoint(model, processor, final_model_dir(cfg), manifest)
+        logger.info("%s: final model written to %s", phase, out)
+    return final_model_dir(cfg)

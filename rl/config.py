@@ -1,0 +1,121 @@
+"""The RL phase config and its one mapping onto TRL's `GRPOConfig` (`to_grpo_config`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from patho.config import StrictModel, TrainConfig
+from patho.synth import REASONING_SYSTEM_PROMPT
+from rewards.registry import PRESETS, RewardSpec
+
+
+class RolloutConfig(StrictModel):
+    """Where completions are generated.  This is the only switch between CPU and GPU rollouts."""
+
+    engine: Literal["hf", "vllm"] = "hf"
+    vllm_mode: Literal["colocate", "server"] = "colocate"
+    tensor_parallel_size: int = Field(1, gt=0)
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
+    max_model_length: int | None = None
+    enable_sleep_mode: bool = False
+    server_base_url: str | None = None
+    server_timeout: float = Field(240.0, gt=0, description="seconds to wait for the vLLM server before failing")
+
+
+class DynamicSamplingConfig(StrictModel):
+    enabled: bool = True
+    max_rounds: int = Field(3, ge=0, description="cap on extra generation rounds per batch")
+    min_std: float = Field(1e-6, ge=0, description="groups with reward std at or below this are dropped")
+
+
+# What each algorithm means when a field is left unset.
+ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
+    "grpo": {"loss_type": "grpo", "beta": 0.04, "epsilon": 0.2, "epsilon_high": 0.2,
+             "mask_truncated_completions": False, "rewards": "grpo", "dynamic_sampling": False},
+    "dapo": {"loss_type": "dapo", "beta": 0.0, "epsilon": 0.2, "epsilon_high": 0.28,
+             "mask_truncated_completions": True, "rewards": "dapo", "dynamic_sampling": True},
+}
+
+
+class RLPhaseConfig(TrainConfig):
+    algorithm: Literal["grpo", "dapo"] = "dapo"
+    data: str = Field(..., description="MCQ JSONL/Parquet (question, options, answer[, answer_type, category, images])")
+    num_generations: int = Field(8, ge=2, description="group size G")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_prompt_length: int | None = Field(None, gt=0, description="drop prompts longer than this, image tokens "
+                                                                  "included")
+    max_completion_length: int = Field(512, gt=0)
+    beta: float | None = Field(None, ge=0, description="KL coefficient; default 0.04 (grpo) / 0 (dapo)")
+    epsilon: float | None = Field(None, gt=0)
+    epsilon_high: float | None = Field(None, gt=0)
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] | None = None
+    mask_truncated_completions: bool | None = None
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    rewards: str | list[RewardSpec] | None = Field(None, description="preset name or list; default by algorithm")
+    dynamic_sampling: DynamicSamplingConfig | None = None
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    system_prompt: str | None = REASONING_SYSTEM_PROMPT
+    num_iterations: int = Field(1, gt=0)
+    steps_per_generation: int | None = Field(None, gt=0)
+    log_completions: bool = False
+    learning_rate: float = Field(1e-6, gt=0)
+
+    @field_validator("rewards")
+    @classmethod
+    def _known_preset(cls, v):
+        if isinstance(v, str) and v not in PRESETS:
+            raise ValueError(f"unknown preset {v!r}; presets: {', '.join(PRESETS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _fill_algorithm_defaults(self):
+        d = ALGORITHM_DEFAULTS[self.algorithm]
+        for name in ("loss_type", "beta", "epsilon", "epsilon_high", "mask_truncated_completions", "rewards"):
+            if getattr(self, name) is None:
+                setattr(self, name, d[name])
+        if self.dynamic_sampling is None:
+            self.dynamic_sampling = DynamicSamplingConfig(enabled=d["dynamic_sampling"])
+        if not Path(self.data).exists():
+            raise ValueError(f"data: not found: {self.data}")
+        rows = self.per_device_train_batch_size * (self.steps_per_generation or self.gradient_accumulation_steps)
+        if rows % self.num_generations:
+            raise ValueError(f"num_generations: the generation batch (per_device_train_batch_size x "
+                             f"steps_per_generation = {rows}) must be divisible by num_generations "
+                             f"({self.num_generations})")
+        return self
+
+
+def to_grpo_config(cfg: RLPhaseConfig, base_arguments: dict[str, Any]):
+    """The single place where our RL config becomes TRL's `GRPOConfig`."""
+    from trl import GRPOConfig
+
+    rollout = cfg.rollout
+    vllm: dict[str, Any] = {"use_vllm": rollout.engine == "vllm"}
+    if rollout.engine == "vllm":
+        vllm.update(vllm_mode=rollout.vllm_mode, vllm_tensor_parallel_size=rollout.tensor_parallel_size,
+                    vllm_gpu_memory_utilization=rollout.gpu_memory_utilization,
+                    vllm_enable_sleep_mode=rollout.enable_sleep_mode, vllm_server_timeout=rollout.server_timeout,
+                    vllm_max_model_length=rollout.max_model_length)
+        if rollout.server_base_url:
+            vllm["vllm_server_base_url"] = rollout.server_base_url
+    return GRPOConfig(
+        **base_arguments,
+        num_generations=cfg.num_generations,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        max_completion_length=cfg.max_completion_length,
+        beta=cfg.beta,
+        epsilon=cfg.epsilon,
+        epsilon_high=cfg.epsilon_high,
+        loss_type=cfg.loss_type,
+        mask_truncated_completions=cfg.mask_truncated_completions,
+        scale_rewards=cfg.scale_rewards,
+        num_iterations=cfg.num_iterations,
+        steps_per_generation=cfg.steps_per_generation,
+        log_completions=cfg.log_completions,
+        **vllm,
+    )

@@ -1,0 +1,282 @@
+"""DAPO's dynamic sampling on top of TRL's `GRPOTrainer`, readable top to bottom.
+
+TRL 1.16 implements DAPO's clip-higher (`epsilon_high`), token-level loss (`loss_type="dapo"`) and overlong filtering
+(`mask_truncated_completions`), and `rewards.soft_overlong` gives the overlong reward shaping.  The fourth DAPO
+ingredient, **dynamic sampling**, is missing: a group whose G completions all get the same reward (all right or all
+wrong) has zero advantage, so it only dilutes the batch.  DAPO (Yu et al. 2025, Algorithm 1) drops such groups and
+keeps sampling until the batch is full of informative ones.
+
+How it works here, per generation batch (one call of `_generate_and_score_completions` in training):
+
+1. Generate and score the batch TRL handed us, exactly as TRL would.
+2. Keep the groups whose reward standard deviation is above `min_std` (filtering on std, not on mean reward).
+3. While fewer than the batch's number of groups are kept and fewer than `max_rounds` extra rounds were run, draw
+   the missing number of fresh prompts from a seeded refill sampler over the training set, generate and score them,
+   and keep their informative groups.  All processes run the same number of rounds (the decision is all-reduced),
+   because generation and reward gathering are collective operations.
+4. Assemble a batch of exactly the original size: kept groups first; if the cap was hit, the remaining slots are
+   filled with filtered (zero-advantage) groups from the last round.
+
+Deviations from the paper, on purpose:
+* **Soft cap.** The paper samples until full.  A hard cap on extra rounds bounds the step time; when it is hit we
+  fill with zero-advantage groups (what plain GRPO would have trained on) and log `dynamic_sampling/cap_hit`
+  instead of crashing or stalling the run.
+* **Refill prompts** come from an independent seeded permutation of the training set, not from the next batches of
+  the main dataloader, so the epoch accounting and resume of TRL's sampler are untouched.
+* **Groups must be process-local** (`per_device_train_batch_size * steps_per_generation` divisible by
+  `num_generations`), so each process filters its own groups without moving data between ranks.
+
+Metrics: `dynamic_sampling/filtered_frac` (share of all generated groups that were dropped),
+`dynamic_sampling/rounds`, `dynamic_sampling/cap_hit`, `dynamic_sampling/extra_groups`, plus `timing/rollout_s`
+and `timing/reward_s` for every generation batch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from trl import GRPOTrainer
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 1. Which groups carry signal
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def group_reward_std(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """Per-group standard deviation of the total reward; rewards are ordered group by group ([B] -> [B/G])."""
+    if rewards.numel() % num_generations:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {num_generations}")
+    grouped = rewards.view(-1, num_generations)
+    valid = ~torch.isnan(grouped)
+    filled = torch.where(valid, grouped, torch.zeros_like(grouped))
+    count = valid.sum(dim=1).clamp(min=1)
+    mean = filled.sum(dim=1) / count
+    var = (torch.where(valid, grouped - mean[:, None], torch.zeros_like(grouped)) ** 2).sum(dim=1) / count
+    return var.sqrt()
+
+
+def informative_groups(rewards: torch.Tensor, num_generations: int, min_std: float = 1e-6) -> torch.Tensor:
+    """Boolean mask over groups: True where the rewards differ within the group."""
+    return group_reward_std(rewards, num_generations) > min_std
+
+
+@dataclass
+class Selection:
+    """The outcome of dynamic sampling for one generation batch (all counts are groups)."""
+
+    kept: int
+    generated: int
+    rounds: int
+    cap_hit: bool
+
+    @property
+    def filtered_frac(self) -> float:
+        return 1.0 - self.kept / self.generated if self.generated else 0.0
+
+
+def fill_batch(rounds: list[tuple[Any, torch.Tensor]], target_groups: int) -> tuple[list[tuple[Any, list[int]]], int]:
+    """Choose which groups of which round make up the batch.
+
+    `rounds` holds `(batch, informative_mask)` per round.  Informative groups are taken in order until
+    `target_groups`; if there are too few, the shortfall is filled with uninformative groups, latest round first.
+    Returns `[(batch, group_indices)]` and the number of informative groups used.
+    """
+    picks: list[tuple[Any, list[int]]] = []
+    taken = 0
+    for batch, mask in rounds:
+        idx = [i for i, ok in enumerate(mask.tolist()) if ok][: target_groups - taken]
+        if idx:
+            picks.append((batch, idx))
+            taken += len(idx)
+    informative = taken
+    for batch, mask in reversed(rounds):
+        if taken >= target_groups:
+            break
+        idx = [i for i, ok in enumerate(mask.tolist()) if not ok][: target_groups - taken]
+        if idx:
+            picks.append((batch, idx))
+            taken += len(idx)
+    if taken < target_groups:
+        raise RuntimeError(f"only {taken} groups available for a batch of {target_groups}")
+    return picks, informative
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2. Cutting and joining TRL's generation batches
+# ----------------------------------------------------------------------------------------------------------------------
+
+# Per-row tensors padded on the left (prompt side) or on the right (completion side), with their padding values.
+_LEFT = {"prompt_ids": None, "prompt_mask": 0}
+_RIGHT = {"completion_ids": None, "completion_mask": 0, "old_per_token_logps": 0.0, "ref_per_token_logps": 0.0,
+          "sampling_per_token_logps": 0.0, "importance_sampling_ratio": 1.0, "tool_mask": 1}
+_SPLIT_PROMPT_COMPLETION = ("mm_token_type_ids", "token_type_ids")  # cover prompt + completion
+
+
+def _rows_for_groups(group_idx: list[int], num_generations: int) -> list[int]:
+    return [g * num_generations + j for g in group_idx for j in range(num_generations)]
+
+
+def _pad(t: torch.Tensor, length: int, value, left: bool) -> torch.Tensor:
+    missing = length - t.size(1)
+    if missing <= 0:
+        return t
+    pad = torch.full((t.size(0), missing, *t.shape[2:]), value, dtype=t.dtype, device=t.device)
+    return torch.cat([pad, t] if left else [t, pad], dim=1)
+
+
+def select_rows(batch: dict, rows: list[int], pad_token_id: int) -> dict:
+    """The sub-batch of `rows`, images included (pixel rows follow each sample's image grid)."""
+    out = {}
+    index = torch.tensor(rows, dtype=torch.long)
+    n_rows = batch["prompt_ids"].size(0)
+    for key, value in batch.items():
+        if key in ("pixel_values", "image_grid_thw", "num_images", "num_items_in_batch", "num_tiles"):
+            continue
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.size(0) == n_rows:
+            out[key] = value.index_select(0, index.to(value.device))
+        elif isinstance(value, list) and len(value) == n_rows:
+            out[key] = [value[i] for i in rows]
+        else:
+            out[key] = value
+    if "image_grid_thw" in batch:
+        num_images = batch["num_images"]
+        grid = batch["image_grid_thw"]
+        patches = grid.prod(dim=-1).tolist()
+        img_start = [0]
+        for n in num_images:
+            img_start.append(img_start[-1] + n)
+        pix_start = [0]
+        for p in patches:
+            pix_start.append(pix_start[-1] + p)
+        img_idx = [k for r in rows for k in range(img_start[r], img_start[r + 1])]
+        out["image_grid_thw"] = grid[img_idx]
+        out["pixel_values"] = torch.cat([batch["pixel_values"][pix_start[k]:pix_start[k + 1]] for k in img_idx]) \
+            if img_idx else batch["pixel_values"][:0]
+        out["num_images"] = [num_images[r] for r in rows]
+    return out
+
+
+def concat_batches(parts: list[dict], pad_token_id: int) -> dict:
+    """Join sub-batches from different generation rounds, re-padding prompts left and completions right."""
+    if len(parts) == 1:
+        return parts[0]
+    p_len = max(p["prompt_ids"].size(1) for p in parts)
+    c_len = max(p["completion_ids"].size(1) for p in parts)
+    out: dict[str, Any] = {}
+    for key in parts[0]:
+        values = [p[key] for p in parts]
+        if key in _LEFT:
+            fill = pad_token_id if _LEFT[key] is None else _LEFT[key]
+            out[key] = torch.cat([_pad(v, p_len, fill, left=True) for v in values])
+        elif key in _RIGHT and values[0].dim() >= 2 and values[0].size(1) > 1:
+            fill = pad_token_id if _RIGHT[key] is None else _RIGHT[key]
+            out[key] = torch.cat([_pad(v, c_len, fill, left=False) for v in values])
+        elif key in _SPLIT_PROMPT_COMPLETION:
+            joined = []
+            for p, v in zip(parts, values):
+                cut = p["prompt_ids"].size(1)
+                joined.append(torch.cat([_pad(v[:, :cut], p_len, 0, left=True),
+                                         _pad(v[:, cut:], c_len, 0, left=False)], dim=1))
+            out[key] = torch.cat(joined)
+        elif key in ("pixel_values", "image_grid_thw") or (isinstance(values[0], torch.Tensor)
+                                                            and values[0].dim() >= 1):
+            out[key] = torch.cat(values)
+        elif isinstance(values[0], list):
+            out[key] = [x for v in values for x in v]
+        else:
+            out[key] = values[0]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. The trainer
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class DynamicSamplingGRPOTrainer(GRPOTrainer):
+    """`GRPOTrainer` + DAPO dynamic sampling (optional) + rollout/reward timing metrics."""
+
+    def __init__(self, *args, dynamic_sampling: bool = False, max_rounds: int = 3, min_std: float = 1e-6,
+                 refill_seed: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dynamic_sampling = dynamic_sampling
+        self.max_rounds = max_rounds
+        self.min_std = min_std
+        self._refill_seed = refill_seed
+        self._refill_order: list[int] = []
+        self._refill_epoch = 0
+        self._last_rewards: torch.Tensor | None = None
+        if dynamic_sampling:
+            local_rows = self.args.per_device_train_batch_size * self.args.steps_per_generation
+            if local_rows % self.num_generations:
+                raise ValueError(
+                    "dynamic_sampling: per_device_train_batch_size * steps_per_generation "
+                    f"({local_rows}) must be a multiple of num_generations ({self.num_generations}) so that every "
+                    "group lives on one process")
+
+    # -- rewards: remember the total reward per row so groups can be judged ---------------------------------------------
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        t0 = time.perf_counter()
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        weights = self.reward_weights.to(rewards_per_func.device).unsqueeze(0)
+        total = (rewards_per_func * weights).nansum(dim=1)
+        total[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
+        rank = self.accelerator.process_index
+        self._last_rewards = total[rank * len(prompts):(rank + 1) * len(prompts)].detach().cpu()
+        self._metrics["train" if self.model.training else "eval"]["timing/reward_s"].append(time.perf_counter() - t0)
+        return rewards_per_func
+
+    def _score(self, inputs) -> tuple[dict, torch.Tensor]:
+        t0 = time.perf_counter()
+        batch = super()._generate_and_score_completions(inputs)
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["timing/rollout_s"].append(time.perf_counter() - t0)
+        return batch, informative_groups(self._last_rewards, self.num_generations, self.min_std)
+
+    # -- refill prompts ---------------------------------------------------------------------------------------------
+    def _refill_prompts(self, n_groups: int) -> list[dict]:
+        rows = []
+        while len(rows) < n_groups:
+            if not self._refill_order:
+                g = torch.Generator().manual_seed(self._refill_seed + 7919 * self._refill_epoch
+                                                  + self.accelerator.process_index)
+                self._refill_order = torch.randperm(len(self.train_dataset), generator=g).tolist()
+                self._refill_epoch += 1
+            rows.append(self.train_dataset[self._refill_order.pop()])
+        return [dict(row) for row in rows for _ in range(self.num_generations)]
+
+    # -- the loop ---------------------------------------------------------------------------------------------------
+    def _generate_and_score_completions(self, inputs):
+        if not (self.dynamic_sampling and self.model.training):
+            return self._score(inputs)[0]
+        target = len(inputs) // self.num_generations
+        batch, mask = self._score(inputs)
+        rounds = [(batch, mask)]
+        kept, generated, extra_rounds = int(mask.sum()), target, 0
+        while extra_rounds < self.max_rounds:
+            missing = torch.tensor([max(target - kept, 0)], device=self.accelerator.device)
+            if int(self.accelerator.gather(missing).max()) == 0:  # every process is full
+                break
+            n_new = max(target - kept, 1)  # a full process still joins the round (collective ops)
+            batch, mask = self._score(self._refill_prompts(n_new))
+            rounds.append((batch, mask))
+            kept += int(mask.sum())
+            generated += n_new
+            extra_rounds += 1
+        picks, informative = fill_batch(rounds, target)
+        pad_id = self.processing_class.tokenizer.pad_token_id if hasattr(self.processing_class, "tokenizer") \
+            else self.processing_class.pad_token_id
+        parts = [select_rows(b, _rows_for_groups(idx, self.num_generations), pad_id) for b, idx in picks]
+        out = concat_batches(parts, pad_id)
+        out["num_items_in_batch"] = self.accelerator.gather(out["completion_mask"].sum()).sum()
+        selection = Selection(kept=informative, generated=generated, rounds=1 + extra_rounds,
+                              cap_hit=informative < target)
+        metrics = self._metrics["train"]
+        metrics["dynamic_sampling/filtered_frac"].append(selection.filtered_frac)
+        metrics["dynamic_sampling/rounds"].append(float(selection.rounds))
+        metrics["dynamic_sampling/cap_hit"].append(float(selection.cap_hit))
+        metrics["dynamic_sampling/extra_groups"].append(float(generated - target))
+        return out

@@ -1,0 +1,84 @@
+"""Phase 3: GRPO / DAPO on TRL's `GRPOTrainer` (with our dynamic-sampling subclass), HF or vLLM rollouts."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from patho.models import load_backbone
+from patho.training import (
+    JsonlMetricsCallback,
+    apply_freezing,
+    finalize,
+    latest_checkpoint,
+    quiet_trainer_printing,
+    setup_wandb,
+    training_arguments,
+)
+from rewards.registry import build_rewards
+from rl.config import RLPhaseConfig, to_grpo_config
+from rl.dapo import DynamicSamplingGRPOTrainer
+from rl.data import build_rl_dataset
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RLResult:
+    model_dir: Path
+    global_step: int
+    metrics: dict
+
+
+def check_rollout_engine(cfg: RLPhaseConfig) -> None:
+    if cfg.rollout.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ImportError("rollout.engine is 'vllm' but vllm is not installed: pip install -e '.[vllm]' on a GPU "
+                          "machine, or set rollout.engine: hf")
+
+
+def build_rl_trainer(cfg: RLPhaseConfig, callbacks=()) -> DynamicSamplingGRPOTrainer:
+    check_rollout_engine(cfg)
+    cfg.check_model_exists()
+    run_name = f"rl-{cfg.algorithm}-{Path(cfg.output_dir).name}"
+    setup_wandb(cfg.wandb, run_name)
+    backbone = load_backbone(cfg.model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
+                             min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, padding_side="left")
+    if cfg.freeze_vision_tower or cfg.freeze_projector:
+        apply_freezing(backbone.model, freeze_vision_tower=cfg.freeze_vision_tower,
+                       freeze_projector=cfg.freeze_projector)
+    dataset = build_rl_dataset(cfg.data, cfg.system_prompt, backbone.processor, cfg.max_prompt_length)
+    reward_set = build_rewards(cfg.rewards, max_completion_length=cfg.max_completion_length)
+    base = training_arguments(cfg, run_name)
+    base.pop("max_length", None)
+    args = to_grpo_config(cfg, base)
+    args.reward_weights = reward_set.weights
+    ds = cfg.dynamic_sampling
+    trainer = DynamicSamplingGRPOTrainer(
+        model=backbone.model,
+        reward_funcs=reward_set.funcs,
+        args=args,
+        train_dataset=dataset,
+        processing_class=backbone.processor,
+        peft_config=cfg.lora.to_peft() if cfg.lora else None,
+        callbacks=[JsonlMetricsCallback(Path(cfg.output_dir) / "metrics.jsonl", f"rl-{cfg.algorithm}"), *callbacks],
+        dynamic_sampling=ds.enabled,
+        max_rounds=ds.max_rounds,
+        min_std=ds.min_std,
+        refill_seed=cfg.seed,
+    )
+    quiet_trainer_printing(trainer)
+    trainer.reward_set = reward_set
+    return trainer
+
+
+def run_rl(cfg: RLPhaseConfig, callbacks=()) -> RLResult:
+    trainer = build_rl_trainer(cfg, callbacks)
+    resume_from = latest_checkpoint(cfg) if cfg.resume else None
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        trainer.reward_set.close()
+    model_dir = finalize(trainer, trainer.processing_class, cfg, f"rl-{cfg.algorithm}", result.metrics)
+    return RLResult(model_dir=model_dir, global_step=int(trainer.state.global_step), metrics=result.metrics)

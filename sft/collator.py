@@ -1,0 +1,97 @@
+"""The VLM collator for CPT and SFT: TRL's `DataCollatorForVisionLanguageModeling`, plus what it lacks here.
+
+What we add, and why:
+
+* **Image references.**  Rows carry image paths or base64 (light, streamable datasets); images are decoded per batch,
+  optionally stain-augmented, and handed to TRL's collation as PIL images.
+* **Loss on every assistant turn** of `messages` conversations, on any transformers version.  TRL's own
+  `assistant_only_loss` needs a `{% generation %}` chat template and transformers >= 5.18, while the `[vllm]` extra
+  pins transformers < 5.18.  We let TRL tokenise (so image tokens, `mm_token_type_ids` and padding stay TRL's) and
+  then derive the assistant mask from the token ids: the spans after `<|im_start|>assistant\\n` up to and including
+  `<|im_end|>`.
+* **A system prompt** (the Patho-R1 reasoning prompt by default) inserted into conversations that have none.
+
+Prompt/completion rows (CPT captions) go through TRL's prompt-completion path unchanged, which masks the prompt.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+from patho.data import load_image
+
+IGNORE_INDEX = -100
+
+
+def assistant_token_mask(input_ids: torch.Tensor, start_ids: list[int], end_id: int) -> torch.Tensor:
+    """1 on tokens inside assistant turns: after each `start_ids` marker, up to and including `end_id`."""
+    mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    n = len(start_ids)
+    for row in range(input_ids.shape[0]):
+        ids = input_ids[row].tolist()
+        i = 0
+        while i <= len(ids) - n:
+            if ids[i:i + n] == start_ids:
+                j = i + n
+                while j < len(ids) and ids[j] != end_id:
+                    j += 1
+                mask[row, i + n: min(j + 1, len(ids))] = True
+                i = j + 1
+            else:
+                i += 1
+    return mask
+
+
+@dataclass
+class PathoVLMCollator(DataCollatorForVisionLanguageModeling):
+    """Collates rows of either shape:
+
+    * `{"conversation": <JSON messages>, "images": [refs]}`: SFT; loss on all assistant turns.
+    * `{"prompt": [...], "completion": [...], "images": [refs]}`: CPT; loss on the completion (TRL's path).
+    """
+
+    system_prompt: str | None = None
+    augment: Callable[[Any, np.random.Generator], Any] | None = None
+    augment_seed: int = 0
+
+    def __post_init__(self):
+        tok = self.processor.tokenizer
+        self._assistant_start = tok.encode("<|im_start|>assistant\n", add_special_tokens=False)
+        self._im_end = tok.convert_tokens_to_ids("<|im_end|>")
+        self._calls = 0
+
+    def _images(self, refs: list) -> list:
+        images = [load_image(r) for r in refs or []]
+        if self.augment is not None:
+            rng = np.random.default_rng([self.augment_seed, self._calls])
+            images = [self.augment(img, rng) for img in images]
+        return images
+
+    def _messages(self, conversation) -> list[dict]:
+        messages = json.loads(conversation) if isinstance(conversation, str) else conversation
+        if self.system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        return messages
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        self._calls += 1
+        if "conversation" in examples[0]:
+            rows = [{"messages": self._messages(ex["conversation"]), "images": self._images(ex.get("images"))}
+                    for ex in examples]
+            batch = self._collate_language_modeling(rows)
+            keep = assistant_token_mask(batch["input_ids"], self._assistant_start, self._im_end)
+            batch["labels"][~keep] = IGNORE_INDEX
+            return batch
+        rows = []
+        for ex in examples:
+            prompt = ex["prompt"]
+            if self.system_prompt and prompt[0]["role"] != "system":
+                prompt = [{"role": "system", "content": self.system_prompt}, *prompt]
+            rows.append({"prompt": prompt, "completion": ex["completion"], "images": self._images(ex.get("images"))})
+        return self._collate_prompt_completion(rows)

@@ -1,0 +1,17 @@
+"""Phase 1: continued pretraining (knowledge infusion) on pathology image-caption pairs.
+
+Each pair becomes `user: <image> + instruction` -> `assistant: caption`, and the loss is on the caption tokens only
+(TRL's prompt-completion path).  `mode: language_model` freezes the vision tower and projector.
+"""
+
+from __future__ import annotations
+
+from sft.config import CPTPhaseConfig
+from sft.data import caption_rows, to_dataset
+from sft.trainer import PhaseResult, run_supervised
+
+
+def run_cpt(cfg: CPTPhaseConfig, callbacks=()) -> PhaseResult:
+    cfg.check_model_exists()
+    dataset = to_dataset(caption_rows, streaming=cfg.streaming, source=cfg.data, instruction=cfg.instruction)
+    return run_supervised(cfg, "cpt", dataset, system_prompt=None, callbacks=callbacks)

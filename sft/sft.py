@@ -1,0 +1,17 @@
+"""Phase 2: chain-of-thought SFT on `<think>...</think><answer>...</answer>` conversations.
+
+MCQ, description, complex reasoning and multi-turn samples; loss on every assistant turn; the Patho-R1 reasoning
+system prompt by default; optional LoRA on the language model.
+"""
+
+from __future__ import annotations
+
+from sft.config import SFTPhaseConfig
+from sft.data import conversation_rows, to_dataset
+from sft.trainer import PhaseResult, run_supervised
+
+
+def run_sft(cfg: SFTPhaseConfig, callbacks=()) -> PhaseResult:
+    cfg.check_model_exists()
+    dataset = to_dataset(conversation_rows, streaming=cfg.streaming, source=cfg.data)
+    return run_supervised(cfg, "sft", dataset, system_prompt=cfg.system_prompt, callbacks=callbacks)

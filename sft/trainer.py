@@ -1,0 +1,80 @@
+"""One supervised run on TRL's `SFTTrainer`, shared by CPT and SFT: config -> trainer -> train/resume -> final save."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from trl import SFTConfig, SFTTrainer
+
+from patho.models import load_backbone
+from patho.stain import hed_jitter
+from patho.training import (
+    JsonlMetricsCallback,
+    apply_freezing,
+    finalize,
+    latest_checkpoint,
+    quiet_trainer_printing,
+    setup_wandb,
+    training_arguments,
+)
+from sft.collator import PathoVLMCollator
+from sft.config import _SupervisedConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PhaseResult:
+    model_dir: Path
+    global_step: int
+    metrics: dict
+
+
+def build_sft_trainer(cfg: _SupervisedConfig, phase: str, train_dataset, *, system_prompt: str | None,
+                      callbacks=()) -> tuple[SFTTrainer, object]:
+    """Build the TRL trainer for a phase without training (benchmarks and tests reuse it)."""
+    setup_wandb(cfg.wandb, run_name=f"{phase}-{Path(cfg.output_dir).name}")
+    backbone = load_backbone(cfg.model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
+                             min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, padding_side="right")
+    model, processor = backbone.model, backbone.processor
+    if cfg.freeze_vision_tower or cfg.freeze_projector:
+        counts = apply_freezing(model, freeze_vision_tower=cfg.freeze_vision_tower,
+                                freeze_projector=cfg.freeze_projector)
+        logger.info("%s: %d of %d parameters trainable", phase, counts["trainable"], counts["total"])
+    augment = None
+    if cfg.augment is not None:
+        sigma, bias = cfg.augment.hed_sigma, cfg.augment.hed_bias
+        augment = lambda img, rng: hed_jitter(img, sigma=sigma, bias=bias, rng=rng)  # noqa: E731
+    collator = PathoVLMCollator(processor=processor, max_length=cfg.max_length, completion_only_loss=True,
+                                system_prompt=system_prompt, augment=augment, augment_seed=cfg.seed)
+    args = SFTConfig(
+        **training_arguments(cfg, run_name=f"{phase}-{Path(cfg.output_dir).name}"),
+        max_length=cfg.max_length,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        packing=False,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        processing_class=processor,
+        data_collator=collator,
+        peft_config=cfg.lora.to_peft() if cfg.lora else None,
+        callbacks=[JsonlMetricsCallback(Path(cfg.output_dir) / "metrics.jsonl", phase), *callbacks],
+    )
+    quiet_trainer_printing(trainer)
+    return trainer, processor
+
+
+def run_supervised(cfg: _SupervisedConfig, phase: str, train_dataset, *, system_prompt: str | None,
+                   callbacks=()) -> PhaseResult:
+    trainer, processor = build_sft_trainer(cfg, phase, train_dataset, system_prompt=system_prompt,
+                                           callbacks=callbacks)
+    resume_from = latest_checkpoint(cfg) if cfg.resume else None
+    if resume_from:
+        logger.info("%s: resuming from %s", phase, resume_from)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    model_dir = finalize(trainer, processor, cfg, phase, result.metrics)
+    return PhaseResult(model_dir=model_dir, global_step=int(trainer.state.global_step), metrics=result.metrics)

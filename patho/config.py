@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from patho.errors import ConfigError
 
@@ -82,21 +82,34 @@ class TrainConfig(StrictModel):
     parent: str | None = None
 
     @model_validator(mode="after")
-    def _check_pixels_and_paths(self):
+    def _check_fields(self, info: ValidationInfo):
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
             raise ValueError("min_pixels: must not exceed max_pixels")
-        if self.deepspeed and not Path(self.deepspeed).is_file():
-            raise ValueError(f"deepspeed: file not found: {self.deepspeed}")
         if self.merge_lora and self.lora is None:
             raise ValueError("merge_lora: set only together with lora")
+        if not paths_deferred(info) and self.deepspeed and not Path(self.deepspeed).is_file():
+            raise ValueError(f"deepspeed: file not found: {self.deepspeed}")
         return self
 
-    def check_model_exists(self) -> None:
-        """Local model paths must exist; hub ids (org/name) are resolved later by transformers."""
+    def input_paths(self) -> dict[str, str]:
+        """Files this phase reads, by field name (phase configs add their data)."""
+        return {"deepspeed": self.deepspeed} if self.deepspeed else {}
+
+    def check_inputs(self) -> None:
+        """Fail, naming the field, when an input is missing.  Runs before any model is loaded."""
         p = Path(self.model)
         looks_local = self.model.startswith((".", "/", "~")) or p.exists() or self.model.count("/") != 1
-        if looks_local and not (p / "config.json").is_file():
+        if looks_local and not ((p / "config.json").is_file() or (p / "adapter_config.json").is_file()):
             raise ConfigError(f"model: {self.model} is not a model directory (no config.json) and not a hub id")
+        for field, path in self.input_paths().items():
+            if not Path(path).exists():
+                raise ConfigError(f"{field}: not found: {path}")
+
+
+def paths_deferred(info: ValidationInfo | None) -> bool:
+    """A recipe validates phase configs before earlier phases have written their outputs; it passes
+    `context={"defer_path_checks": True}` and each phase checks its inputs when it starts (`check_inputs`)."""
+    return bool(info is not None and info.context and info.context.get("defer_path_checks"))
 
 
 def format_validation_error(exc: ValidationError, prefix: str = "", source: str | None = None) -> str:
@@ -113,9 +126,10 @@ def format_validation_error(exc: ValidationError, prefix: str = "", source: str 
     return head + f"{len(lines)} invalid field(s)\n  " + "\n  ".join(lines)
 
 
-def validate_config(cls: type[T], data: dict[str, Any], *, prefix: str = "", source: str | None = None) -> T:
+def validate_config(cls: type[T], data: dict[str, Any], *, prefix: str = "", source: str | None = None,
+                    defer_path_checks: bool = False) -> T:
     try:
-        return cls.model_validate(data)
+        return cls.model_validate(data, context={"defer_path_checks": defer_path_checks})
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, prefix, source)) from None
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from patho.config import StrictModel, TrainConfig
+from patho.config import StrictModel, TrainConfig, paths_deferred
 from patho.synth import REASONING_SYSTEM_PROMPT
 from rewards.registry import PRESETS, RewardSpec
 
@@ -71,15 +71,18 @@ class RLPhaseConfig(TrainConfig):
             raise ValueError(f"unknown preset {v!r}; presets: {', '.join(PRESETS)}")
         return v
 
+    def input_paths(self) -> dict[str, str]:
+        return {**super().input_paths(), "data": self.data}
+
     @model_validator(mode="after")
-    def _fill_algorithm_defaults(self):
+    def _fill_algorithm_defaults(self, info: ValidationInfo):
         d = ALGORITHM_DEFAULTS[self.algorithm]
         for name in ("loss_type", "beta", "epsilon", "epsilon_high", "mask_truncated_completions", "rewards"):
             if getattr(self, name) is None:
                 setattr(self, name, d[name])
         if self.dynamic_sampling is None:
             self.dynamic_sampling = DynamicSamplingConfig(enabled=d["dynamic_sampling"])
-        if not Path(self.data).exists():
+        if not paths_deferred(info) and not Path(self.data).exists():
             raise ValueError(f"data: not found: {self.data}")
         rows = self.per_device_train_batch_size * (self.steps_per_generation or self.gradient_accumulation_steps)
         if rows % self.num_generations:

@@ -40,7 +40,7 @@ def check_rollout_engine(cfg: RLPhaseConfig) -> None:
 
 def build_rl_trainer(cfg: RLPhaseConfig, callbacks=()) -> DynamicSamplingGRPOTrainer:
     check_rollout_engine(cfg)
-    cfg.check_model_exists()
+    cfg.check_inputs()
     run_name = f"rl-{cfg.algorithm}-{Path(cfg.output_dir).name}"
     setup_wandb(cfg.wandb, run_name)
     backbone = load_backbone(cfg.model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, model_validator
 
-from patho.config import StrictModel, TrainConfig
+from patho.config import StrictModel, TrainConfig, paths_deferred
 from patho.synth import REASONING_SYSTEM_PROMPT
 
 
@@ -23,9 +23,12 @@ class _SupervisedConfig(TrainConfig):
     streaming: bool = Field(False, description="stream the data (requires max_steps)")
     augment: AugmentConfig | None = None
 
+    def input_paths(self) -> dict[str, str]:
+        return {**super().input_paths(), "data": self.data}
+
     @model_validator(mode="after")
-    def _check_data(self):
-        if not Path(self.data).exists():
+    def _check_data(self, info: ValidationInfo):
+        if not paths_deferred(info) and not Path(self.data).exists():
             raise ValueError(f"data: not found: {self.data}")
         if self.streaming and self.max_steps <= 0:
             raise ValueError("max_steps: streaming data has no length, so max_steps must be set (> 0)")

@@ -12,6 +12,6 @@ from sft.trainer import PhaseResult, run_supervised
 
 
 def run_cpt(cfg: CPTPhaseConfig, callbacks=()) -> PhaseResult:
-    cfg.check_model_exists()
+    cfg.check_inputs()
     dataset = to_dataset(caption_rows, streaming=cfg.streaming, source=cfg.data, instruction=cfg.instruction)
     return run_supervised(cfg, "cpt", dataset, system_prompt=None, callbacks=callbacks)

@@ -12,6 +12,6 @@ from sft.trainer import PhaseResult, run_supervised
 
 
 def run_sft(cfg: SFTPhaseConfig, callbacks=()) -> PhaseResult:
-    cfg.check_model_exists()
+    cfg.check_inputs()
     dataset = to_dataset(conversation_rows, streaming=cfg.streaming, source=cfg.data)
     return run_supervised(cfg, "sft", dataset, system_prompt=cfg.system_prompt, callbacks=callbacks)

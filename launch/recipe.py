@@ -1,0 +1,292 @@
+"""The recipe: one YAML file that says what to train, on what, in which order, with which resources.
+
+    name: demo
+    output_root: runs/demo
+    model: {base: tiny}                 # or Qwen/Qwen2.5-VL-7B-Instruct, or a local directory
+    data: {synth: {seed: 0}}            # or {root: /data/patho}
+    resources: {num_workers: 1, use_gpu: false, cpus_per_worker: 2}
+    defaults: {per_device_train_batch_size: 8}     # merged into every training phase
+    phases:
+      - {name: cpt, type: cpt, config: {data: "{data}/cpt/train.jsonl", max_steps: 300}}
+      - {name: sft, type: sft, config: {data: "{data}/sft/train.jsonl"}}
+      - {name: rl,  type: rl,  config: {data: "{data}/rl/train.jsonl", algorithm: dapo}}
+      - {name: eval, type: eval, config: {data: "{data}/eval/PathoSynth_MCQ.tsv",
+                                          checkpoints: [base, cpt, sft, rl]}}
+
+Strings may use `{data}` (the data root), `{output}` (the output root) and `{phase:NAME}` (the final model of phase
+NAME).  A training phase's `model` defaults to the previous training phase's final model (the base model for the
+first); its `output_dir` to `{output}/NAME`.  Validation checks every phase and reports every bad field at once.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from patho.checkpoint import config_hash
+from patho.config import StrictModel, WandbConfig, format_validation_error, read_yaml
+from patho.errors import ConfigError
+from patho.synth import WorldConfig
+
+TRAINING_PHASES = ("cpt", "sft", "rl", "embed")
+PhaseType = Literal["cpt", "sft", "rl", "embed", "eval"]
+
+
+def phase_config_class(phase_type: str):
+    if phase_type == "cpt":
+        from sft.config import CPTPhaseConfig
+
+        return CPTPhaseConfig
+    if phase_type == "sft":
+        from sft.config import SFTPhaseConfig
+
+        return SFTPhaseConfig
+    if phase_type == "rl":
+        from rl.config import RLPhaseConfig
+
+        return RLPhaseConfig
+    if phase_type == "embed":
+        from embed.config import EmbedPhaseConfig
+
+        return EmbedPhaseConfig
+    if phase_type == "eval":
+        from patho.eval.phase import EvalPhaseConfig
+
+        return EvalPhaseConfig
+    raise ValueError(f"unknown phase type {phase_type!r}")
+
+
+class TinyModelSpec(StrictModel):
+    hidden_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    seed: int = 0
+
+
+class ModelSpec(StrictModel):
+    base: str = Field(..., description="'tiny' (built locally), a hub id, or a local directory")
+    tiny: TinyModelSpec = Field(default_factory=TinyModelSpec)
+
+
+class SynthSpec(StrictModel):
+    seed: int = 0
+    n_train_tiles: int = 600
+    n_heldout_tiles: int = 120
+    n_sft: int = 480
+    n_rl: int = 240
+    n_rl_heldout: int = 60
+    n_embed_pairs: int = 480
+    n_composed_per_task: int = 48
+
+    def world_config(self) -> WorldConfig:
+        return WorldConfig(**self.model_dump(exclude={"seed"}))
+
+
+class DataSpec(StrictModel):
+    synth: SynthSpec | None = None
+    root: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.synth is None) == (self.root is None):
+            raise ValueError("data: give exactly one of synth (generate the synthetic world) or root (a folder)")
+        return self
+
+
+class ResourcesSpec(StrictModel):
+    ray_address: str | None = Field(None, description="None: start a local Ray; 'auto': join the cluster")
+    num_workers: int = Field(1, gt=0, description="Ray Train workers (processes) per training phase")
+    use_gpu: bool = False
+    gpus_per_worker: float = Field(1.0, ge=0)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts per phase (-1: unlimited)")
+    deepspeed: str | None = None
+    rollout_engine: Literal["hf", "vllm"] | None = Field(None, description="overrides rl rollout.engine")
+
+    def describe(self) -> str:
+        accel = f"{self.gpus_per_worker:g} GPU" if self.use_gpu else "no GPU"
+        return (f"{self.num_workers} worker(s) x ({self.cpus_per_worker:g} CPU, {accel}), "
+                f"{self.placement_strategy}, max_failures={self.max_failures}")
+
+
+class PhaseSpec(StrictModel):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_\-]+$")
+    type: PhaseType
+    config: dict[str, Any] = Field(default_factory=dict)
+    resources: dict[str, Any] = Field(default_factory=dict, description="overrides of the recipe's resources")
+
+
+class Recipe(StrictModel):
+    name: str
+    output_root: str
+    seed: int = 0
+    model: ModelSpec
+    data: DataSpec
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    defaults: dict[str, Any] = Field(default_factory=dict, description="merged into every training phase config")
+    phases: list[PhaseSpec] = Field(..., min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self):
+        names = [p.name for p in self.phases]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"phases: duplicate phase names {dupes}")
+        return self
+
+    @property
+    def base_model_path(self) -> str:
+        return str(Path(self.output_root) / "base-model") if self.model.base == "tiny" else self.model.base
+
+    @property
+    def data_root(self) -> str:
+        return str(Path(self.output_root) / "world") if self.data.synth else str(self.data.root)
+
+
+@dataclass
+class PlannedPhase:
+    spec: PhaseSpec
+    config: Any  # the validated phase config
+    resources: ResourcesSpec
+    final_dir: Path
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def type(self) -> str:
+        return self.spec.type
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    recipe_hash: str
+    phases: list[PlannedPhase]
+    source: str
+
+    def phase(self, name: str) -> PlannedPhase:
+        for p in self.phases:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def describe(self) -> str:
+        r = self.recipe
+        lines = [f"recipe {r.name} ({self.source}, hash {self.recipe_hash})",
+                 f"  base model: {r.model.base}" + (f" -> {r.base_model_path}" if r.model.base == "tiny" else ""),
+                 f"  data: {r.data_root}" + (" (synthetic world, generated)" if r.data.synth else ""),
+                 f"  ray: {r.resources.ray_address or 'local'}; wandb: {r.wandb.mode}", "  phases:"]
+        for i, p in enumerate(self.phases, 1):
+            cfg = p.config
+            src = getattr(cfg, "model", None) or ", ".join(getattr(cfg, "checkpoints", {}) or [])
+            lines.append(f"   {i}. {p.name} [{p.type}] {src} -> {p.final_dir}")
+            lines.append(f"      resources: {p.resources.describe()}")
+        return "\n".join(lines)
+
+
+_PLACEHOLDER = re.compile(r"\{(data|output|phase:[A-Za-z0-9_\-]+)\}")
+
+
+def _substitute(value, mapping: dict[str, str], where: str, errors: list[str]):
+    if isinstance(value, str):
+        def repl(m):
+            key = m.group(1)
+            if key not in mapping:
+                errors.append(f"{where}: unknown reference {{{key}}} (phases named so far: "
+                              f"{', '.join(k[6:] for k in mapping if k.startswith('phase:')) or 'none'})")
+                return m.group(0)
+            return mapping[key]
+
+        return _PLACEHOLDER.sub(repl, value)
+    if isinstance(value, dict):
+        return {k: _substitute(v, mapping, f"{where}.{k}", errors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, mapping, f"{where}[{i}]", errors) for i, v in enumerate(value)]
+    return value
+
+
+def build_plan(raw: dict, source: str = "<recipe>") -> Plan:
+    """Validate a recipe and every phase config in it; raise one ConfigError listing every problem."""
+    errors: list[str] = []
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source=source)) from None
+    recipe_hash = config_hash(raw)
+    # Ray workers run in their own working directory: every local path is made absolute here, against the
+    # directory the runner was started from.
+    recipe.output_root = str(Path(recipe.output_root).expanduser().resolve())
+    if recipe.data.root:
+        recipe.data.root = str(Path(recipe.data.root).expanduser().resolve())
+    if recipe.model.base != "tiny" and Path(recipe.model.base).expanduser().exists():
+        recipe.model.base = str(Path(recipe.model.base).expanduser().resolve())
+    mapping = {"data": recipe.data_root, "output": recipe.output_root, "phase:base": recipe.base_model_path}
+    previous_model = recipe.base_model_path
+    phases: list[PlannedPhase] = []
+    for i, spec in enumerate(recipe.phases):
+        where = f"phases[{i}] ({spec.name})"
+        try:
+            resources = ResourcesSpec.model_validate({**recipe.resources.model_dump(), **spec.resources})
+        except ValidationError as exc:
+            errors.extend(format_validation_error(exc, prefix=f"{where}.resources.").split("\n  ")[1:])
+            resources = recipe.resources
+        final_dir = Path(recipe.output_root) / spec.name
+        data = _substitute(spec.config, mapping, f"{where}.config", errors)
+        if spec.type in TRAINING_PHASES:
+            data = {**_substitute(recipe.defaults, mapping, "defaults", errors), **data}
+            data.setdefault("model", previous_model)
+            data.setdefault("output_dir", str(final_dir))
+            data.setdefault("seed", recipe.seed)
+            data.setdefault("wandb", recipe.wandb.model_dump())
+            if resources.deepspeed and spec.type != "embed":
+                data.setdefault("deepspeed", resources.deepspeed)
+            if spec.type == "rl" and resources.rollout_engine:
+                data.setdefault("rollout", {})["engine"] = resources.rollout_engine
+            if resources.use_gpu is False and spec.type != "embed":
+                data.setdefault("use_cpu", True)
+            data["recipe_hash"] = recipe_hash
+            data.setdefault("parent", data["model"])
+        else:  # eval: checkpoints may be given as phase names
+            data.setdefault("output_dir", str(final_dir))
+            data["recipe_hash"] = recipe_hash
+            ckpts = data.get("checkpoints")
+            if isinstance(ckpts, list):
+                resolved = {}
+                for label in ckpts:
+                    if label == "base":
+                        resolved[label] = recipe.base_model_path
+                    elif f"phase:{label}" in mapping:
+                        resolved[label] = mapping[f"phase:{label}"]
+                    else:
+                        errors.append(f"{where}.config.checkpoints: {label!r} is not 'base' or an earlier phase")
+                data["checkpoints"] = resolved
+        cls = phase_config_class(spec.type)
+        try:
+            config = cls.model_validate(data, context={"defer_path_checks": True})
+        except ValidationError as exc:
+            errors.extend(format_validation_error(exc, prefix=f"{where}.config.").split("\n  ")[1:])
+            config = None
+        if spec.type in TRAINING_PHASES:
+            model_dir = final_dir / "model"
+            mapping[f"phase:{spec.name}"] = str(model_dir)
+            if spec.type != "embed":
+                previous_model = str(model_dir)
+        else:
+            model_dir = final_dir
+        phases.append(PlannedPhase(spec=spec, config=config, resources=resources, final_dir=model_dir))
+    if errors:
+        raise ConfigError(f"{source}: {len(errors)} invalid field(s)\n  " + "\n  ".join(errors))
+    return Plan(recipe=recipe, recipe_hash=recipe_hash, phases=phases, source=source)
+
+
+def load_plan(path: str | Path) -> Plan:
+    return build_plan(read_yaml(path), source=str(path))

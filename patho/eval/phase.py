@@ -1,0 +1,81 @@
+"""The `eval` phase: score several checkpoints on one MCQ set and write a comparison table."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationInfo, model_validator
+
+from patho.config import StrictModel, paths_deferred
+from patho.errors import ConfigError
+from patho.synth import REASONING_SYSTEM_PROMPT
+
+logger = logging.getLogger(__name__)
+
+
+class EvalPhaseConfig(StrictModel):
+    data: str = Field(..., description="VLMEvalKit TSV or MCQ JSONL")
+    checkpoints: dict[str, str] = Field(..., description="label -> checkpoint directory or hub id")
+    output_dir: str
+    engine: Literal["hf", "vllm"] = "hf"
+    max_new_tokens: int = Field(128, gt=0)
+    batch_size: int = Field(32, gt=0)
+    limit: int | None = Field(None, gt=0, description="score only the first N rows")
+    system_prompt: str | None = REASONING_SYSTEM_PROMPT
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    recipe_hash: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo):
+        if not self.checkpoints:
+            raise ValueError("checkpoints: name at least one checkpoint to evaluate")
+        if not paths_deferred(info) and not Path(self.data).exists():
+            raise ValueError(f"data: not found: {self.data}")
+        return self
+
+    def check_inputs(self) -> None:
+        if not Path(self.data).exists():
+            raise ConfigError(f"data: not found: {self.data}")
+        for label, path in self.checkpoints.items():
+            p = Path(path)
+            if (path.startswith((".", "/")) or p.exists()) and not ((p / "config.json").is_file()
+                                                                    or (p / "adapter_config.json").is_file()):
+                raise ConfigError(f"checkpoints.{label}: {path} is not a model directory")
+
+
+def run_eval(cfg: EvalPhaseConfig) -> dict:
+    """Evaluate each checkpoint; returns `{label: report dict}` and writes `summary.json` / `summary.md`."""
+    from patho.eval.generation import SamplingConfig, make_generator
+    from patho.eval.mcq import evaluate_mcq, load_eval_records, write_results
+    from patho.models import load_backbone
+
+    cfg.check_inputs()
+    records = load_eval_records(cfg.data, cfg.limit)
+    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0, batch_size=cfg.batch_size)
+    out = Path(cfg.output_dir)
+    summary: dict[str, dict] = {}
+    for label, path in cfg.checkpoints.items():
+        t0 = time.time()
+        if cfg.engine == "hf":
+            backbone = load_backbone(path, dtype=cfg.dtype)
+            generator, tokenizer = make_generator(backbone), backbone.tokenizer
+        else:
+            generator, tokenizer = make_generator(path, engine="vllm"), None
+        report, rows = evaluate_mcq(generator, records, sampling, cfg.system_prompt, tokenizer)
+        write_results(out / label, report, rows, title=f"{label}: {Path(cfg.data).name}")
+        summary[label] = {**asdict(report), "checkpoint": str(path), "seconds": round(time.time() - t0, 2)}
+        print(f"[eval] {label}: accuracy={report.accuracy:.3f} strict={report.strict_accuracy:.3f} "
+              f"format={report.format_rate:.3f} (chance {report.chance:.3f}, n={report.n})", flush=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    lines = ["| checkpoint | accuracy | strict accuracy | format rate | mean tokens | chance |",
+             "|---|---|---|---|---|---|"]
+    for label, r in summary.items():
+        lines.append(f"| {label} | {r['accuracy']:.3f} | {r['strict_accuracy']:.3f} | {r['format_rate']:.3f} | "
+                     f"{r['mean_response_tokens']:.1f} | {r['chance']:.3f} |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    return summary

@@ -33,3 +33,28 @@ def world_dir(tmp_path_factory, small_world_config):
     root = tmp_path_factory.mktemp("world")
     generate_world(root, seed=0, config=small_world_config)
     return root
+
+
+@pytest.fixture(scope="session")
+def learning_world(tmp_path_factory):
+    """A world large enough for the tiny model to learn from in about a minute."""
+    from patho.synth import WorldConfig, generate_world
+
+    root = tmp_path_factory.mktemp("learning_world")
+    generate_world(root, seed=1, config=WorldConfig(n_train_tiles=300, n_heldout_tiles=60, n_sft=900, n_rl=96,
+                                                    n_rl_heldout=48, n_embed_pairs=48, n_composed_per_task=8))
+    return root
+
+
+@pytest.fixture(scope="session")
+def sft_model_dir(tiny_model_dir, learning_world, tmp_path_factory):
+    """The tiny model after chain-of-thought SFT (vision tower frozen), shared by the SFT and RL learning tests."""
+    from sft.config import SFTPhaseConfig
+    from sft.sft import run_sft
+
+    out = tmp_path_factory.mktemp("sft_run")
+    cfg = SFTPhaseConfig(model=str(tiny_model_dir), data=str(learning_world / "sft/train.jsonl"), output_dir=str(out),
+                         max_steps=450, per_device_train_batch_size=8, learning_rate=2e-3, warmup_ratio=0.05,
+                         max_length=512, save_steps=10_000, logging_steps=50, wandb={"mode": "disabled"},
+                         freeze_vision_tower=True, freeze_projector=True)
+    return run_sft(cfg).model_dir

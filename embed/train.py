@@ -1,0 +1,210 @@
+"""Training the embedding head: stage 1 (text pairs into the LoRA), stage 2 (image-text pairs with a curriculum,
+stain augmentation and native resolution), then optional bootstrap filtering and evaluation.
+
+A plain PyTorch loop rather than HF Trainer: GradCache needs two passes per step, which Trainer's step does not allow.
+Under Ray Train (or torchrun) the process group is already set up; gradients are averaged across ranks and every
+rank's embeddings serve as negatives for every other (see `embed.loss`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from embed.config import BootstrapConfig, EmbedPhaseConfig, StageConfig
+from embed.loss import gather_with_grad, grad_cache_step
+from embed.model import EmbedInput, Embedder
+from patho.checkpoint import Manifest, atomic_directory, write_manifest
+from patho.data import EmbedPairRecord, load_image, load_records
+from patho.stain import hed_jitter
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EmbedResult:
+    model_dir: Path
+    global_step: int
+    metrics: dict
+
+
+def contrastive_loss(temperature: float, groups: torch.Tensor | None = None):
+    """Symmetric InfoNCE where pairs sharing a `target_id` are not treated as each other's negatives."""
+
+    def loss_fn(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        q_all, p_all = F.normalize(gather_with_grad(q), dim=-1), F.normalize(gather_with_grad(p), dim=-1)
+        logits = q_all @ p_all.T / temperature
+        target = torch.arange(q_all.size(0), device=q_all.device)
+        if groups is not None:
+            g = groups.to(q_all.device)
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                parts = [torch.empty_like(g) for _ in range(dist.get_world_size())]
+                dist.all_gather(parts, g)
+                g = torch.cat(parts)
+            same = (g[:, None] == g[None, :]) & ~torch.eye(len(g), dtype=torch.bool, device=g.device)
+            logits = logits.masked_fill(same, float("-inf"))
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+    return loss_fn
+
+
+def _group_ids(records: list[EmbedPairRecord]) -> torch.Tensor | None:
+    ids = [r.target_id for r in records]
+    if any(i is None for i in ids):
+        return None
+    vocab: dict[str, int] = {}
+    return torch.tensor([vocab.setdefault(i, len(vocab)) for i in ids])
+
+
+def _augment(side, rng: np.random.Generator, sigma: float, bias: float) -> EmbedInput:
+    """Decode and stain-jitter a side's images once per step, so GradCache's two passes see the same pixels."""
+    item = EmbedInput.of(side)
+    return EmbedInput(text=item.text,
+                      images=[hed_jitter(load_image(r), sigma=sigma, bias=bias, rng=rng) for r in item.images],
+                      frames=[hed_jitter(load_image(r), sigma=sigma, bias=bias, rng=rng) for r in item.frames])
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _Log:
+    def __init__(self, path: Path, every: int):
+        self.path, self.every, self.t0 = path, every, time.time()
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, stage: str, step: int, total: int, loss: float, lr: float):
+        if _world()[0] != 0 or (step % self.every and step != total):
+            return
+        row = {"phase": "embed", "stage": stage, "step": step, "loss": loss, "learning_rate": lr,
+               "time": round(time.time() - self.t0, 2)}
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        print(f"[embed:{stage}] step {step}/{total} loss={loss:.4f} lr={lr:.3g}", flush=True)
+
+
+def train_stage(embedder: Embedder, stage: StageConfig, name: str, cfg: EmbedPhaseConfig, log: _Log) -> int:
+    """Run one stage's curriculum (datasets in order, each for its epochs).  Returns optimizer steps taken."""
+    rank, world = _world()
+    rng = np.random.default_rng([cfg.seed, rank, len(name)])
+    datasets = [(step, load_records(step.data, "embed_pair")[: step.max_pairs]) for step in stage.curriculum]
+    plan = []
+    for step, records in datasets:
+        n = int(len(records) * step.epochs)
+        order = np.concatenate([rng.permutation(len(records)) for _ in range(math.ceil(step.epochs))])[:n]
+        order = order[rank::world]  # each rank takes its share
+        plan += [[records[i] for i in order[s:s + stage.batch_size]]
+                 for s in range(0, len(order) - stage.batch_size + 1, stage.batch_size)]
+    if stage.max_steps:
+        plan = plan[: stage.max_steps]
+    params = [p for p in embedder.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=stage.learning_rate, weight_decay=0.0)
+    from transformers import get_cosine_schedule_with_warmup
+
+    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, len(plan) // 20), max(1, len(plan)))
+    embedder.train()
+    aug = cfg.stain_augment if name == "stage2" else None
+    for i, batch in enumerate(plan, start=1):
+        if aug is not None:
+            queries = [_augment(r.query, rng, aug.hed_sigma, aug.hed_bias) for r in batch]
+            positives = [_augment(r.positive, rng, aug.hed_sigma, aug.hed_bias) for r in batch]
+        else:
+            queries, positives = [r.query for r in batch], [r.positive for r in batch]
+        loss_fn = contrastive_loss(cfg.temperature, _group_ids(batch))
+        if stage.grad_cache_chunk:
+            loss = grad_cache_step(embedder, queries, positives, stage.grad_cache_chunk, loss_fn)
+        else:
+            loss = loss_fn(embedder(queries), embedder(positives))
+            loss.backward()
+        if world > 1:  # DDP is not wrapping the model (two-pass steps), so average gradients by hand
+            for p in params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        log(name, i, len(plan), float(loss.detach()), scheduler.get_last_lr()[0])
+    return len(plan)
+
+
+def bootstrap_filter(embedder: Embedder, bcfg: BootstrapConfig, default_dir: Path, batch_size: int = 32) -> dict:
+    """Score every pair; write the pairs with cosine similarity >= threshold as a new dataset, plus a report."""
+    records = load_records(bcfg.data, "embed_pair")
+    q = embedder.encode([r.query for r in records], batch_size=batch_size)
+    p = embedder.encode([r.positive for r in records], batch_size=batch_size)
+    sims = (q * p).sum(1)
+    keep = sims >= bcfg.threshold
+    out = Path(bcfg.output) if bcfg.output else default_dir / Path(bcfg.data).name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w") as fh:  # image paths were made absolute while loading, so the new file works anywhere
+        for r, k in zip(records, keep):
+            if k:
+                fh.write(json.dumps(r.model_dump(mode="json", exclude_none=True), ensure_ascii=False) + "\n")
+    report = {"source": bcfg.data, "output": str(out), "threshold": bcfg.threshold, "total": len(records),
+              "kept": int(keep.sum()), "dropped": int((~keep).sum()),
+              "similarity": {"mean": float(sims.mean()), "min": float(sims.min()), "max": float(sims.max()),
+                             "quantiles": {str(q_): float(np.quantile(sims, q_)) for q_ in (0.1, 0.25, 0.5, 0.75)}},
+              "dropped_ids": [r.id for r, k in zip(records, keep) if not k][:1000]}
+    out.with_suffix(".report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def build_embedder(cfg: EmbedPhaseConfig) -> Embedder:
+    torch.manual_seed(cfg.seed)
+    lora = cfg.lora.to_peft()
+    modules = []
+    if cfg.train_vision_tower:
+        modules.append("visual")
+    elif cfg.train_projector:
+        modules.append("merger")
+    if modules:
+        lora.modules_to_save = modules
+    embedder = Embedder.from_pretrained(cfg.model, dtype=cfg.dtype, min_pixels=cfg.min_pixels,
+                                        max_pixels=cfg.max_pixels)
+    embedder.add_adapter(lora)
+    if cfg.use_cpu is False and torch.cuda.is_available():
+        embedder.to(f"cuda:{torch.cuda.current_device()}")
+    return embedder
+
+
+def run_embed(cfg: EmbedPhaseConfig) -> EmbedResult:
+    from embed.evaluate import evaluate_embedder, write_results
+
+    cfg.check_inputs()
+    out = Path(cfg.output_dir)
+    embedder = build_embedder(cfg)
+    log = _Log(out / "metrics.jsonl", cfg.logging_steps)
+    steps = 0
+    if cfg.stage1:
+        steps += train_stage(embedder, cfg.stage1, "stage1", cfg, log)
+    if cfg.stage2:
+        steps += train_stage(embedder, cfg.stage2, "stage2", cfg, log)
+    metrics: dict = {}
+    if _world()[0] == 0:
+        embedder.eval()
+        if cfg.bootstrap:
+            metrics["bootstrap"] = bootstrap_filter(embedder, cfg.bootstrap, out / "filtered")
+        if cfg.eval:
+            results = evaluate_embedder(embedder, cfg.eval.composed, cfg.eval.classification, cfg.eval.batch_size)
+            write_results(out / "eval", results)
+            metrics["eval"] = results
+        final = out / "model"
+        with atomic_directory(final) as tmp:
+            embedder.save_adapter(tmp)
+            write_manifest(tmp, Manifest(phase="embed", step=steps, recipe_hash=cfg.recipe_hash,
+                                         parent=cfg.parent or cfg.model, complete=True,
+                                         extra={"base_model": cfg.model, "adapter": "embed"}))
+    return EmbedResult(model_dir=out / "model", global_step=steps, metrics=metrics)

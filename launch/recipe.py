@@ -5,7 +5,7 @@
     model: {base: tiny}                 # or Qwen/Qwen2.5-VL-7B-Instruct, or a local directory
     data: {synth: {seed: 0}}            # or {root: /data/patho}
     resources: {num_workers: 1, use_gpu: false, cpus_per_worker: 2}
-    defaults: {per_device_train_batch_size: 8}     # merged into every training phase
+    defaults: {per_device_train_batch_size: 8}     # merged into every cpt/sft/rl phase
     phases:
       - {name: cpt, type: cpt, config: {data: "{data}/cpt/train.jsonl", max_steps: 300}}
       - {name: sft, type: sft, config: {data: "{data}/sft/train.jsonl"}}
@@ -32,7 +32,8 @@ from patho.config import StrictModel, WandbConfig, format_validation_error, read
 from patho.errors import ConfigError
 from patho.synth import WorldConfig
 
-TRAINING_PHASES = ("cpt", "sft", "rl", "embed")
+TRAINING_PHASES = ("cpt", "sft", "rl", "embed")  # run on Ray Train workers
+TRAINER_PHASES = ("cpt", "sft", "rl")  # HF-Trainer phases; the recipe's `defaults` apply to these
 PhaseType = Literal["cpt", "sft", "rl", "embed", "eval"]
 
 
@@ -130,7 +131,7 @@ class Recipe(StrictModel):
     data: DataSpec
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
-    defaults: dict[str, Any] = Field(default_factory=dict, description="merged into every training phase config")
+    defaults: dict[str, Any] = Field(default_factory=dict, description="merged into every cpt/sft/rl phase config")
     phases: list[PhaseSpec] = Field(..., min_length=1)
 
     @model_validator(mode="after")
@@ -242,7 +243,8 @@ def build_plan(raw: dict, source: str = "<recipe>") -> Plan:
         final_dir = Path(recipe.output_root) / spec.name
         data = _substitute(spec.config, mapping, f"{where}.config", errors)
         if spec.type in TRAINING_PHASES:
-            data = {**_substitute(recipe.defaults, mapping, "defaults", errors), **data}
+            if spec.type in TRAINER_PHASES:
+                data = {**_substitute(recipe.defaults, mapping, "defaults", errors), **data}
             data.setdefault("model", previous_model)
             data.setdefault("output_dir", str(final_dir))
             data.setdefault("seed", recipe.seed)
@@ -251,7 +253,7 @@ def build_plan(raw: dict, source: str = "<recipe>") -> Plan:
                 data.setdefault("deepspeed", resources.deepspeed)
             if spec.type == "rl" and resources.rollout_engine:
                 data.setdefault("rollout", {})["engine"] = resources.rollout_engine
-            if resources.use_gpu is False and spec.type != "embed":
+            if resources.use_gpu is False:
                 data.setdefault("use_cpu", True)
             data["recipe_hash"] = recipe_hash
             data.setdefault("parent", data["model"])

@@ -30,6 +30,7 @@ def run_phase(phase_type: str, config: dict[str, Any], callbacks=()) -> dict:
         from embed.train import run_embed
 
         result = run_embed(cfg)
+        return {"global_step": result.global_step, "model_dir": str(result.model_dir)}
     elif phase_type == "eval":
         from patho.eval.phase import run_eval
 

@@ -76,6 +76,8 @@ def build_rl_trainer(cfg: RLPhaseConfig, callbacks=()) -> DynamicSamplingGRPOTra
 def run_rl(cfg: RLPhaseConfig, callbacks=()) -> RLResult:
     trainer = build_rl_trainer(cfg, callbacks)
     resume_from = latest_checkpoint(cfg) if cfg.resume else None
+    if resume_from:
+        print(f"[rl-{cfg.algorithm}] resuming from {resume_from}", flush=True)
     try:
         result = trainer.train(resume_from_checkpoint=resume_from)
     finally:

@@ -74,7 +74,7 @@ def run_supervised(cfg: _SupervisedConfig, phase: str, train_dataset, *, system_
                                            callbacks=callbacks)
     resume_from = latest_checkpoint(cfg) if cfg.resume else None
     if resume_from:
-        logger.info("%s: resuming from %s", phase, resume_from)
+        print(f"[{phase}] resuming from {resume_from}", flush=True)
     result = trainer.train(resume_from_checkpoint=resume_from)
     model_dir = finalize(trainer, processor, cfg, phase, result.metrics)
     return PhaseResult(model_dir=model_dir, global_step=int(trainer.state.global_step), metrics=result.metrics)

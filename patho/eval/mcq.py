@@ -6,7 +6,8 @@ Generation uses our rollout engines (HF on CPU, vLLM on GPU).  Each response is 
 (last `<answer>` content, else the text after `</think>`) and judged two ways:
 
 * `accuracy`: VLMEvalKit's exact-matching rules on the final answer (comparable with VLMEvalKit leaderboards);
-* `strict_accuracy`: the RL accuracy reward (the `<answer>` content must be exactly the gold letter).
+* `strict_accuracy`: the RL accuracy reward (the `<answer>` content must be exactly the gold letter);
+* open questions: an LLM judge (`patho.eval.judge`), required for them.
 
 plus the share of format-valid responses and the mean response length in tokens.
 """
@@ -25,7 +26,7 @@ from patho.eval.generation import ChatRequest, Generator, SamplingConfig
 from patho.eval.matching import exact_match_mcq
 from patho.synth import REASONING_SYSTEM_PROMPT
 from rewards.accuracy import score_mcq, score_yesno
-from rewards.parsing import extract_final_answer, is_strict_format
+from rewards.parsing import extract_answer, extract_final_answer, is_strict_format
 
 
 @dataclass
@@ -78,33 +79,32 @@ def build_request(record: MCQRecord, system_prompt: str | None = REASONING_SYSTE
     return ChatRequest(messages=messages, images=images)
 
 
-def judge(record: MCQRecord, response: str, n_tokens: int) -> MCQRow:
+def judge(record: MCQRecord, response: str, n_tokens: int, llm_judge=None) -> MCQRow:
+    """Judge one response: VLMEvalKit exact matching and the strict reward for MCQ, yes/no matching, or the LLM
+    judge for open questions (an error when none is configured: an open set is never silently scored 0)."""
     prediction = extract_final_answer(response)
     if record.answer_type == "mcq":
         correct = exact_match_mcq(prediction, record.options, record.answer)
-        strict = score_mcq(_answer_block(response), record.answer, "strict") == 1.0
+        strict = score_mcq(extract_answer(response), record.answer, "strict") == 1.0
     elif record.answer_type == "yesno":
         correct = score_yesno(prediction, record.answer) == 1.0
-        strict = score_yesno(_answer_block(response), record.answer) == 1.0
+        strict = score_yesno(extract_answer(response), record.answer) == 1.0
     else:
-        raise ValueError(f"row {record.id}: answer_type {record.answer_type!r} needs an LLM judge "
-                         "(patho-r1 eval vqa), not the MCQ scorer")
+        if llm_judge is None:
+            from patho.eval.judge import LLMJudge
+
+            llm_judge = LLMJudge.from_env()
+        correct = strict = llm_judge.judge(record.question, record.answer, prediction)
     return MCQRow(id=str(record.id), category=record.category, answer=record.answer, answer_type=record.answer_type,
                   prediction=prediction, response=response, correct=bool(correct), strict_correct=bool(strict),
                   format_ok=is_strict_format(response), response_tokens=n_tokens)
-
-
-def _answer_block(response: str) -> str | None:
-    from rewards.parsing import extract_answer
-
-    return extract_answer(response)
 
 
 def summarise(records: list[MCQRecord], rows: list[MCQRow]) -> MCQReport:
     n = len(rows)
     if n == 0:
         raise ValueError("no rows to score")
-    chance = sum((1.0 / len(r.options)) if r.answer_type == "mcq" else 0.5 for r in records) / n
+    chance = sum({"mcq": 1.0 / max(len(r.options), 1), "yesno": 0.5}.get(r.answer_type, 0.0) for r in records) / n
     by_cat: dict[str, list[MCQRow]] = defaultdict(list)
     for row in rows:
         by_cat[row.category or "all"].append(row)
@@ -122,13 +122,17 @@ def summarise(records: list[MCQRecord], rows: list[MCQRow]) -> MCQReport:
 
 
 def evaluate_mcq(generator: Generator, records: list[MCQRecord], sampling: SamplingConfig | None = None,
-                 system_prompt: str | None = REASONING_SYSTEM_PROMPT, tokenizer=None
+                 system_prompt: str | None = REASONING_SYSTEM_PROMPT, tokenizer=None, llm_judge=None
                  ) -> tuple[MCQReport, list[MCQRow]]:
     sampling = sampling or SamplingConfig()
+    if llm_judge is None and any(r.answer_type not in ("mcq", "yesno") for r in records):
+        from patho.eval.judge import LLMJudge
+
+        llm_judge = LLMJudge.from_env()  # fail before generating, not after
     responses = generator.generate([build_request(r, system_prompt) for r in records], sampling)
     count = (lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])) if tokenizer else \
         (lambda s: len(s.split()))
-    rows = [judge(rec, resp, count(resp)) for rec, resp in zip(records, responses)]
+    rows = [judge(rec, resp, count(resp), llm_judge) for rec, resp in zip(records, responses)]
     return summarise(records, rows), rows
 
 

@@ -1,0 +1,183 @@
+"""The embedder: metrics against hand computations and sklearn, GradCache against the plain loss, encoding any mix of
+inputs, adapter switching, bootstrap filtering, a short training run, and the faiss index round trip."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import balanced_accuracy_score, f1_score
+
+from embed.config import EmbedPhaseConfig
+from embed.evaluate import VectorIndex, exact_search, modality_gap, recall_at_k, zero_shot_metrics
+from embed.loss import grad_cache_step, info_nce
+from embed.model import Embedder, summary_messages, EmbedInput
+from embed.train import bootstrap_filter, contrastive_loss, run_embed
+from embed.config import BootstrapConfig
+
+
+def test_recall_at_k_by_hand():
+    ranking = np.array([[3, 1, 2, 0], [0, 1, 2, 3], [2, 3, 0, 1]])
+    positives = [{1}, {3}, {2, 0}]
+    # query 0: positive at rank 2; query 1: at rank 4; query 2: at rank 1
+    assert recall_at_k(ranking, positives, ks=(1, 2, 3, 4)) == {
+        "recall@1": pytest.approx(1 / 3), "recall@2": pytest.approx(2 / 3), "recall@3": pytest.approx(2 / 3),
+        "recall@4": 1.0}
+
+
+def test_zero_shot_metrics_match_sklearn():
+    y_true = ["a", "a", "a", "b", "b", "c"]
+    y_pred = ["a", "a", "b", "b", "c", "c"]
+    m = zero_shot_metrics(y_true, y_pred)
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["balanced_accuracy"] == pytest.approx((2 / 3 + 1 / 2 + 1) / 3)
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y_true, y_pred))
+    assert m["weighted_f1"] == pytest.approx(f1_score(y_true, y_pred, average="weighted"))
+
+
+def test_modality_gap_by_hand():
+    img = np.array([[1.0, 0.0], [1.0, 0.0]])
+    txt = np.array([[0.0, 2.0], [0.0, 1.0]])  # normalised to (0, 1)
+    assert modality_gap(img, txt) == pytest.approx(np.sqrt(2))
+    assert modality_gap(img, img) == 0.0
+
+
+def test_exact_search_and_faiss_index_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    gallery = rng.normal(size=(500, 16)).astype(np.float32)
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    queries = gallery[:20] + 0.01 * rng.normal(size=(20, 16)).astype(np.float32)
+    scores, idx = exact_search(queries, gallery, k=5)
+    assert (idx[:, 0] == np.arange(20)).all() and scores.shape == (20, 5)
+    for kind in ("flat", "hnsw"):
+        index = VectorIndex.build(gallery, kind=kind)
+        index.save(tmp_path / f"{kind}.faiss")
+        again = VectorIndex.load(tmp_path / f"{kind}.faiss")
+        _, fidx = again.search(queries, 5)
+        assert (fidx[:, 0] == idx[:, 0]).mean() >= 0.95
+
+
+def test_info_nce_by_hand():
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    p = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    t = 0.5
+    # logits = I / t; each row: log-softmax of [2, 0] at the diagonal
+    expected = -np.log(np.exp(2) / (np.exp(2) + np.exp(0)))
+    assert float(info_nce(q, p, temperature=t)) == pytest.approx(expected, rel=1e-6)
+    # with both pairs in one group, the off-diagonal is not a negative: the loss is zero
+    assert float(contrastive_loss(t, torch.tensor([0, 0]))(q, p)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_grad_cache_gives_the_same_gradients_as_the_plain_loss():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 8))
+    xs_q, xs_p = torch.randn(12, 8), torch.randn(12, 8)
+
+    def embed(chunk):
+        return net(torch.stack(list(chunk)))
+
+    loss_fn = lambda q, p: info_nce(q, p, temperature=0.05)  # noqa: E731
+    plain = loss_fn(embed(xs_q), embed(xs_p))
+    plain.backward()
+    reference = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    cached = grad_cache_step(embed, list(xs_q), list(xs_p), chunk_size=5, loss_fn=loss_fn)
+    assert float(cached) == pytest.approx(float(plain.detach()), rel=1e-6)
+    for ref, p in zip(reference, net.parameters()):
+        torch.testing.assert_close(p.grad, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_grad_cache_replays_dropout_exactly():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(0.5))
+    xs = list(torch.randn(6, 8))
+    seen = []
+
+    def embed(chunk):
+        out = net(torch.stack(list(chunk)))
+        seen.append(out.detach().clone())
+        return out
+
+    grad_cache_step(embed, xs, xs, chunk_size=3, loss_fn=lambda q, p: info_nce(q, p, 0.1))
+    # 4 chunks in pass 1 (2 query + 2 positive), then the same 4 recomputed in pass 2
+    for first, second in zip(seen[:4], seen[4:]):
+        assert torch.equal(first, second)
+
+
+def test_summary_prompts_follow_homie():
+    assert summary_messages(EmbedInput(text="dense nuclei"))[0]["content"][-1]["text"].endswith(
+        "Summarize above sentence in one word:")
+    msg = summary_messages(EmbedInput(text="darker", images=["a", "b"]))[0]["content"]
+    assert [p["type"] for p in msg] == ["image", "image", "text"]
+    assert msg[-1]["text"] == "darker\nSummarize above image and sentence in one word:"
+    assert summary_messages(EmbedInput(frames=["a"]))[0]["content"][-1]["text"] == "Summarize above video in one word:"
+
+
+def test_encode_any_mix_is_normalised_order_preserving_and_bucketing_invariant(tiny_model_dir, world_dir):
+    from patho.data import load_records
+
+    emb = Embedder.from_pretrained(tiny_model_dir)
+    recs = load_records(world_dir / "embed/composed_heldout.jsonl", "embed_pair")
+    items = [r.query for r in recs[:8]] + ["a text only item", {"images": [recs[0].query.images[0]]}]
+    a = emb.encode(items, batch_size=3, bucket_by_length=True)
+    b = emb.encode(items, batch_size=3, bucket_by_length=False)
+    one = emb.encode(items[2:3])
+    assert a.shape == (10, emb.hidden_size)
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(a, b, atol=2e-4)  # batching changes padding, not the vectors
+    np.testing.assert_allclose(a[2], one[0], atol=2e-4)
+
+
+def test_adapter_switching_keeps_the_reasoner(tiny_model_dir, tmp_path):
+    from patho.config import LoraSpec
+
+    emb = Embedder.from_pretrained(tiny_model_dir)
+    before = emb.encode(["glands"])
+    emb.add_adapter(LoraSpec(r=4, alpha=8, dropout=0.0).to_peft())
+    for name, p in emb.model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    with emb.reasoning():
+        np.testing.assert_allclose(emb.encode(["glands"]), before, atol=1e-5)
+    assert np.abs(emb.encode(["glands"]) - before).max() > 1e-3
+    emb.save_adapter(tmp_path / "adapter")
+    again = Embedder.from_pretrained(tiny_model_dir, adapter=tmp_path / "adapter")
+    np.testing.assert_allclose(again.encode(["glands"]), emb.encode(["glands"]), atol=1e-5)
+
+
+def test_bootstrap_filter_keeps_pairs_above_lambda(tiny_model_dir, world_dir, tmp_path):
+    emb = Embedder.from_pretrained(tiny_model_dir)
+    report = bootstrap_filter(emb, BootstrapConfig(data=str(world_dir / "embed/text_pairs.jsonl"), threshold=0.9),
+                              tmp_path)
+    out = tmp_path / "text_pairs.jsonl"
+    kept = [json.loads(x) for x in out.read_text().splitlines()]
+    assert report["kept"] == len(kept) and report["kept"] + report["dropped"] == report["total"]
+    assert report["similarity"]["min"] <= 0.9 or report["dropped"] == 0
+    saved = json.loads(out.with_suffix(".report.json").read_text())
+    assert saved["threshold"] == 0.9
+
+
+def test_short_embed_run_writes_adapter_metrics_and_manifest(tiny_model_dir, world_dir, tmp_path):
+    from patho.checkpoint import read_manifest
+
+    cfg = EmbedPhaseConfig(
+        model=str(tiny_model_dir), output_dir=str(tmp_path / "embed"), temperature=0.05,
+        lora={"r": 4, "alpha": 8, "dropout": 0.0}, train_projector=True,
+        stage1={"curriculum": [{"data": str(world_dir / "embed/text_pairs.jsonl"), "epochs": 1}],
+                "batch_size": 8, "learning_rate": 1e-3, "max_steps": 2},
+        stage2={"curriculum": [{"data": str(world_dir / "embed/image_text_pairs.jsonl"), "epochs": 1},
+                               {"data": str(world_dir / "embed/composed_train.jsonl"), "epochs": 1}],
+                "batch_size": 8, "learning_rate": 1e-3, "max_steps": 3, "grad_cache_chunk": 4},
+        stain_augment={"hed_sigma": 0.05, "hed_bias": 0.05},
+        eval={"composed": str(world_dir / "embed/composed_heldout.jsonl"),
+              "classification": str(world_dir / "rl/heldout.jsonl")},
+        use_cpu=True, dtype="float32", logging_steps=1)
+    result = run_embed(cfg)
+    assert result.global_step == 5
+    metrics = json.loads((tmp_path / "embed/eval/metrics.json").read_text())
+    assert set(metrics["tasks"]) == {"mi2t", "it2i", "it2t", "v2t"}
+    assert {"accuracy", "balanced_accuracy", "weighted_f1"} <= set(metrics["zero_shot"])
+    assert read_manifest(result.model_dir).phase == "embed"
+    log = [json.loads(x) for x in (tmp_path / "embed/metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in log] == ["stage1"] * 2 + ["stage2"] * 3
+    assert all(np.isfinite(r["loss"]) for r in log)

@@ -1,0 +1,171 @@
+"""Evaluation: answer extraction, VLMEvalKit's matching rules, the built-in scorer, the VLMEvalKit model class, the
+LLM judge."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from patho.data import MCQRecord
+from patho.errors import ConfigError
+from patho.eval.judge import LLMJudge
+from patho.eval.matching import can_infer, exact_match_mcq
+from patho.eval.mcq import evaluate_mcq, judge, summarise
+from patho.eval.vlmeval_hook import PathoR1VLMCore
+from rewards.parsing import extract_final_answer, split_thinking
+
+OPTIONS = {"A": "adenocarcinoma", "B": "lymphocytic infiltrate", "C": "mucinous pools", "D": "adipose tissue"}
+
+# (raw model output, what the hook returns)
+EXTRACTION = [
+    ("<think>rings of nuclei</think><answer>A</answer>", "A"),
+    ("<think>x</think>\n<answer> C </answer>\n", "C"),
+    ("<think>x</think><answer>A</answer> then <answer>D</answer>", "D"),  # the last answer block wins
+    ("<think>considering B and C</think> D", "D"),  # no answer tag: text after </think>
+    ("<think>x</think><answer>B", "B"),  # unclosed answer after the think block
+    ("D", "D"),
+    ("", ""),
+    ("<answer>mucinous pools</answer>", "mucinous pools"),
+]
+
+# (prediction, VLMEvalKit's can_infer result) — read from vlmeval/utils/matching_util.py (ms-vlmeval 0.0.20)
+VLMEVAL_RULES = [
+    ("B", "B"),
+    ("The answer is B.", "B"),
+    ("(C) mucinous pools", "C"),
+    ("Answer: D", "D"),
+    ("A or B", False),  # two option letters: ambiguous
+    ("mucinous pools", "C"),  # option text, matched when unique
+    ("adenocarcinoma or adipose tissue", False),  # two option texts
+    ("Cannot determine the answer", "Z"),
+    ("<answer>B</answer>", False),  # tags are not stripped: the letter is invisible to the matcher
+    ("B is likely, since " + "the glands are crowded " * 10, False),  # letter too early in a long answer
+]
+
+
+@pytest.mark.parametrize("raw,expected", EXTRACTION)
+def test_final_answer_extraction(raw, expected):
+    assert extract_final_answer(raw) == expected
+
+
+@pytest.mark.parametrize("prediction,expected", VLMEVAL_RULES)
+def test_vlmeval_matching_rules(prediction, expected):
+    assert can_infer(prediction, dict(OPTIONS)) == expected
+
+
+def test_raw_reasoning_output_is_misscored_but_the_extracted_answer_is_not():
+    raw = "<think>Not adenocarcinoma: no glands. Sheets of small cells.</think><answer>B</answer>"
+    assert can_infer(raw, dict(OPTIONS)) == "A"  # the raw trace is read as option A through its text
+    assert not exact_match_mcq(raw, OPTIONS, "B")
+    assert exact_match_mcq(extract_final_answer(raw), OPTIONS, "B")
+    assert split_thinking(raw) == ("B", "Not adenocarcinoma: no glands. Sheets of small cells.")
+
+
+def _record(answer="B", answer_type="mcq", **kw):
+    return MCQRecord(question="Which?", options=OPTIONS if answer_type == "mcq" else {}, answer=answer,
+                     answer_type=answer_type, category=kw.get("category", "c"))
+
+
+def test_scorer_agrees_with_vlmeval_exact_matching_on_the_same_predictions():
+    responses = ["<think>x</think><answer>B</answer>", "<think>x</think><answer>C</answer>",
+                 "<think>lymphocytic infiltrate</think> B", "B", "<think>x</think><answer>lymphocytic "
+                 "infiltrate</answer>", "<think>x</think><answer>A or B</answer>"]
+    records = [_record("B") for _ in responses]
+    rows = [judge(rec, resp, 5) for rec, resp in zip(records, responses)]
+    ours = summarise(records, rows).accuracy
+    # VLMEvalKit, fed what our VLMEvalKit hook returns for each response:
+    theirs = sum(can_infer(extract_final_answer(r), dict(OPTIONS)) == "B" for r in responses) / len(responses)
+    assert ours == theirs == 4 / 6
+    assert [r.strict_correct for r in rows] == [True, False, False, False, False, False]
+    assert [r.format_ok for r in rows] == [True, True, False, False, True, True]
+
+
+def test_rule_table_against_the_real_vlmeval():
+    """Where ms-vlmeval imports (it needs torchvision, so not on the CPU stack), the fixture must match it."""
+    vlmeval = pytest.importorskip("vlmeval.utils.matching_util")
+    assert [vlmeval.can_infer(p, dict(OPTIONS)) for p, _ in VLMEVAL_RULES] == [e for _, e in VLMEVAL_RULES]
+
+
+class _FixedGenerator:
+    def __init__(self, outputs):
+        self.outputs = outputs
+        self.calls = 0
+
+    def generate(self, requests, sampling):
+        self.calls += 1
+        return self.outputs[: len(requests)]
+
+
+def test_yes_no_and_per_category_report():
+    records = [_record("Yes", "yesno", category="x"), _record("No", "yesno", category="y")]
+    report, rows = evaluate_mcq(_FixedGenerator(["<think>t</think><answer>yes</answer>", "No."]), records)
+    assert [r.correct for r in rows] == [True, True] and [r.strict_correct for r in rows] == [True, False]
+    assert report.chance == 0.5 and report.per_category["y"]["format_rate"] == 0.0
+    assert "| x | 1 | 1.0000 | 1.0000 |" in report.markdown()
+
+
+class _JudgeServer(BaseHTTPRequestHandler):
+    def do_POST(self):  # noqa: N802 - http.server's naming
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = body["messages"][0]["content"]
+        verdict = "Yes." if "Candidate answer: mucin" in prompt else "no"
+        payload = json.dumps({"choices": [{"message": {"content": verdict}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_open_questions_need_a_judge_and_use_it(monkeypatch):
+    records = [_record("mucinous pools", "open"), _record("adipose tissue", "open")]
+    for var in ("PATHO_JUDGE_BASE_URL", "OPENAI_API_BASE", "PATHO_JUDGE_MODEL", "LOCAL_LLM"):
+        monkeypatch.delenv(var, raising=False)
+    generator = _FixedGenerator(["<think>t</think><answer>mucin</answer>", "<answer>fat</answer>"])
+    with pytest.raises(ConfigError, match="no LLM judge configured"):
+        evaluate_mcq(generator, records)
+    assert generator.calls == 0  # failed before generating
+    server = HTTPServer(("127.0.0.1", 0), _JudgeServer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("PATHO_JUDGE_BASE_URL", f"http://127.0.0.1:{server.server_port}/v1")
+        monkeypatch.setenv("PATHO_JUDGE_MODEL", "judge")
+        report, rows = evaluate_mcq(generator, records)
+    finally:
+        server.shutdown()
+    assert [r.correct for r in rows] == [True, False] and report.accuracy == 0.5
+    with pytest.raises(ConnectionError):
+        LLMJudge(base_url=f"http://127.0.0.1:{server.server_port}/v1", model="m", timeout=1).judge("q", "a", "b")
+
+
+def test_vlmeval_model_class_core_on_the_tiny_model(tiny_model_dir, world_dir, monkeypatch):
+    from patho.data import load_records
+
+    rec = load_records(world_dir / "rl/heldout.jsonl", "mcq")[0]
+    model = PathoR1VLMCore(str(tiny_model_dir), max_new_tokens=8, use_vllm=False, extra_kwarg="ignored")
+    message = [dict(type="image", value=rec.images[0]), dict(type="text", value=rec.prompt_text())]
+    request = model.to_request(message)
+    assert request.messages[0]["role"] == "system" and len(request.images) == 1
+    assert [p["type"] for p in request.messages[1]["content"]] == ["image", "text"]
+    answer = model.generate_inner(message)
+    assert answer == extract_final_answer(model.last_response)
+    monkeypatch.setenv("SPLIT_THINK", "1")
+    assert model.generate_inner(message) == model.last_response
+    with pytest.raises(ValueError, match="unsupported"):
+        model.to_request([dict(type="video", value="x.mp4")])
+
+
+def test_eval_mcq_cli_writes_tables(tiny_model_dir, world_dir, tmp_path):
+    from patho.cli import main
+
+    out = tmp_path / "eval"
+    assert main(["eval", "mcq", "--model", str(tiny_model_dir), "--data", str(world_dir / "eval/PathoSynth_MCQ.tsv"),
+                 "--out", str(out), "--max-new-tokens", "8", "--limit", "6", "--label", "tiny"]) == 0
+    results = json.loads((out / "tiny/results.json").read_text())
+    assert results["report"]["n"] == 6 and len(results["rows"]) == 6
+    assert (out / "tiny/predictions.csv").is_file() and "accuracy" in (out / "summary.md").read_text()

@@ -1,0 +1,133 @@
+"""Recipes: every shipped recipe validates, GPU recipes dry-run, bad recipes list every problem, and a killed run
+resumes without redoing finished phases."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launch.recipe import build_plan, load_plan
+from patho.cli import main
+from patho.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_recipe_validates_and_dry_runs(recipe, capsys):
+    plan = load_plan(recipe)
+    assert plan.phases and all(p.config is not None for p in plan.phases)
+    assert main(["run", str(recipe), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for p in plan.phases:
+        assert f"{p.name} [{p.type}]" in out
+    assert "resources:" in out
+
+
+def test_gpu_recipes_ask_for_gpus_vllm_and_deepspeed():
+    for name in ("patho-r1-3b.yaml", "patho-r1-7b.yaml"):
+        plan = load_plan(ROOT / "recipes" / name)
+        rl = plan.phase("rl")
+        assert rl.resources.use_gpu and rl.config.rollout.engine == "vllm"
+        assert plan.phase("sft").config.deepspeed.endswith(".json")
+        assert plan.phase("sft").config.model == str(plan.phase("cpt").final_dir)
+        assert rl.config.model == str(plan.phase("sft").final_dir)
+    assert load_plan(ROOT / "recipes/patho-r1-3b.yaml").phase("rl").config.algorithm == "dapo"
+
+
+def _recipe(tmp_path, phases, **extra):
+    return {"name": "t", "output_root": str(tmp_path / "out"), "model": {"base": "tiny"},
+            "data": {"synth": {"seed": 0}}, "phases": phases, **extra}
+
+
+def test_bad_recipe_reports_every_problem_at_once(tmp_path):
+    raw = _recipe(tmp_path, [
+        {"name": "sft", "type": "sft", "config": {"data": "{data}/sft/train.jsonl", "learning_rate": -1}},
+        {"name": "rl", "type": "rl", "config": {"data": "{data}/rl/train.jsonl", "algorithm": "ppo",
+                                                "typo_field": 1}},
+        {"name": "eval", "type": "eval", "config": {"data": "{data}/x.tsv", "checkpoints": ["sft", "nope"]}},
+        {"name": "bad", "type": "sft", "config": {"data": "{phase:later}/x.jsonl"}},
+    ])
+    with pytest.raises(ConfigError) as info:
+        build_plan(raw)
+    text = str(info.value)
+    for needle in ("phases[0] (sft).config.learning_rate", "phases[1] (rl).config.algorithm",
+                   "phases[1] (rl).config.typo_field", "'nope' is not 'base' or an earlier phase",
+                   "unknown reference {phase:later}"):
+        assert needle in text, needle
+    with pytest.raises(ConfigError, match="data: give exactly one"):
+        build_plan({**raw, "data": {}})
+
+
+def test_phase_inputs_default_to_the_previous_phase(tmp_path):
+    plan = build_plan(_recipe(tmp_path, [
+        {"name": "a", "type": "cpt", "config": {"data": "{data}/cpt/train.jsonl"}},
+        {"name": "b", "type": "sft", "config": {"data": "{data}/sft/train.jsonl"}},
+        {"name": "c", "type": "sft", "config": {"data": "{data}/sft/train.jsonl", "model": "{phase:a}"}},
+    ], defaults={"learning_rate": 3e-4}))
+    a, b, c = plan.phases
+    assert a.config.model == str(tmp_path / "out/base-model")
+    assert b.config.model == str(a.final_dir) and c.config.model == str(a.final_dir)
+    assert b.config.learning_rate == 3e-4 and b.config.recipe_hash == plan.recipe_hash
+    assert b.config.parent == b.config.model
+
+
+def test_unknown_phase_selection_is_an_error(tmp_path, capsys):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(_recipe(tmp_path, [{"name": "a", "type": "cpt",
+                                                       "config": {"data": "{data}/cpt/train.jsonl"}}])))
+    assert main(["run", str(path), "--phases", "zzz"]) == 2
+    assert "unknown phase(s) ['zzz']" in capsys.readouterr().err
+
+
+def _run(args, log):
+    return subprocess.Popen([sys.executable, "-m", "patho.cli", "run", *args], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"})
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_without_redoing_finished_phases(tmp_path):
+    common = {"max_length": 512, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
+              "warmup_ratio": 0.0}
+    raw = _recipe(tmp_path, [
+        {"name": "cpt", "type": "cpt", "config": {"data": "{data}/cpt/train.jsonl", "max_steps": 4}},
+        {"name": "sft", "type": "sft", "config": {"data": "{data}/sft/train.jsonl", "max_steps": 400,
+                                                  "save_steps": 5}},
+    ], defaults=common, wandb={"mode": "disabled"},
+        resources={"cpus_per_worker": 1, "max_failures": 0})
+    raw["data"]["synth"].update(n_train_tiles=48, n_heldout_tiles=12, n_sft=40, n_rl=8, n_rl_heldout=6,
+                                n_embed_pairs=8, n_composed_per_task=2)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    with open(tmp_path / "first.log", "w") as log:
+        proc = _run([str(path)], log)
+        deadline = time.time() + 600
+        while not (out / "sft/checkpoints/checkpoint-10/trainer_state.json").exists():
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.time() < deadline, "no sft checkpoint appeared"
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert (out / "cpt/model/patho_manifest.json").is_file() and not (out / "sft/model").exists()
+    cpt_stamp = (out / "cpt/model/patho_manifest.json").stat().st_mtime_ns
+    time.sleep(3)  # let the killed run's Ray processes notice and exit
+    with open(tmp_path / "second.log", "w") as log:
+        proc = _run([str(path), "--resume"], log)
+        assert proc.wait(timeout=900) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    second = (tmp_path / "second.log").read_text()
+    assert "cpt: complete, skipped" in second
+    assert "resuming from" in second and "checkpoint-" in second
+    assert (out / "cpt/model/patho_manifest.json").stat().st_mtime_ns == cpt_stamp
+    from patho.checkpoint import read_manifest
+
+    manifest = read_manifest(out / "sft/model")
+    assert manifest.complete and manifest.step == 400 and manifest.parent == str(out / "cpt/model")
+    assert manifest.recipe_hash == load_plan(path).recipe_hash
+    assert (out / "report.md").is_file()

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from patho.checkpoint import config_hash
 from patho.config import StrictModel, WandbConfig, format_validation_error, read_yaml
@@ -75,17 +75,21 @@ class ModelSpec(StrictModel):
 
 
 class SynthSpec(StrictModel):
+    """`seed` plus any field of `patho.synth.WorldConfig` (its defaults apply to the rest)."""
+
+    model_config = ConfigDict(extra="allow")
     seed: int = 0
-    n_train_tiles: int = 600
-    n_heldout_tiles: int = 120
-    n_sft: int = 480
-    n_rl: int = 240
-    n_rl_heldout: int = 60
-    n_embed_pairs: int = 480
-    n_composed_per_task: int = 48
+
+    @model_validator(mode="after")
+    def _known_fields(self):
+        try:
+            self.world_config()
+        except TypeError as exc:
+            raise ValueError(f"not a WorldConfig field ({exc})") from None
+        return self
 
     def world_config(self) -> WorldConfig:
-        return WorldConfig(**self.model_dump(exclude={"seed"}))
+        return WorldConfig(**(self.model_extra or {}))
 
 
 class DataSpec(StrictModel):

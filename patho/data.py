@@ -48,16 +48,17 @@ class _Record(BaseModel):
     id: str | None = None
 
 
+def _not_blank(value: str, info) -> str:
+    if not value.strip():
+        raise ValueError(f"{info.field_name} is empty")
+    return value
+
+
 class CaptionRecord(_Record):
     images: list[ImageRef] = Field(min_length=1)
     caption: str
 
-    @field_validator("caption")
-    @classmethod
-    def _caption_not_empty(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("caption is empty")
-        return v
+    _caption_not_blank = field_validator("caption")(_not_blank)
 
 
 class ContentPart(BaseModel):
@@ -104,12 +105,7 @@ class MCQRecord(_Record):
     images: list[ImageRef] = Field(default_factory=list)
     category: str | None = None
 
-    @field_validator("question")
-    @classmethod
-    def _question_not_empty(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("question is empty")
-        return v
+    _question_not_blank = field_validator("question")(_not_blank)
 
     @model_validator(mode="after")
     def _check_options(self):

@@ -118,6 +118,28 @@ def apply_freezing(model, *, freeze_vision_tower: bool, freeze_projector: bool) 
     return {"total": total, "trainable": trainable}
 
 
+class ResumeWeightsMixin:
+    """Restore model weights on resume through `from_pretrained`, not a raw `load_state_dict`.
+
+    transformers 5 saves Qwen2.5-VL checkpoints under the original key names (`model.layers.*`, `visual.*`) while the
+    live model uses `model.language_model.*` / `model.visual.*`; `Trainer._load_from_checkpoint` loads the file with
+    `load_state_dict(strict=False)`, so on resume *no* weight is restored and training silently restarts from the
+    phase's initial weights with a restored optimizer.  `from_pretrained` applies the key conversion.  PEFT adapters,
+    DeepSpeed and FSDP checkpoints keep transformers' own loading.
+    """
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        target = model if model is not None else self.model
+        plain = (not getattr(self, "is_deepspeed_enabled", False) and not getattr(self, "is_fsdp_enabled", False)
+                 and hasattr(target, "config") and not hasattr(target, "peft_config")
+                 and (Path(resume_from_checkpoint) / "config.json").is_file())
+        if not plain:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        restored = type(target).from_pretrained(resume_from_checkpoint, dtype=target.dtype)
+        target.load_state_dict(restored.state_dict(), strict=True)
+        del restored
+
+
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 

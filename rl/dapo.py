@@ -40,6 +40,8 @@ from typing import Any
 import torch
 from trl import GRPOTrainer
 
+from patho.training import ResumeWeightsMixin
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 1. Which groups carry signal
 # ----------------------------------------------------------------------------------------------------------------------
@@ -196,8 +198,8 @@ def concat_batches(parts: list[dict], pad_token_id: int) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class DynamicSamplingGRPOTrainer(GRPOTrainer):
-    """`GRPOTrainer` + DAPO dynamic sampling (optional) + rollout/reward timing metrics."""
+class DynamicSamplingGRPOTrainer(ResumeWeightsMixin, GRPOTrainer):
+    """`GRPOTrainer` + DAPO dynamic sampling (optional) + rollout/reward timing metrics (+ correct resume)."""
 
     def __init__(self, *args, dynamic_sampling: bool = False, max_rounds: int = 3, min_std: float = 1e-6,
                  refill_seed: int = 0, **kwargs):

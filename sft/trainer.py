@@ -12,6 +12,7 @@ from patho.models import load_backbone
 from patho.stain import hed_jitter
 from patho.training import (
     JsonlMetricsCallback,
+    ResumeWeightsMixin,
     apply_freezing,
     finalize,
     latest_checkpoint,
@@ -25,6 +26,10 @@ from sft.config import _SupervisedConfig
 logger = logging.getLogger(__name__)
 
 
+class PathoSFTTrainer(ResumeWeightsMixin, SFTTrainer):
+    """TRL's SFTTrainer with weights that really come back on resume (see `ResumeWeightsMixin`)."""
+
+
 @dataclass
 class PhaseResult:
     model_dir: Path
@@ -33,7 +38,7 @@ class PhaseResult:
 
 
 def build_sft_trainer(cfg: _SupervisedConfig, phase: str, train_dataset, *, system_prompt: str | None,
-                      callbacks=()) -> tuple[SFTTrainer, object]:
+                      callbacks=()) -> tuple[PathoSFTTrainer, object]:
     """Build the TRL trainer for a phase without training (benchmarks and tests reuse it)."""
     setup_wandb(cfg.wandb, run_name=f"{phase}-{Path(cfg.output_dir).name}")
     backbone = load_backbone(cfg.model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
@@ -55,7 +60,7 @@ def build_sft_trainer(cfg: _SupervisedConfig, phase: str, train_dataset, *, syst
         dataset_kwargs={"skip_prepare_dataset": True},
         packing=False,
     )
-    trainer = SFTTrainer(
+    trainer = PathoSFTTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,

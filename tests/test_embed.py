@@ -49,7 +49,7 @@ def test_exact_search_and_faiss_index_round_trip(tmp_path):
     queries = gallery[:20] + 0.01 * rng.normal(size=(20, 16)).astype(np.float32)
     scores, idx = exact_search(queries, gallery, k=5)
     assert (idx[:, 0] == np.arange(20)).all() and scores.shape == (20, 5)
-    for kind in ("flat", "hnsw"):
+    for kind in ("flat", "ivf", "hnsw"):
         index = VectorIndex.build(gallery, kind=kind)
         index.save(tmp_path / f"{kind}.faiss")
         again = VectorIndex.load(tmp_path / f"{kind}.faiss")

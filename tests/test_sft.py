@@ -103,9 +103,14 @@ class _Crash(TrainerCallback):
             raise KeyboardInterrupt("simulated kill")
 
 
+def _weights(model_dir):
+    return {k: v.clone() for k, v in load_backbone(model_dir).model.state_dict().items()}
+
+
 def test_killed_sft_resumes_to_the_same_step_count_and_reloads_identically(tiny_model_dir, world_dir, tmp_path):
     cfg = dict(model=str(tiny_model_dir), data=str(world_dir / "sft/train.jsonl"), output_dir=str(tmp_path / "sft"),
                **{**FAST, "save_steps": 2, "max_steps": 6})
+    straight = run_sft(SFTPhaseConfig(**{**cfg, "output_dir": str(tmp_path / "straight")}))
     with pytest.raises(KeyboardInterrupt):
         run_sft(SFTPhaseConfig(**cfg), callbacks=[_Crash(at_step=3)])
     assert (tmp_path / "sft/checkpoints/checkpoint-2").is_dir()
@@ -123,6 +128,9 @@ def test_killed_sft_resumes_to_the_same_step_count_and_reloads_identically(tiny_
     with torch.no_grad():
         assert torch.equal(again.model(**batch).logits, again2.model(**batch).logits)
     assert read_manifest(result.model_dir).step == 6
+    # Same data order and restored weights: the resumed run ends where an uninterrupted run ends.
+    a, b = _weights(straight.model_dir), _weights(result.model_dir)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), "resume did not restore the weights"
 
 
 def test_lora_sft_saves_adapter_or_merged_model(tiny_model_dir, world_dir, tmp_path):
@@ -154,3 +162,20 @@ def test_bad_config_names_every_field_before_loading_a_model(tmp_path, world_dir
     cfg = load_config(SFTPhaseConfig, path)
     with pytest.raises(ConfigError, match="model: /nonexistent/model is not a model directory"):
         run_sft(cfg)
+
+
+def test_cpt_streams_its_corpus(tiny_model_dir, world_dir, tmp_path):
+    from datasets import IterableDataset
+
+    from sft.data import to_dataset
+
+    stream = to_dataset(caption_rows, streaming=True, source=str(world_dir / "cpt/train.jsonl"),
+                        instruction="Describe.")
+    assert isinstance(stream, IterableDataset)
+    assert next(iter(stream))["completion"][0]["content"]
+    with pytest.raises(ValueError, match="max_steps"):
+        CPTPhaseConfig(model=str(tiny_model_dir), data=str(world_dir / "cpt/train.jsonl"),
+                       output_dir=str(tmp_path / "x"), streaming=True, wandb={"mode": "disabled"})
+    result = run_cpt(CPTPhaseConfig(model=str(tiny_model_dir), data=str(world_dir / "cpt/train.jsonl"),
+                                    output_dir=str(tmp_path / "cpt"), streaming=True, **{**FAST, "max_steps": 3}))
+    assert result.global_step == 3

@@ -1,0 +1,34 @@
+"""GPU-only paths: vLLM rollouts (colocate) for RL and vLLM generation for evaluation.  Marked `gpu`; the default
+test run deselects them (`-m 'not gpu'`).  Run on a CUDA machine with the [vllm] extra: pytest -m gpu."""
+
+import importlib.util
+
+import pytest
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs the [vllm] extra"),
+              pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def test_grpo_with_vllm_colocate_rollouts(tiny_model_dir, world_dir, tmp_path):
+    from rl.config import RLPhaseConfig
+    from rl.grpo import run_rl
+
+    cfg = RLPhaseConfig(model=str(tiny_model_dir), data=str(world_dir / "rl/train.jsonl"),
+                        output_dir=str(tmp_path / "rl"), algorithm="dapo", max_steps=2,
+                        per_device_train_batch_size=8, num_generations=4, max_completion_length=32,
+                        wandb={"mode": "disabled"}, use_cpu=False, dtype="bfloat16",
+                        rollout={"engine": "vllm", "vllm_mode": "colocate", "gpu_memory_utilization": 0.2,
+                                 "max_model_length": 1024})
+    result = run_rl(cfg)
+    assert result.global_step == 2
+
+
+def test_vllm_generation_for_evaluation(tiny_model_dir, world_dir):
+    from patho.eval.generation import SamplingConfig, make_generator
+    from patho.eval.mcq import evaluate_mcq, load_eval_records
+
+    generator = make_generator(str(tiny_model_dir), engine="vllm", gpu_memory_utilization=0.2, max_model_len=1024)
+    report, rows = evaluate_mcq(generator, load_eval_records(world_dir / "eval/PathoSynth_MCQ.tsv", 8),
+                                SamplingConfig(max_new_tokens=16))
+    assert report.n == 8 and all(isinstance(r.response, str) for r in rows)

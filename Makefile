@@ -27,8 +27,10 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/patho-r1 run $(RECIPE)
 
+# pytest exits 5 when it collects no tests; that must fail loudly, never pass as "nothing broke".
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

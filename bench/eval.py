@@ -9,16 +9,24 @@ VLMEvalKit itself cannot be imported on the CPU stack (it needs torchvision), so
 
 from __future__ import annotations
 
-import argparse
+import os
 import sys
+
+# `python bench/eval.py` puts bench/ first on sys.path, where rewards.py and embed.py would shadow the packages.
+_BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _BENCH_DIR]
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import argparse
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import workspace  # noqa: E402
 
 
 def main() -> None:
+    from patho.sandbox import make_workspace
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=48)
     ap.add_argument("--max-new-tokens", type=int, default=32)
@@ -28,7 +36,7 @@ def main() -> None:
     from patho.eval.vlmeval_hook import PathoR1VLMCore
     from patho.models import load_backbone
 
-    model_dir, world = workspace()
+    model_dir, world = make_workspace()
     records = load_eval_records(world / "eval/PathoSynth_MCQ.tsv", args.n)
     backbone = load_backbone(model_dir)
     generator = make_generator(backbone)

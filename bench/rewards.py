@@ -8,15 +8,19 @@ scored inline in one process against the worker pool, with the ratio.
 
 from __future__ import annotations
 
-import argparse
 import os
-import random
 import sys
+
+# `python bench/rewards.py` puts bench/ first on sys.path, where rewards.py and embed.py would shadow the packages.
+_BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _BENCH_DIR]
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import argparse
+import random
 import time
 
-# This file is named like the package it measures; keep `python bench/rewards.py` from importing itself as `rewards`.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
 
 from rewards import AccuracyReward, build_rewards, format_reward
 

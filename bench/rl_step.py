@@ -11,13 +11,19 @@ rollout seconds per informative group kept, against the same without it.
 
 from __future__ import annotations
 
+import os
+import sys
+
+# `python bench/rl_step.py` puts bench/ first on sys.path, where rewards.py and embed.py would shadow the packages.
+_BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _BENCH_DIR]
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 import argparse
 import statistics
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import workspace  # noqa: E402
 
 
 def _mean(trainer, key):
@@ -26,6 +32,8 @@ def _mean(trainer, key):
 
 
 def main() -> None:
+    from patho.sandbox import make_workspace
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=8)
     args = ap.parse_args()
@@ -34,7 +42,7 @@ def main() -> None:
     from rl.config import RLPhaseConfig
     from rl.grpo import build_rl_trainer
 
-    model_dir, world = workspace()
+    model_dir, world = make_workspace()
     out = Path(model_dir).parent
 
     def config(name, dynamic):

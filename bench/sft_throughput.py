@@ -10,14 +10,20 @@ Vision datasets cannot be packed or run padding-free in TRL 1.16, so no packing 
 
 from __future__ import annotations
 
+import os
+import sys
+
+# `python bench/sft_throughput.py` puts bench/ first on sys.path, where rewards.py and embed.py would shadow the packages.
+_BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _BENCH_DIR]
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import workspace  # noqa: E402
 
 
 def tokens_per_second(trainer, steps: int) -> tuple[float, float]:
@@ -33,6 +39,8 @@ def tokens_per_second(trainer, steps: int) -> tuple[float, float]:
 
 
 def main() -> None:
+    from patho.sandbox import make_workspace
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch", type=int, default=8)
@@ -47,7 +55,7 @@ def main() -> None:
     from sft.data import conversation_rows, to_dataset
     from sft.trainer import build_sft_trainer
 
-    model_dir, world = workspace()
+    model_dir, world = make_workspace()
     data = world / "sft/train.jsonl"
     out = Path(model_dir).parent
     common = dict(per_device_train_batch_size=args.batch, learning_rate=1e-3, warmup_ratio=0.0, max_length=512,

@@ -30,22 +30,24 @@ IGNORE_INDEX = -100
 
 
 def assistant_token_mask(input_ids: torch.Tensor, start_ids: list[int], end_id: int) -> torch.Tensor:
-    """1 on tokens inside assistant turns: after each `start_ids` marker, up to and including `end_id`."""
-    mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    """True on tokens inside assistant turns: after each `start_ids` marker, up to and including `end_id`.
+
+    Vectorised: a token is inside a turn when the latest turn opening at or before it is later than the latest turn
+    closing (the position after an `end_id`) at or before it.
+    """
+    batch, length = input_ids.shape
     n = len(start_ids)
-    for row in range(input_ids.shape[0]):
-        ids = input_ids[row].tolist()
-        i = 0
-        while i <= len(ids) - n:
-            if ids[i:i + n] == start_ids:
-                j = i + n
-                while j < len(ids) and ids[j] != end_id:
-                    j += 1
-                mask[row, i + n: min(j + 1, len(ids))] = True
-                i = j + 1
-            else:
-                i += 1
-    return mask
+    pos = torch.arange(length, device=input_ids.device).expand(batch, length)
+    opens = torch.zeros_like(input_ids, dtype=torch.bool)
+    if length > n:
+        marker = torch.tensor(start_ids, device=input_ids.device)
+        is_start = (input_ids.unfold(1, n, 1) == marker).all(-1)  # [B, L - n + 1]
+        opens[:, n:] = is_start[:, : length - n]
+    closes = torch.zeros_like(opens)
+    closes[:, 1:] = input_ids[:, :-1] == end_id
+    last_open = torch.where(opens, pos, -1).cummax(dim=1).values
+    last_close = torch.where(closes, pos, -1).cummax(dim=1).values
+    return last_open > last_close
 
 
 @dataclass

@@ -9,7 +9,6 @@ rank's embeddings serve as negatives for every other (see `embed.loss`).
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
 from dataclasses import dataclass
@@ -27,7 +26,6 @@ from patho.checkpoint import Manifest, atomic_directory, write_manifest
 from patho.data import EmbedPairRecord, load_image, load_records
 from patho.stain import hed_jitter
 
-logger = logging.getLogger(__name__)
 
 
 @dataclass

@@ -7,7 +7,6 @@ lineage, resume, failure policy and a final report.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import time
@@ -18,7 +17,6 @@ from launch.recipe import TRAINING_PHASES, Plan, PlannedPhase
 from patho.checkpoint import Manifest, is_complete, read_manifest, write_manifest
 from patho.errors import ConfigError, PathoError
 
-logger = logging.getLogger(__name__)
 
 STATE_FILE = "run_state.json"
 
@@ -78,8 +76,10 @@ def _move_aside(path: Path) -> Path:
 # ----------------------------------------------------------------------------------------------------------------------
 
 def _worker_env(plan: Plan) -> dict[str, str]:
-    env = {"WANDB_MODE": plan.recipe.wandb.mode if plan.recipe.wandb.mode != "disabled" else "disabled",
-           "TOKENIZERS_PARALLELISM": "false"}
+    # Ray Train 2.60 reroutes print() through its logger and also tees it when stdout is wrapped, so every progress
+    # line would appear twice; our phases print one line per log event themselves.
+    env = {"WANDB_MODE": plan.recipe.wandb.mode, "TOKENIZERS_PARALLELISM": "false",
+           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     for key in ("HF_HOME", "HF_HUB_OFFLINE", "WANDB_API_KEY", "WANDB_DIR", "PYTHONPATH"):
         if key in os.environ:
             env[key] = os.environ[key]

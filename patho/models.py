@@ -6,7 +6,6 @@ through the same calls; only the recipe differs.  `trust_remote_code` is never s
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,6 @@ from transformers import (
 )
 from transformers import AutoProcessor
 
-logger = logging.getLogger(__name__)
 
 
 class Qwen2_5_VLImageOnlyProcessor(Qwen2_5_VLProcessor):

@@ -26,10 +26,14 @@ def final_model_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.output_dir) / FINAL_SUBDIR
 
 
-def setup_wandb(cfg: WandbConfig, run_name: str) -> None:
-    """wandb runs offline unless the user says otherwise; an explicit WANDB_MODE in the environment wins."""
+def setup_wandb(cfg: WandbConfig, run_name: str, output_dir: str | Path | None = None) -> None:
+    """wandb runs offline unless the user says otherwise; an explicit WANDB_MODE in the environment wins.  Offline
+    runs are written next to the phase's outputs (`wandb sync <dir>/wandb/offline-run-*` uploads them later)."""
     if cfg.mode == "disabled":
         return
+    if output_dir is not None:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("WANDB_DIR", str(Path(output_dir).resolve()))
     os.environ.setdefault("WANDB_MODE", cfg.mode)
     os.environ.setdefault("WANDB_PROJECT", cfg.project)
     if cfg.entity:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,6 @@ from rl.config import RLPhaseConfig, to_grpo_config
 from rl.dapo import DynamicSamplingGRPOTrainer
 from rl.data import build_rl_dataset
 
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,7 +40,7 @@ def build_rl_trainer(cfg: RLPhaseConfig, callbacks=()) -> DynamicSamplingGRPOTra
     check_rollout_engine(cfg)
     cfg.check_inputs()
     run_name = f"rl-{cfg.algorithm}-{Path(cfg.output_dir).name}"
-    setup_wandb(cfg.wandb, run_name)
+    setup_wandb(cfg.wandb, run_name, cfg.output_dir)
     backbone = load_backbone(cfg.model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
                              min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, padding_side="left")
     if cfg.freeze_vision_tower or cfg.freeze_projector:

@@ -40,7 +40,7 @@ class PhaseResult:
 def build_sft_trainer(cfg: _SupervisedConfig, phase: str, train_dataset, *, system_prompt: str | None,
                       callbacks=()) -> tuple[PathoSFTTrainer, object]:
     """Build the TRL trainer for a phase without training (benchmarks and tests reuse it)."""
-    setup_wandb(cfg.wandb, run_name=f"{phase}-{Path(cfg.output_dir).name}")
+    setup_wandb(cfg.wandb, run_name=f"{phase}-{Path(cfg.output_dir).name}", output_dir=cfg.output_dir)
     backbone = load_backbone(cfg.model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
                              min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, padding_side="right")
     model, processor = backbone.model, backbone.processor

@@ -131,3 +131,15 @@ def test_killed_run_resumes_without_redoing_finished_phases(tmp_path):
     assert manifest.complete and manifest.step == 400 and manifest.parent == str(out / "cpt/model")
     assert manifest.recipe_hash == load_plan(path).recipe_hash
     assert (out / "report.md").is_file()
+
+
+PHASE_CONFIGS = sorted((ROOT / "recipes/phases").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PHASE_CONFIGS, ids=[p.name for p in PHASE_CONFIGS])
+def test_standalone_phase_configs_validate(path):
+    from launch.recipe import phase_config_class
+    from patho.config import read_yaml, validate_config
+
+    cfg = validate_config(phase_config_class(path.stem), read_yaml(path), defer_path_checks=True)
+    assert cfg.output_dir.startswith("runs/phases/")

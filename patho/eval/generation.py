@@ -6,7 +6,6 @@ Both take the same `ChatRequest`s and return decoded completions, so scorers nev
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -15,7 +14,6 @@ from PIL import Image
 
 from patho.models import Backbone, load_backbone
 
-logger = logging.getLogger(__name__)
 
 
 @dataclass

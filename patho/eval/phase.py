@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -15,7 +14,6 @@ from patho.config import StrictModel, paths_deferred
 from patho.errors import ConfigError
 from patho.synth import REASONING_SYSTEM_PROMPT
 
-logger = logging.getLogger(__name__)
 
 
 class EvalPhaseConfig(StrictModel):

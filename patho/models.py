@@ -48,7 +48,12 @@ def register_processor() -> None:
     Without this, `AutoProcessor.from_pretrained(tiny_dir)` silently returns the bare tokenizer, and TRL then treats the
     model as text-only (`_is_vlm=False`) and fails at train time with `KeyError: 'pixel_values'`.
     """
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+
     AutoProcessor.register(Qwen2_5_VLConfig, Qwen2_5_VLImageOnlyProcessor, exist_ok=True)
+    # transformers 5.17 (what the [vllm] extra installs) ignores registrations keyed by a native config class; a
+    # name key still lets AutoProcessor resolve `processor_class` from a saved processor_config.json.
+    PROCESSOR_MAPPING.register(Qwen2_5_VLImageOnlyProcessor.__name__, Qwen2_5_VLImageOnlyProcessor, exist_ok=True)
 
 
 @dataclass

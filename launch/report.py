@@ -36,11 +36,11 @@ def render_markdown(report: dict) -> str:
                          f"{r['chance']:.3f} |")
         lines.append("")
     for name, r in report["retrieval"].items():
-        lines += [f"## Composed retrieval ({name})", "", "| task | Recall@1 | Recall@5 | chance@1 | simple-add R@1 |",
-                  "|---|---|---|---|---|"]
+        lines += [f"## Composed retrieval ({name})", "",
+                  "| task | Recall@1 | Recall@5 | chance@1 | R@1 / chance | simple-add R@1 |", "|---|---|---|---|---|---|"]
         for task, m in r.get("tasks", {}).items():
             lines.append(f"| {task} | {m['recall@1']:.3f} | {m['recall@5']:.3f} | {m['chance@1']:.3f} | "
-                         f"{m.get('simple_add_recall@1', float('nan')):.3f} |")
+                         f"{m['recall@1'] / m['chance@1']:.1f}x | {m.get('simple_add_recall@1', float('nan')):.3f} |")
         lines.append("")
     lines += ["## Wall time", "", "| phase | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in report["wall_time_s"].items()]

@@ -129,7 +129,7 @@ def _pad(t: torch.Tensor, length: int, value, left: bool) -> torch.Tensor:
     return torch.cat([pad, t] if left else [t, pad], dim=1)
 
 
-def select_rows(batch: dict, rows: list[int], pad_token_id: int) -> dict:
+def select_rows(batch: dict, rows: list[int]) -> dict:
     """The sub-batch of `rows`, images included (pixel rows follow each sample's image grid)."""
     out = {}
     index = torch.tensor(rows, dtype=torch.long)
@@ -271,7 +271,7 @@ class DynamicSamplingGRPOTrainer(ResumeWeightsMixin, GRPOTrainer):
         picks, informative = fill_batch(rounds, target)
         pad_id = self.processing_class.tokenizer.pad_token_id if hasattr(self.processing_class, "tokenizer") \
             else self.processing_class.pad_token_id
-        parts = [select_rows(b, _rows_for_groups(idx, self.num_generations), pad_id) for b, idx in picks]
+        parts = [select_rows(b, _rows_for_groups(idx, self.num_generations)) for b, idx in picks]
         out = concat_batches(parts, pad_id)
         out["num_items_in_batch"] = self.accelerator.gather(out["completion_mask"].sum()).sum()
         selection = Selection(kept=informative, generated=generated, rounds=1 + extra_rounds,

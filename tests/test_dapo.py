@@ -60,8 +60,8 @@ def _batch(n_groups, prompt_len, completion_len, tag):
 
 def test_select_and_concat_keep_rows_images_and_padding_aligned():
     first, second = _batch(2, 5, 3, tag=1), _batch(2, 7, 6, tag=2)
-    part1 = select_rows(first, [4, 5, 6, 7], pad_token_id=0)  # group 1 of round 0
-    part2 = select_rows(second, [0, 1, 2, 3], pad_token_id=0)  # group 0 of round 1
+    part1 = select_rows(first, [4, 5, 6, 7])  # group 1 of round 0
+    part2 = select_rows(second, [0, 1, 2, 3])  # group 0 of round 1
     assert part1["pixel_values"][:, 0].tolist() == [1000 + i for i in range(16, 32)]
     out = concat_batches([part1, part2], pad_token_id=0)
     assert out["prompt_ids"].shape == (8, 7) and out["completion_ids"].shape == (8, 6)

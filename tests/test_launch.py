@@ -143,3 +143,17 @@ def test_standalone_phase_configs_validate(path):
 
     cfg = validate_config(phase_config_class(path.stem), read_yaml(path), defer_path_checks=True)
     assert cfg.output_dir.startswith("runs/phases/")
+
+
+def test_report_tables():
+    from launch.report import render_markdown
+
+    report = {"recipe": "r", "recipe_hash": "h",
+              "mcq": {"sft": {"accuracy": 0.5, "strict_accuracy": 0.4, "format_rate": 1.0, "chance": 0.2}},
+              "retrieval": {"embed": {"tasks": {"it2t": {"recall@1": 0.3, "recall@5": 0.8, "chance@1": 0.05,
+                                                         "simple_add_recall@1": 0.1}}}},
+              "wall_time_s": {"sft": 12.0}}
+    text = render_markdown(report)
+    assert "| sft | 0.500 | 0.400 | 1.000 | 0.200 |" in text
+    assert "| it2t | 0.300 | 0.800 | 0.050 | 6.0x | 0.100 |" in text
+    assert "| sft | 12.0 |" in text

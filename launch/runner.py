@@ -41,11 +41,17 @@ class PhaseOutcome:
 def prepare_inputs(plan: Plan) -> None:
     """Build the tiny base model and generate the synthetic world when the recipe asks for them (idempotent)."""
     recipe = plan.recipe
-    if recipe.model.base == "tiny" and not (Path(recipe.base_model_path) / "config.json").is_file():
+    if recipe.model.base == "tiny":
         from patho.tiny import TinySpec, build_tiny_model
 
-        print(f"[prepare] building the tiny Qwen2.5-VL in {recipe.base_model_path}", flush=True)
-        build_tiny_model(recipe.base_model_path, TinySpec(**recipe.model.tiny.model_dump()))
+        base = Path(recipe.base_model_path)
+        spec = TinySpec(**recipe.model.tiny.model_dump())
+        spec_file = base / "tiny_spec.json"
+        if spec_file.is_file() and json.loads(spec_file.read_text()) != asdict(spec):
+            print(f"[prepare] tiny model settings changed; previous model kept at {_move_aside(base)}", flush=True)
+        if not (base / "config.json").is_file():
+            print(f"[prepare] building the tiny Qwen2.5-VL in {base}", flush=True)
+            build_tiny_model(base, spec)
     if recipe.data.synth is not None:
         from patho.synth import generate_world
 
@@ -66,7 +72,11 @@ def prepare_inputs(plan: Plan) -> None:
 
 
 def _move_aside(path: Path) -> Path:
-    backup = path.with_name(f"{path.name}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
+    """Keep an earlier output under a new name instead of deleting it."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    backup, n = path.with_name(f"{path.name}.prev-{stamp}"), 1
+    while backup.exists():
+        backup, n = path.with_name(f"{path.name}.prev-{stamp}-{n}"), n + 1
     os.replace(path, backup)
     return backup
 

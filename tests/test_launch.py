@@ -157,3 +157,26 @@ def test_report_tables():
     assert "| sft | 0.500 | 0.400 | 1.000 | 0.200 |" in text
     assert "| it2t | 0.300 | 0.800 | 0.050 | 6.0x | 0.100 |" in text
     assert "| sft | 12.0 |" in text
+
+
+def test_prepare_builds_inputs_once_and_rebuilds_when_settings_change(tmp_path):
+    import json
+
+    from launch.runner import prepare_inputs
+
+    phases = [{"name": "a", "type": "cpt", "config": {"data": "{data}/cpt/train.jsonl"}}]
+    raw = _recipe(tmp_path, phases)
+    raw["data"]["synth"].update(n_train_tiles=12, n_heldout_tiles=6, n_sft=4, n_rl=4, n_rl_heldout=3,
+                                n_embed_pairs=4, n_composed_per_task=1)
+    prepare_inputs(build_plan(raw))
+    out = tmp_path / "out"
+    stamp = (out / "base-model/model.safetensors").stat().st_mtime_ns
+    prepare_inputs(build_plan(raw))  # nothing changed: nothing rebuilt
+    assert (out / "base-model/model.safetensors").stat().st_mtime_ns == stamp
+    raw["model"]["tiny"] = {"num_hidden_layers": 1}
+    raw["data"]["synth"]["seed"] = 5
+    prepare_inputs(build_plan(raw))
+    assert json.loads((out / "base-model/tiny_spec.json").read_text())["num_hidden_layers"] == 1
+    assert json.loads((out / "world/world.json").read_text())["seed"] == 5
+    kept = sorted(p.name.split(".prev-")[0] for p in out.iterdir() if ".prev-" in p.name)
+    assert kept == ["base-model", "world"]  # the previous inputs are kept, not deleted

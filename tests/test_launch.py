@@ -180,3 +180,31 @@ def test_prepare_builds_inputs_once_and_rebuilds_when_settings_change(tmp_path):
     assert json.loads((out / "world/world.json").read_text())["seed"] == 5
     kept = sorted(p.name.split(".prev-")[0] for p in out.iterdir() if ".prev-" in p.name)
     assert kept == ["base-model", "world"]  # the previous inputs are kept, not deleted
+
+
+@pytest.mark.slow
+def test_failed_phase_is_retried_then_reported_with_its_cause(tmp_path, monkeypatch):
+    """Phase inputs are re-checked inside the Ray worker; a missing file fails every attempt of the phase and the
+    runner reports the phase, the attempts and the root cause in one error."""
+    import json
+
+    from launch.runner import PhaseFailed, run_recipe
+
+    monkeypatch.chdir(tmp_path)
+    raw = _recipe(tmp_path, [{"name": "sft", "type": "sft",
+                              "config": {"data": "{output}/missing.jsonl", "max_steps": 1}}],
+                  wandb={"mode": "disabled"}, resources={"cpus_per_worker": 1, "max_failures": 1})
+    raw["data"]["synth"].update(n_train_tiles=12, n_heldout_tiles=6, n_sft=4, n_rl=4, n_rl_heldout=3,
+                                n_embed_pairs=4, n_composed_per_task=1)
+    plan = build_plan(raw)
+    try:
+        with pytest.raises(PhaseFailed) as info:
+            run_recipe(plan)
+    finally:
+        import ray
+
+        ray.shutdown()
+    text = str(info.value)
+    assert "phase 'sft' (sft) failed after 2 attempt(s)" in text and "missing.jsonl" in text
+    state = json.loads((tmp_path / "out/run_state.json").read_text())
+    assert state["phases"]["sft"]["status"] == "failed"

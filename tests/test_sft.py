@@ -180,3 +180,20 @@ def test_cpt_streams_its_corpus(tiny_model_dir, world_dir, tmp_path):
     result = run_cpt(CPTPhaseConfig(model=str(tiny_model_dir), data=str(world_dir / "cpt/train.jsonl"),
                                     output_dir=str(tmp_path / "cpt"), streaming=True, **{**FAST, "max_steps": 3}))
     assert result.global_step == 3
+
+
+def test_collator_handles_several_images_per_sample(tiny_model_dir, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (56, 56), (200, 120, 180)).save(tmp_path / "a.png")
+    Image.new("RGB", (112, 84), (90, 60, 160)).save(tmp_path / "b.png")
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Compare."}]},
+            {"role": "assistant", "content": "<think>t</think><answer>A</answer>"}]
+    (tmp_path / "c.jsonl").write_text(json.dumps({"messages": conv, "images": ["a.png", "b.png"]}) + "\n")
+    bb, collator = _collator(tiny_model_dir)
+    batch = collator(list(conversation_rows(str(tmp_path / "c.jsonl"))))
+    grid = batch["image_grid_thw"]
+    assert grid.shape[0] == 2 and batch["pixel_values"].shape[0] == int(grid.prod(-1).sum())
+    assert int((batch["input_ids"] == bb.model.config.image_token_id).sum()) == int(grid.prod(-1).sum()) // 4
+    with torch.no_grad():
+        assert torch.isfinite(bb.model(**batch).loss)

@@ -92,8 +92,9 @@ class RLPhaseConfig(TrainConfig):
         return self
 
 
-def to_grpo_config(cfg: RLPhaseConfig, base_arguments: dict[str, Any]):
-    """The single place where our RL config becomes TRL's `GRPOConfig`."""
+def to_grpo_config(cfg: RLPhaseConfig, base_arguments: dict[str, Any], reward_weights: list[float] | None = None):
+    """The single place where our RL config becomes TRL's `GRPOConfig` (`base_arguments`: the TrainingArguments
+    fields shared by every phase, from `patho.training.training_arguments`)."""
     from trl import GRPOConfig
 
     rollout = cfg.rollout
@@ -120,5 +121,6 @@ def to_grpo_config(cfg: RLPhaseConfig, base_arguments: dict[str, Any]):
         num_iterations=cfg.num_iterations,
         steps_per_generation=cfg.steps_per_generation,
         log_completions=cfg.log_completions,
+        reward_weights=reward_weights,
         **vllm,
     )

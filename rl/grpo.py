@@ -48,10 +48,7 @@ def build_rl_trainer(cfg: RLPhaseConfig, callbacks=()) -> DynamicSamplingGRPOTra
                        freeze_projector=cfg.freeze_projector)
     dataset = build_rl_dataset(cfg.data, cfg.system_prompt, backbone.processor, cfg.max_prompt_length)
     reward_set = build_rewards(cfg.rewards, max_completion_length=cfg.max_completion_length)
-    base = training_arguments(cfg, run_name)
-    base.pop("max_length", None)
-    args = to_grpo_config(cfg, base)
-    args.reward_weights = reward_set.weights
+    args = to_grpo_config(cfg, training_arguments(cfg, run_name), reward_weights=reward_set.weights)
     ds = cfg.dynamic_sampling
     trainer = DynamicSamplingGRPOTrainer(
         model=backbone.model,

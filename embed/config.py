@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, model_validator
 
-from patho.config import LoraSpec, StrictModel, WandbConfig, paths_deferred
+from patho.config import LoraSpec, StrictModel, WandbConfig, check_model_reference, paths_deferred
 from patho.errors import ConfigError
 
 
@@ -91,10 +91,7 @@ class EmbedPhaseConfig(StrictModel):
         return out
 
     def check_inputs(self) -> None:
-        p = Path(self.model)
-        if (self.model.startswith((".", "/")) or p.exists()) and not ((p / "config.json").is_file()
-                                                                      or (p / "adapter_config.json").is_file()):
-            raise ConfigError(f"model: {self.model} is not a model directory")
+        check_model_reference("model", self.model)
         for field, path in self.input_paths().items():
             if not Path(path).exists():
                 raise ConfigError(f"{field}: not found: {path}")

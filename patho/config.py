@@ -97,13 +97,18 @@ class TrainConfig(StrictModel):
 
     def check_inputs(self) -> None:
         """Fail, naming the field, when an input is missing.  Runs before any model is loaded."""
-        p = Path(self.model)
-        looks_local = self.model.startswith((".", "/", "~")) or p.exists() or self.model.count("/") != 1
-        if looks_local and not ((p / "config.json").is_file() or (p / "adapter_config.json").is_file()):
-            raise ConfigError(f"model: {self.model} is not a model directory (no config.json) and not a hub id")
+        check_model_reference("model", self.model)
         for field, path in self.input_paths().items():
             if not Path(path).exists():
                 raise ConfigError(f"{field}: not found: {path}")
+
+
+def check_model_reference(field: str, value: str) -> None:
+    """A model given as a local path must be a checkpoint directory; `org/name` is left to the hub."""
+    p = Path(value)
+    looks_local = value.startswith((".", "/", "~")) or p.exists() or value.count("/") != 1
+    if looks_local and not ((p / "config.json").is_file() or (p / "adapter_config.json").is_file()):
+        raise ConfigError(f"{field}: {value} is not a model directory (no config.json) and not a hub id")
 
 
 def paths_deferred(info: ValidationInfo | None) -> bool:

@@ -103,6 +103,19 @@ class JsonlMetricsCallback(TrainerCallback):
             print(f"[{self.phase}] step {state.global_step}/{state.max_steps} {text}", flush=True)
 
 
+def load_phase_backbone(cfg: TrainConfig, padding_side: str):
+    """The phase's backbone with the config's dtype, attention, pixel budget and freezing applied."""
+    from patho.models import load_backbone
+
+    backbone = load_backbone(cfg.model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
+                             min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, padding_side=padding_side)
+    if cfg.freeze_vision_tower or cfg.freeze_projector:
+        counts = apply_freezing(backbone.model, freeze_vision_tower=cfg.freeze_vision_tower,
+                                freeze_projector=cfg.freeze_projector)
+        logger.info("%d of %d parameters trainable", counts["trainable"], counts["total"])
+    return backbone
+
+
 def quiet_trainer_printing(trainer) -> None:
     """With tqdm off, transformers prints every log dict; JsonlMetricsCallback already prints one line per log."""
     from transformers.trainer_callback import PrinterCallback

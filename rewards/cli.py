@@ -21,20 +21,15 @@ def _cmd_list(args) -> int:
 
 
 def _read_rows(path: Path) -> list[dict]:
+    from patho.data import iter_raw_rows
+
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(path, lineno, None, f"invalid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(path, lineno, None, "expected a JSON object")
-            if "completion" not in row:
-                raise DataError(path, lineno, "completion", "missing")
-            rows.append(row)
+    for lineno, row in iter_raw_rows(path):
+        if not isinstance(row, dict):
+            raise DataError(path, lineno, None, "expected a JSON object")
+        if "completion" not in row:
+            raise DataError(path, lineno, "completion", "missing")
+        rows.append(row)
     return rows
 
 
@@ -50,8 +45,6 @@ def _cmd_score(args) -> int:
             if spec["name"] == "accuracy":
                 spec.update(mcq_mode=args.mcq_mode, math_workers=args.workers, math_timeout=args.timeout)
     path = Path(args.input)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: input file not found")
     rows = _read_rows(path)
     reward_set = build_rewards(specs)
     try:

@@ -6,12 +6,11 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from patho.models import load_backbone
 from patho.training import (
     JsonlMetricsCallback,
-    apply_freezing,
     finalize,
     latest_checkpoint,
+    load_phase_backbone,
     quiet_trainer_printing,
     setup_wandb,
     training_arguments,
@@ -41,11 +40,7 @@ def build_rl_trainer(cfg: RLPhaseConfig, callbacks=()) -> DynamicSamplingGRPOTra
     cfg.check_inputs()
     run_name = f"rl-{cfg.algorithm}-{Path(cfg.output_dir).name}"
     setup_wandb(cfg.wandb, run_name, cfg.output_dir)
-    backbone = load_backbone(cfg.model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
-                             min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, padding_side="left")
-    if cfg.freeze_vision_tower or cfg.freeze_projector:
-        apply_freezing(backbone.model, freeze_vision_tower=cfg.freeze_vision_tower,
-                       freeze_projector=cfg.freeze_projector)
+    backbone = load_phase_backbone(cfg, padding_side="left")
     dataset = build_rl_dataset(cfg.data, cfg.system_prompt, backbone.processor, cfg.max_prompt_length)
     reward_set = build_rewards(cfg.rewards, max_completion_length=cfg.max_completion_length)
     args = to_grpo_config(cfg, training_arguments(cfg, run_name), reward_weights=reward_set.weights)

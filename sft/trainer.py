@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from trl import SFTConfig, SFTTrainer
 
-from patho.models import load_backbone
 from patho.stain import hed_jitter
 from patho.training import (
     JsonlMetricsCallback,
     ResumeWeightsMixin,
-    apply_freezing,
     finalize,
     latest_checkpoint,
+    load_phase_backbone,
     quiet_trainer_printing,
     setup_wandb,
     training_arguments,
@@ -23,7 +21,6 @@ from patho.training import (
 from sft.collator import PathoVLMCollator
 from sft.config import _SupervisedConfig
 
-logger = logging.getLogger(__name__)
 
 
 class PathoSFTTrainer(ResumeWeightsMixin, SFTTrainer):
@@ -41,13 +38,8 @@ def build_sft_trainer(cfg: _SupervisedConfig, phase: str, train_dataset, *, syst
                       callbacks=()) -> tuple[PathoSFTTrainer, object]:
     """Build the TRL trainer for a phase without training (benchmarks and tests reuse it)."""
     setup_wandb(cfg.wandb, run_name=f"{phase}-{Path(cfg.output_dir).name}", output_dir=cfg.output_dir)
-    backbone = load_backbone(cfg.model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
-                             min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, padding_side="right")
+    backbone = load_phase_backbone(cfg, padding_side="right")
     model, processor = backbone.model, backbone.processor
-    if cfg.freeze_vision_tower or cfg.freeze_projector:
-        counts = apply_freezing(model, freeze_vision_tower=cfg.freeze_vision_tower,
-                                freeze_projector=cfg.freeze_projector)
-        logger.info("%s: %d of %d parameters trainable", phase, counts["trainable"], counts["total"])
     augment = None
     if cfg.augment is not None:
         sigma, bias = cfg.augment.hed_sigma, cfg.augment.hed_bias

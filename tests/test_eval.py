@@ -169,3 +169,12 @@ def test_eval_mcq_cli_writes_tables(tiny_model_dir, world_dir, tmp_path):
     results = json.loads((out / "tiny/results.json").read_text())
     assert results["report"]["n"] == 6 and len(results["rows"]) == 6
     assert (out / "tiny/predictions.csv").is_file() and "accuracy" in (out / "summary.md").read_text()
+
+
+def test_eval_phase_names_a_bad_checkpoint_before_loading(world_dir, tmp_path):
+    from patho.eval.phase import EvalPhaseConfig, run_eval
+
+    cfg = EvalPhaseConfig(data=str(world_dir / "eval/PathoSynth_MCQ.tsv"), output_dir=str(tmp_path),
+                          checkpoints={"tiny": str(tmp_path / "missing")})
+    with pytest.raises(ConfigError, match="checkpoints.tiny: .*missing is not a model directory"):
+        run_eval(cfg)

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, model_validator
 
-from patho.config import StrictModel, paths_deferred
+from patho.config import StrictModel, check_model_reference, paths_deferred
 from patho.errors import ConfigError
 from patho.synth import REASONING_SYSTEM_PROMPT
 
@@ -40,10 +40,7 @@ class EvalPhaseConfig(StrictModel):
         if not Path(self.data).exists():
             raise ConfigError(f"data: not found: {self.data}")
         for label, path in self.checkpoints.items():
-            p = Path(path)
-            if (path.startswith((".", "/")) or p.exists()) and not ((p / "config.json").is_file()
-                                                                    or (p / "adapter_config.json").is_file()):
-                raise ConfigError(f"checkpoints.{label}: {path} is not a model directory")
+            check_model_reference(f"checkpoints.{label}", path)
 
 
 def run_eval(cfg: EvalPhaseConfig) -> dict:

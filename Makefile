@@ -13,7 +13,7 @@ EXTRAS ?= test,faiss
 RECIPE ?= recipes/demo.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install demo test clean
+.PHONY: install demo test lint clean
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ demo: install
 test: install
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
+
+# ruff (pinned in the [test] extra; rules in pyproject.toml) over the whole tree; .ci/run calls it before the tests.
+lint: install
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

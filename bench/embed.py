@@ -10,23 +10,18 @@ a faiss IVF index (built, saved, reloaded) against exact torch search.
 
 from __future__ import annotations
 
+import argparse
+import functools
 import os
 import sys
-
-# `python bench/embed.py` puts bench/ first on sys.path, where rewards.py and embed.py would shadow the packages.
-_BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _BENCH_DIR]
-os.environ.setdefault("WANDB_MODE", "disabled")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import argparse
 import time
 from pathlib import Path
-
 
 import numpy as np
 import torch
 
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _step_peak_rss_child(model_dir: str, pairs_path: str, batch: int, chunk: int) -> None:
@@ -34,17 +29,16 @@ def _step_peak_rss_child(model_dir: str, pairs_path: str, batch: int, chunk: int
     process per measurement; torch's CPU allocator is invisible to tracemalloc)."""
     import resource
 
-    from embed.loss import grad_cache_step
-    from embed.model import Embedder
-    from embed.train import contrastive_loss
-    from patho.config import LoraSpec
-    from patho.data import load_records
+    from patho_r1.config import LoraSpec
+    from patho_r1.data import load_records
+    from patho_r1.embed.loss import grad_cache_step, info_nce
+    from patho_r1.embed.model import Embedder
 
     emb = Embedder.from_pretrained(model_dir)
     emb.add_adapter(LoraSpec(r=8, alpha=16, dropout=0.0).to_peft())
     pairs = load_records(pairs_path, "embed_pair")[:batch]
     q, p = [r.query for r in pairs], [r.positive for r in pairs]
-    loss_fn = contrastive_loss(0.05)
+    loss_fn = functools.partial(info_nce, temperature=0.05)
     loss_fn(emb(q[:2]), emb(p[:2])).backward()  # warm up allocator and kernels at the smallest size
     emb.zero_grad(set_to_none=True)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -65,7 +59,7 @@ def peak_step_memory(model_dir, pairs_path, batch: int, chunk: int) -> float:
 
 
 def main() -> None:
-    from patho.sandbox import make_workspace
+    from patho_r1.fixtures.workspace import make_workspace
 
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         _step_peak_rss_child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
@@ -74,10 +68,10 @@ def main() -> None:
     ap.add_argument("--vectors", type=int, default=1_000_000)
     ap.add_argument("--dim", type=int, default=512)
     args = ap.parse_args()
-    from embed.evaluate import VectorIndex, exact_search
-    from embed.model import Embedder
-    from patho.config import LoraSpec
-    from patho.data import load_records
+    from patho_r1.config import LoraSpec
+    from patho_r1.data import load_records
+    from patho_r1.embed.evaluate import VectorIndex, exact_search
+    from patho_r1.embed.model import Embedder
 
     model_dir, world = make_workspace()
     emb = Embedder.from_pretrained(model_dir)
@@ -118,7 +112,7 @@ def main() -> None:
     _, exact = exact_search(queries, vectors, 10)
     torch_ms = (time.perf_counter() - t0) * 1000 / len(queries)
     found = float(np.mean(approx[:, 0] == np.arange(len(queries))))
-    overlap = float(np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)]))
+    overlap = float(np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact, strict=True)]))
     print(f"top-10 on {args.vectors:,} x {args.dim}: faiss IVF-flat {faiss_ms:.3f} ms/query (build {build:.1f} s); "
           f"exact torch {torch_ms:.3f} ms/query; speed-up {torch_ms / faiss_ms:.1f}x")
     print(f"  the perturbed source vector ranked first in {found:.2f} of queries; top-10 overlap with exact "

@@ -9,31 +9,25 @@ VLMEvalKit itself cannot be imported on the CPU stack (it needs torchvision), so
 
 from __future__ import annotations
 
+import argparse
 import os
-import sys
+import time
 
-# `python bench/eval.py` puts bench/ first on sys.path, where rewards.py and embed.py would shadow the packages.
-_BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _BENCH_DIR]
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import argparse
-import time
-
-
 
 def main() -> None:
-    from patho.sandbox import make_workspace
+    from patho_r1.fixtures.workspace import make_workspace
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=48)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     args = ap.parse_args()
-    from patho.eval.generation import SamplingConfig, make_generator
-    from patho.eval.mcq import evaluate_mcq, load_eval_records
-    from patho.eval.vlmeval_hook import PathoR1VLMCore
-    from patho.models import load_backbone
+    from patho_r1.eval.generation import SamplingConfig, make_generator
+    from patho_r1.eval.mcq import evaluate_mcq, load_eval_records
+    from patho_r1.eval.vlmeval_hook import PathoR1VLMCore
+    from patho_r1.models import load_backbone
 
     model_dir, world = make_workspace()
     records = load_eval_records(world / "eval/PathoSynth_MCQ.tsv", args.n)

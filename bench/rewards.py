@@ -8,26 +8,20 @@ scored inline in one process against the worker pool, with the ratio.
 
 from __future__ import annotations
 
-import os
-import sys
-
-# `python bench/rewards.py` puts bench/ first on sys.path, where rewards.py and embed.py would shadow the packages.
-_BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _BENCH_DIR]
-os.environ.setdefault("WANDB_MODE", "disabled")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 import argparse
+import os
 import random
 import time
 
+from patho_r1.rewards import OPTION_LETTERS, AccuracyReward, build_rewards, format_reward
 
-from rewards import AccuracyReward, build_rewards, format_reward
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def mcq_batch(n: int, seed: int = 0):
     rng = random.Random(seed)
-    letters = "ABCDEF"
+    letters = OPTION_LETTERS
     completions, golds = [], []
     for i in range(n):
         gold = rng.choice(letters)

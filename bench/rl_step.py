@@ -11,19 +11,13 @@ rollout seconds per informative group kept, against the same without it.
 
 from __future__ import annotations
 
-import os
-import sys
-
-# `python bench/rl_step.py` puts bench/ first on sys.path, where rewards.py and embed.py would shadow the packages.
-_BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _BENCH_DIR]
-os.environ.setdefault("WANDB_MODE", "disabled")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 import argparse
+import os
 import statistics
 from pathlib import Path
 
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _mean(trainer, key):
@@ -32,15 +26,15 @@ def _mean(trainer, key):
 
 
 def main() -> None:
-    from patho.sandbox import make_workspace
+    from patho_r1.fixtures.workspace import make_workspace
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=8)
     args = ap.parse_args()
     from trl import GRPOTrainer
 
-    from rl.config import RLPhaseConfig
-    from rl.grpo import build_rl_trainer
+    from patho_r1.rl.config import RLPhaseConfig
+    from patho_r1.rl.grpo import build_rl_trainer
 
     model_dir, world = make_workspace()
     out = Path(model_dir).parent

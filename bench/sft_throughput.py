@@ -10,25 +10,19 @@ Vision datasets cannot be packed or run padding-free in TRL 1.16, so no packing 
 
 from __future__ import annotations
 
-import os
-import sys
-
-# `python bench/sft_throughput.py` puts bench/ first on sys.path, where rewards.py and embed.py would shadow the packages.
-_BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _BENCH_DIR]
-os.environ.setdefault("WANDB_MODE", "disabled")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def tokens_per_second(trainer, steps: int) -> tuple[float, float]:
     loader = trainer.get_train_dataloader()
-    batches = [b for _, b in zip(range(steps), iter(loader))]
+    batches = [b for _, b in zip(range(steps), iter(loader), strict=False)]
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     padding = sum(int((b["attention_mask"] == 0).sum()) for b in batches) / sum(b["attention_mask"].numel()
                                                                                  for b in batches)
@@ -39,7 +33,7 @@ def tokens_per_second(trainer, steps: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    from patho.sandbox import make_workspace
+    from patho_r1.fixtures.workspace import make_workspace
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=40)
@@ -48,12 +42,12 @@ def main() -> None:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from patho.data import load_image, load_records
-    from patho.models import load_backbone
-    from patho.synth import REASONING_SYSTEM_PROMPT
-    from sft.config import SFTPhaseConfig
-    from sft.data import conversation_rows, to_dataset
-    from sft.trainer import build_sft_trainer
+    from patho_r1.data import load_image, load_records
+    from patho_r1.models import load_backbone
+    from patho_r1.rewards.parsing import REASONING_SYSTEM_PROMPT
+    from patho_r1.sft.config import SFTPhaseConfig
+    from patho_r1.sft.data import conversation_rows, to_dataset
+    from patho_r1.sft.trainer import build_sft_trainer
 
     model_dir, world = make_workspace()
     data = world / "sft/train.jsonl"

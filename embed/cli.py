@@ -6,9 +6,9 @@ from pathlib import Path
 
 
 def _cmd_train(args) -> int:
-    from embed.config import EmbedPhaseConfig
-    from embed.train import run_embed
-    from patho.config import load_config
+    from patho_r1.config import load_config
+    from patho_r1.embed.config import EmbedPhaseConfig
+    from patho_r1.embed.train import run_embed
 
     cfg = load_config(EmbedPhaseConfig, args.config)
     result = run_embed(cfg)
@@ -17,8 +17,8 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from embed.evaluate import evaluate_embedder, write_results
-    from embed.model import Embedder
+    from patho_r1.embed.evaluate import evaluate_embedder, write_results
+    from patho_r1.embed.model import Embedder
 
     if not (args.composed or args.classification):
         raise ValueError("give --composed and/or --classification data")

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Literal
+from pydantic import Field, model_validator
 
-from pydantic import Field, ValidationInfo, model_validator
-
-from patho.config import LoraSpec, StrictModel, WandbConfig, check_model_reference, paths_deferred
-from patho.errors import ConfigError
+from patho_r1.config import LoraSpec, PhaseConfig, StrictModel
 
 
 class CurriculumStep(StrictModel):
@@ -44,9 +40,8 @@ class EmbedEvalConfig(StrictModel):
     batch_size: int = Field(32, gt=0)
 
 
-class EmbedPhaseConfig(StrictModel):
-    model: str
-    output_dir: str
+class EmbedPhaseConfig(PhaseConfig):
+    model: str = Field(..., description="the backbone checkpoint (the reasoner) the adapter is trained on")
     temperature: float = Field(0.02, gt=0)
     lora: LoraSpec = Field(default_factory=LoraSpec)
     train_vision_tower: bool = False
@@ -54,26 +49,14 @@ class EmbedPhaseConfig(StrictModel):
     stage1: StageConfig | None = Field(None, description="text-only pairs into the LoRA")
     stage2: StageConfig | None = Field(None, description="image-text pairs with a curriculum")
     stain_augment: StainAugmentConfig | None = None
-    min_pixels: int | None = Field(None, gt=0)
-    max_pixels: int | None = Field(None, gt=0)
     bootstrap: BootstrapConfig | None = None
     eval: EmbedEvalConfig | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    seed: int = 0
     logging_steps: int = Field(10, gt=0)
-    wandb: WandbConfig = Field(default_factory=WandbConfig)
-    use_cpu: bool | None = None
-    recipe_hash: str | None = None
-    parent: str | None = None
 
     @model_validator(mode="after")
-    def _check(self, info: ValidationInfo):
+    def _check(self):
         if self.stage1 is None and self.stage2 is None:
             raise ValueError("stage1: configure stage1, stage2 or both")
-        if not paths_deferred(info):
-            for field, path in self.input_paths().items():
-                if not Path(path).exists():
-                    raise ValueError(f"{field}: not found: {path}")
         return self
 
     def input_paths(self) -> dict[str, str]:
@@ -89,9 +72,3 @@ class EmbedPhaseConfig(StrictModel):
         if self.eval and self.eval.classification:
             out["eval.classification"] = self.eval.classification
         return out
-
-    def check_inputs(self) -> None:
-        check_model_reference("model", self.model)
-        for field, path in self.input_paths().items():
-            if not Path(path).exists():
-                raise ConfigError(f"{field}: not found: {path}")

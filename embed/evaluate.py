@@ -11,15 +11,15 @@
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from patho.data import EmbedPairRecord, load_records
+from patho_r1.data import EmbedPairRecord, MCQRecord, load_records
 
 TEMPLATES = ("An H&E image of {}.", "A pathology image showing {}.", "{}.")
 
@@ -72,7 +72,7 @@ class VectorIndex:
 
     @classmethod
     def build(cls, vectors: np.ndarray, kind: str = "ivf", hnsw_m: int = 32, ef_search: int = 64,
-              nlist: int | None = None, nprobe: int = 16, seed: int = 0) -> "VectorIndex":
+              nlist: int | None = None, nprobe: int = 16, seed: int = 0) -> VectorIndex:
         import faiss
 
         vectors = np.ascontiguousarray(vectors, np.float32)
@@ -102,7 +102,7 @@ class VectorIndex:
         faiss.write_index(self.index, str(path))
 
     @classmethod
-    def load(cls, path: str | Path) -> "VectorIndex":
+    def load(cls, path: str | Path) -> VectorIndex:
         import faiss
 
         return cls(faiss.read_index(str(path)))
@@ -175,17 +175,27 @@ def zero_shot_classification(embedder, image_refs: Sequence, labels: Sequence[st
     return zero_shot_metrics(list(labels), pred), images, text
 
 
+def class_names(records: Sequence[MCQRecord]) -> dict[str, str]:
+    """Each class's name as the data spells it: the text of the correct option, most often given, of the records in
+    that category (`adenocarcinoma` -> "well-differentiated adenocarcinoma"); the category itself, with spaces for
+    underscores, when no record has a lettered answer."""
+    spelled: dict[str, Counter] = {}
+    for r in records:
+        counts = spelled.setdefault(r.category, Counter())
+        if r.options and r.answer in r.options:
+            counts[r.options[r.answer]] += 1
+    return {c: (counts.most_common(1)[0][0] if counts else c.replace("_", " ")) for c, counts in spelled.items()}
+
+
 def evaluate_embedder(embedder, composed: str | None = None, classification: str | None = None,
                       batch_size: int = 32) -> dict:
     out: dict = {}
     if composed:
         out["tasks"] = composed_retrieval(embedder, load_records(composed, "embed_pair"), batch_size)
     if classification:
-        from patho.synth import TISSUE_BY_KEY
-
         recs = [r for r in load_records(classification, "mcq") if r.images and r.category]
         labels = [r.category for r in recs]
-        names = {c: (TISSUE_BY_KEY[c].name if c in TISSUE_BY_KEY else c.replace("_", " ")) for c in set(labels)}
+        names = class_names(recs)
         metrics, img, txt = zero_shot_classification(embedder, [r.images[0] for r in recs], labels, names,
                                                      batch_size)
         metrics["chance"] = 1.0 / len(names)

@@ -11,8 +11,8 @@ Randomness (dropout) is replayed in pass 2 by restoring each chunk's RNG state f
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -28,20 +28,35 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_gather(x), dim=0)
 
 
-def info_nce(queries: torch.Tensor, positives: torch.Tensor, temperature: float = 0.02,
-             symmetric: bool = True) -> torch.Tensor:
+def info_nce(queries: torch.Tensor, positives: torch.Tensor, temperature: float = 0.02, symmetric: bool = True,
+             groups: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy over cosine similarities / temperature; the i-th positive is the i-th query's target.
 
     Embeddings are gathered from every rank first, so each query sees the whole global batch as negatives.
+    `groups` (one integer per pair, e.g. the pair's `target_id`) keeps pairs that share a target from serving as
+    each other's negatives: several queries of one batch may have the same right answer.
     """
     q = F.normalize(gather_with_grad(queries), dim=-1)
     p = F.normalize(gather_with_grad(positives), dim=-1)
     logits = q @ p.T / temperature
+    if groups is not None:
+        g = _gather_plain(groups.to(q.device))
+        same = (g[:, None] == g[None, :]) & ~torch.eye(len(g), dtype=torch.bool, device=g.device)
+        logits = logits.masked_fill(same, float("-inf"))
     target = torch.arange(q.size(0), device=q.device)
     loss = F.cross_entropy(logits, target)
     if symmetric:
         loss = 0.5 * (loss + F.cross_entropy(logits.T, target))
     return loss
+
+
+def _gather_plain(x: torch.Tensor) -> torch.Tensor:
+    """All-gather a tensor that needs no gradient (labels) across ranks."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x)
+    return torch.cat(parts)
 
 
 class RandState:
@@ -90,7 +105,7 @@ def grad_cache_step(embed: Callable[[Sequence], torch.Tensor], queries: Sequence
     loss.backward()
     for side in ("q", "p"):
         grads = reps[side].grad.split([len(c) for c, _ in cached[side]])
-        for (chunk, state), grad in zip(cached[side], grads):
+        for (chunk, state), grad in zip(cached[side], grads, strict=True):
             with state.replay():
                 rep = embed(chunk)
             (rep * grad).sum().backward()

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from patho.data import load_image
-from patho.models import Backbone, load_backbone
+from patho_r1.data import load_image
+from patho_r1.models import Backbone, load_backbone
 
 ADAPTER_NAME = "embed"
 
@@ -41,7 +42,7 @@ class EmbedInput:
     frames: list = field(default_factory=list)
 
     @classmethod
-    def of(cls, item: Any) -> "EmbedInput":
+    def of(cls, item: Any) -> EmbedInput:
         if isinstance(item, EmbedInput):
             return item
         if isinstance(item, str):
@@ -51,7 +52,7 @@ class EmbedInput:
         if isinstance(item, dict):
             return cls(text=item.get("text"), images=list(item.get("images") or []),
                        frames=list(item.get("frames") or []))
-        if hasattr(item, "model_dump"):  # patho.data.EmbedSide
+        if hasattr(item, "model_dump"):  # patho_r1.data.EmbedSide
             return cls.of(item.model_dump())
         raise TypeError(f"cannot embed an item of type {type(item).__name__}")
 
@@ -185,7 +186,4 @@ class Embedder(torch.nn.Module):
             total += mask.numel()
         return pad / max(total, 1)
 
-
-def trainable_parameters(embedder: Embedder) -> list[torch.nn.Parameter]:
-    return [p for p in embedder.parameters() if p.requires_grad]
 

@@ -8,51 +8,25 @@ rank's embeddings serve as negatives for every other (see `embed.loss`).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from embed.config import BootstrapConfig, EmbedPhaseConfig, StageConfig
-from embed.loss import gather_with_grad, grad_cache_step
-from embed.model import EmbedInput, Embedder
-from patho.checkpoint import Manifest, atomic_directory, write_manifest
-from patho.data import EmbedPairRecord, load_image, load_records
-from patho.stain import hed_jitter
-
-
-
-@dataclass
-class EmbedResult:
-    model_dir: Path
-    global_step: int
-    metrics: dict
-
-
-def contrastive_loss(temperature: float, groups: torch.Tensor | None = None):
-    """Symmetric InfoNCE where pairs sharing a `target_id` are not treated as each other's negatives."""
-
-    def loss_fn(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        q_all, p_all = F.normalize(gather_with_grad(q), dim=-1), F.normalize(gather_with_grad(p), dim=-1)
-        logits = q_all @ p_all.T / temperature
-        target = torch.arange(q_all.size(0), device=q_all.device)
-        if groups is not None:
-            g = groups.to(q_all.device)
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                parts = [torch.empty_like(g) for _ in range(dist.get_world_size())]
-                dist.all_gather(parts, g)
-                g = torch.cat(parts)
-            same = (g[:, None] == g[None, :]) & ~torch.eye(len(g), dtype=torch.bool, device=g.device)
-            logits = logits.masked_fill(same, float("-inf"))
-        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-
-    return loss_fn
+from patho_r1.checkpoint import Manifest, atomic_directory, write_manifest
+from patho_r1.config import PhaseResult
+from patho_r1.data import EmbedPairRecord, load_image, load_records
+from patho_r1.embed.config import BootstrapConfig, EmbedPhaseConfig, StageConfig
+from patho_r1.embed.loss import grad_cache_step, info_nce
+from patho_r1.embed.model import Embedder, EmbedInput
+from patho_r1.stain import hed_jitter
+from patho_r1.training import wandb_run
 
 
 def _group_ids(records: list[EmbedPairRecord]) -> torch.Tensor | None:
@@ -77,9 +51,15 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+def _no_wandb(metrics, step=None) -> None:
+    """Ranks other than 0 (and runs with wandb disabled) log nothing."""
+
+
 class _Log:
-    def __init__(self, path: Path, every: int):
-        self.path, self.every, self.t0 = path, every, time.time()
+    """Every `every` steps: a row in metrics.jsonl, a progress line, and a wandb point."""
+
+    def __init__(self, path: Path, every: int, wandb_log=_no_wandb):
+        self.path, self.every, self.t0, self.wandb_log = path, every, time.time(), wandb_log
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, stage: str, step: int, total: int, loss: float, lr: float):
@@ -89,6 +69,7 @@ class _Log:
                "time": round(time.time() - self.t0, 2)}
         with self.path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
+        self.wandb_log({f"{stage}/loss": loss, f"{stage}/learning_rate": lr})
         print(f"[embed:{stage}] step {step}/{total} loss={loss:.4f} lr={lr:.3g}", flush=True)
 
 
@@ -119,7 +100,7 @@ def train_stage(embedder: Embedder, stage: StageConfig, name: str, cfg: EmbedPha
             positives = [_augment(r.positive, rng, aug.hed_sigma, aug.hed_bias) for r in batch]
         else:
             queries, positives = [r.query for r in batch], [r.positive for r in batch]
-        loss_fn = contrastive_loss(cfg.temperature, _group_ids(batch))
+        loss_fn = functools.partial(info_nce, temperature=cfg.temperature, groups=_group_ids(batch))
         if stage.grad_cache_chunk:
             loss = grad_cache_step(embedder, queries, positives, stage.grad_cache_chunk, loss_fn)
         else:
@@ -148,14 +129,14 @@ def bootstrap_filter(embedder: Embedder, bcfg: BootstrapConfig, default_dir: Pat
     out = Path(bcfg.output) if bcfg.output else default_dir / Path(bcfg.data).name
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w") as fh:  # image paths were made absolute while loading, so the new file works anywhere
-        for r, k in zip(records, keep):
+        for r, k in zip(records, keep, strict=True):
             if k:
                 fh.write(json.dumps(r.model_dump(mode="json", exclude_none=True), ensure_ascii=False) + "\n")
     report = {"source": bcfg.data, "output": str(out), "threshold": bcfg.threshold, "total": len(records),
               "kept": int(keep.sum()), "dropped": int((~keep).sum()),
               "similarity": {"mean": float(sims.mean()), "min": float(sims.min()), "max": float(sims.max()),
                              "quantiles": {str(q_): float(np.quantile(sims, q_)) for q_ in (0.1, 0.25, 0.5, 0.75)}},
-              "dropped_ids": [r.id for r, k in zip(records, keep) if not k][:1000]}
+              "dropped_ids": [r.id for r, k in zip(records, keep, strict=True) if not k][:1000]}
     out.with_suffix(".report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -173,36 +154,39 @@ def build_embedder(cfg: EmbedPhaseConfig) -> Embedder:
     embedder = Embedder.from_pretrained(cfg.model, dtype=cfg.dtype, min_pixels=cfg.min_pixels,
                                         max_pixels=cfg.max_pixels)
     embedder.add_adapter(lora)
-    if cfg.use_cpu is False and torch.cuda.is_available():
+    if not cfg.runs_on_cpu():
         embedder.to(f"cuda:{torch.cuda.current_device()}")
     return embedder
 
 
-def run_embed(cfg: EmbedPhaseConfig) -> EmbedResult:
-    from embed.evaluate import evaluate_embedder, write_results
+def run_embed(cfg: EmbedPhaseConfig) -> PhaseResult:
+    from patho_r1.embed.evaluate import evaluate_embedder, write_results
 
     cfg.check_inputs()
     out = Path(cfg.output_dir)
     embedder = build_embedder(cfg)
-    log = _Log(out / "metrics.jsonl", cfg.logging_steps)
+    is_main = _world()[0] == 0
     steps = 0
-    if cfg.stage1:
-        steps += train_stage(embedder, cfg.stage1, "stage1", cfg, log)
-    if cfg.stage2:
-        steps += train_stage(embedder, cfg.stage2, "stage2", cfg, log)
     metrics: dict = {}
-    if _world()[0] == 0:
-        embedder.eval()
-        if cfg.bootstrap:
-            metrics["bootstrap"] = bootstrap_filter(embedder, cfg.bootstrap, out / "filtered")
-        if cfg.eval:
-            results = evaluate_embedder(embedder, cfg.eval.composed, cfg.eval.classification, cfg.eval.batch_size)
-            write_results(out / "eval", results)
-            metrics["eval"] = results
-        final = out / "model"
-        with atomic_directory(final) as tmp:
-            embedder.save_adapter(tmp)
-            write_manifest(tmp, Manifest(phase="embed", step=steps, recipe_hash=cfg.recipe_hash,
-                                         parent=cfg.parent or cfg.model, complete=True,
-                                         extra={"base_model": cfg.model, "adapter": "embed"}))
-    return EmbedResult(model_dir=out / "model", global_step=steps, metrics=metrics)
+    with wandb_run(cfg, f"embed-{out.name}") if is_main else contextlib.nullcontext(_no_wandb) as wandb_log:
+        log = _Log(out / "metrics.jsonl", cfg.logging_steps, wandb_log)
+        if cfg.stage1:
+            steps += train_stage(embedder, cfg.stage1, "stage1", cfg, log)
+        if cfg.stage2:
+            steps += train_stage(embedder, cfg.stage2, "stage2", cfg, log)
+        if is_main:
+            embedder.eval()
+            if cfg.bootstrap:
+                metrics["bootstrap"] = bootstrap_filter(embedder, cfg.bootstrap, out / "filtered")
+            if cfg.eval:
+                results = evaluate_embedder(embedder, cfg.eval.composed, cfg.eval.classification,
+                                            cfg.eval.batch_size)
+                write_results(out / "eval", results)
+                metrics["eval"] = results
+                wandb_log({"eval": results})
+            with atomic_directory(out / "model") as tmp:
+                embedder.save_adapter(tmp)
+                write_manifest(tmp, Manifest(phase="embed", step=steps, recipe_hash=cfg.recipe_hash,
+                                             parent=cfg.parent or cfg.model, complete=True,
+                                             extra={"base_model": cfg.model, "adapter": "embed"}))
+    return PhaseResult(model_dir=out / "model", global_step=steps, metrics=metrics)

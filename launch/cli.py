@@ -1,11 +1,62 @@
-"""`patho-r1 run RECIPE` and `patho-r1 submit RECIPE --address ...`."""
+"""The `patho-r1` command line: the root parser, the orchestration commands (`run`, `submit`) and the utilities
+(`tiny-model`, `synth-data`, `data validate`).
+
+It sits on the top floor: it imports each phase's subcommands by name (`patho_r1.sft.cli`, ...), so every edge of the
+import graph is visible.  Those modules import their heavy dependencies inside the command functions, so
+`patho-r1 --help` stays fast.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
+import sys
+
+from patho_r1.embed import cli as embed_cli
+from patho_r1.errors import PathoError
+from patho_r1.eval import cli as eval_cli
+from patho_r1.launch import rewards_cli
+from patho_r1.rl import cli as rl_cli
+from patho_r1.sft import cli as sft_cli
+
+
+def _cmd_tiny_model(args) -> int:
+    from patho_r1.fixtures.tiny import TinySpec, build_tiny_model
+
+    spec = TinySpec(hidden_size=args.hidden_size, num_hidden_layers=args.layers, seed=args.seed)
+    out = build_tiny_model(args.out, spec)
+    print(f"tiny Qwen2.5-VL written to {out}")
+    return 0
+
+
+def _cmd_synth_data(args) -> int:
+    from patho_r1.fixtures.synth import WorldConfig, generate_world
+
+    cfg = WorldConfig(tile_size=args.tile_size, n_train_tiles=args.n_train_tiles, n_heldout_tiles=args.n_heldout_tiles)
+    manifest = generate_world(args.out, seed=args.seed, config=cfg)
+    print(json.dumps(manifest["files"], indent=2))
+    return 0
+
+
+def _cmd_data_validate(args) -> int:
+    from patho_r1.data import DataError, iter_vlmeval_tsv, validate_file
+
+    try:
+        if args.kind == "vlmeval_tsv":
+            n = sum(1 for _ in iter_vlmeval_tsv(args.file))
+        else:
+            n = validate_file(args.file, args.kind)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: {n} valid {args.kind} rows")
+    return 0
+
 
 def _cmd_run(args) -> int:
-    from launch.recipe import load_plan
-    from launch.runner import run_recipe
+    from patho_r1.launch.recipe import load_plan
+    from patho_r1.launch.runner import run_recipe
 
     plan = load_plan(args.recipe)  # every field validated before anything starts
     if args.dry_run:
@@ -17,13 +68,13 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_submit(args) -> int:
-    from launch.submit import submit
+    from patho_r1.launch.submit import submit
 
     return submit(args.recipe, address=args.address, phases=args.phases, resume=args.resume,
                   extra_pip=args.pip, wait=not args.no_wait)
 
 
-def register(sub) -> None:
+def _register_run(sub) -> None:
     p = sub.add_parser("run", help="run a recipe (all phases, in order) on Ray")
     p.add_argument("recipe")
     p.add_argument("--phases", help="comma-separated phase names to run (default: all)")
@@ -39,3 +90,56 @@ def register(sub) -> None:
     s.add_argument("--pip", action="append", default=[], help="extra pip requirement for the job's runtime env")
     s.add_argument("--no-wait", action="store_true", help="return after submission instead of tailing the logs")
     s.set_defaults(func=_cmd_submit)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="patho-r1", description="Train Qwen2.5-VL into a pathology reasoner (CPT -> CoT SFT -> GRPO/DAPO) and a "
+        "retrieval embedder; evaluate it.  `patho-r1 run RECIPE` runs a whole recipe on Ray.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("tiny-model", help="build a tiny random-init Qwen2.5-VL + tokenizer + processor (no network)")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_tiny_model)
+
+    p = sub.add_parser("synth-data", help="generate the synthetic pathology world (all dataset kinds)")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tile-size", type=int, default=56)
+    p.add_argument("--n-train-tiles", type=int, default=600)
+    p.add_argument("--n-heldout-tiles", type=int, default=120)
+    p.set_defaults(func=_cmd_synth_data)
+
+    p = sub.add_parser("data", help="dataset utilities")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    v = data_sub.add_parser("validate", help="validate a data file; errors name the file, row and field")
+    v.add_argument("file")
+    v.add_argument("--kind", required=True, choices=["caption", "conversation", "mcq", "embed_pair", "vlmeval_tsv"])
+    v.set_defaults(func=_cmd_data_validate)
+
+    _register_run(sub)
+    for register in (rewards_cli.register, sft_cli.register, rl_cli.register, embed_cli.register, eval_cli.register):
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (PathoError, FileNotFoundError) as exc:
+        # Bad input is reported in one line; tracebacks are for bugs.
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

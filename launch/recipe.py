@@ -25,40 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from patho.checkpoint import config_hash
-from patho.config import StrictModel, WandbConfig, format_validation_error, read_yaml
-from patho.errors import ConfigError
-from patho.synth import WorldConfig
-
-TRAINING_PHASES = ("cpt", "sft", "rl", "embed")  # run on Ray Train workers
-TRAINER_PHASES = ("cpt", "sft", "rl")  # HF-Trainer phases; the recipe's `defaults` apply to these
-PhaseType = Literal["cpt", "sft", "rl", "embed", "eval"]
-
-
-def phase_config_class(phase_type: str):
-    if phase_type == "cpt":
-        from sft.config import CPTPhaseConfig
-
-        return CPTPhaseConfig
-    if phase_type == "sft":
-        from sft.config import SFTPhaseConfig
-
-        return SFTPhaseConfig
-    if phase_type == "rl":
-        from rl.config import RLPhaseConfig
-
-        return RLPhaseConfig
-    if phase_type == "embed":
-        from embed.config import EmbedPhaseConfig
-
-        return EmbedPhaseConfig
-    if phase_type == "eval":
-        from patho.eval.phase import EvalPhaseConfig
-
-        return EvalPhaseConfig
-    raise ValueError(f"unknown phase type {phase_type!r}")
+from patho_r1.checkpoint import config_hash
+from patho_r1.config import StrictModel, WandbConfig, format_validation_error, read_yaml
+from patho_r1.errors import ConfigError
+from patho_r1.fixtures.synth import WorldConfig
+from patho_r1.launch.phases import PHASES, get_phase
 
 
 class TinyModelSpec(StrictModel):
@@ -75,7 +48,7 @@ class ModelSpec(StrictModel):
 
 
 class SynthSpec(StrictModel):
-    """`seed` plus any field of `patho.synth.WorldConfig` (its defaults apply to the rest)."""
+    """`seed` plus any field of `patho_r1.fixtures.synth.WorldConfig` (its defaults apply to the rest)."""
 
     model_config = ConfigDict(extra="allow")
     seed: int = 0
@@ -122,9 +95,16 @@ class ResourcesSpec(StrictModel):
 
 class PhaseSpec(StrictModel):
     name: str = Field(..., pattern=r"^[A-Za-z0-9_\-]+$")
-    type: PhaseType
+    type: str = Field(..., description="a phase type of the phase table (launch/phases.py)")
     config: dict[str, Any] = Field(default_factory=dict)
     resources: dict[str, Any] = Field(default_factory=dict, description="overrides of the recipe's resources")
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, v):
+        if v not in PHASES:
+            raise ValueError(f"unknown phase type {v!r}; known: {', '.join(PHASES)}")
+        return v
 
 
 class Recipe(StrictModel):
@@ -135,7 +115,8 @@ class Recipe(StrictModel):
     data: DataSpec
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
-    defaults: dict[str, Any] = Field(default_factory=dict, description="merged into every cpt/sft/rl phase config")
+    defaults: dict[str, Any] = Field(default_factory=dict, description="merged into every HF-Trainer phase's config "
+                                     "(cpt, sft, rl)")
     phases: list[PhaseSpec] = Field(..., min_length=1)
 
     @model_validator(mode="after")
@@ -244,51 +225,46 @@ def build_plan(raw: dict, source: str = "<recipe>") -> Plan:
         except ValidationError as exc:
             errors.extend(format_validation_error(exc, prefix=f"{where}.resources.").split("\n  ")[1:])
             resources = recipe.resources
-        final_dir = Path(recipe.output_root) / spec.name
+        phase_type = get_phase(spec.type)
+        cls = phase_type.config_class()
+        out_dir = Path(recipe.output_root) / spec.name
         data = _substitute(spec.config, mapping, f"{where}.config", errors)
-        if spec.type in TRAINING_PHASES:
-            if spec.type in TRAINER_PHASES:
-                data = {**_substitute(recipe.defaults, mapping, "defaults", errors), **data}
-            data.setdefault("model", previous_model)
-            data.setdefault("output_dir", str(final_dir))
-            data.setdefault("seed", recipe.seed)
-            data.setdefault("wandb", recipe.wandb.model_dump())
-            if resources.deepspeed and spec.type != "embed":
+        if phase_type.hf_trainer:
+            data = {**_substitute(recipe.defaults, mapping, "defaults", errors), **data}
+            if resources.deepspeed:
                 data.setdefault("deepspeed", resources.deepspeed)
-            if spec.type == "rl" and resources.rollout_engine:
-                data.setdefault("rollout", {})["engine"] = resources.rollout_engine
-            if resources.use_gpu is False:
-                data.setdefault("use_cpu", True)
-            data["recipe_hash"] = recipe_hash
-            data.setdefault("parent", data["model"])
-        else:  # eval: checkpoints may be given as phase names
-            data.setdefault("output_dir", str(final_dir))
-            data["recipe_hash"] = recipe_hash
-            ckpts = data.get("checkpoints")
-            if isinstance(ckpts, list):
-                resolved = {}
-                for label in ckpts:
-                    if label == "base":
-                        resolved[label] = recipe.base_model_path
-                    elif f"phase:{label}" in mapping:
-                        resolved[label] = mapping[f"phase:{label}"]
-                    else:
-                        errors.append(f"{where}.config.checkpoints: {label!r} is not 'base' or an earlier phase")
-                data["checkpoints"] = resolved
-        cls = phase_config_class(spec.type)
+        if resources.rollout_engine and "rollout" in cls.model_fields:
+            data.setdefault("rollout", {})["engine"] = resources.rollout_engine
+        ckpts = data.get("checkpoints")
+        if isinstance(ckpts, list):  # checkpoints named by phase: resolve them to their final models
+            resolved = {}
+            for label in ckpts:
+                if f"phase:{label}" in mapping:  # "base" is always there
+                    resolved[label] = mapping[f"phase:{label}"]
+                else:
+                    errors.append(f"{where}.config.checkpoints: {label!r} is not 'base' or an earlier phase")
+            data["checkpoints"] = resolved
+        elif ckpts is None:
+            data.setdefault("model", previous_model)
+        data.setdefault("output_dir", str(out_dir))
+        data.setdefault("seed", recipe.seed)
+        data.setdefault("wandb", recipe.wandb.model_dump())
+        if resources.use_gpu is False:
+            data.setdefault("use_cpu", True)
+        data["recipe_hash"] = recipe_hash
+        if phase_type.writes_checkpoint:
+            data.setdefault("parent", data.get("model"))
         try:
             config = cls.model_validate(data, context={"defer_path_checks": True})
         except ValidationError as exc:
             errors.extend(format_validation_error(exc, prefix=f"{where}.config.").split("\n  ")[1:])
             config = None
-        if spec.type in TRAINING_PHASES:
-            model_dir = final_dir / "model"
-            mapping[f"phase:{spec.name}"] = str(model_dir)
-            if spec.type != "embed":
-                previous_model = str(model_dir)
-        else:
-            model_dir = final_dir
-        phases.append(PlannedPhase(spec=spec, config=config, resources=resources, final_dir=model_dir))
+        final_dir = out_dir / "model" if phase_type.writes_checkpoint else out_dir
+        if phase_type.writes_checkpoint:
+            mapping[f"phase:{spec.name}"] = str(final_dir)
+        if phase_type.produces_model:
+            previous_model = str(final_dir)
+        phases.append(PlannedPhase(spec=spec, config=config, resources=resources, final_dir=final_dir))
     if errors:
         raise ConfigError(f"{source}: {len(errors)} invalid field(s)\n  " + "\n  ".join(errors))
     return Plan(recipe=recipe, recipe_hash=recipe_hash, phases=phases, source=source)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from launch.recipe import Plan
+from patho_r1.launch.recipe import Plan
 
 
 def collect(plan: Plan, state: dict) -> dict:
@@ -37,7 +37,8 @@ def render_markdown(report: dict) -> str:
         lines.append("")
     for name, r in report["retrieval"].items():
         lines += [f"## Composed retrieval ({name})", "",
-                  "| task | Recall@1 | Recall@5 | chance@1 | R@1 / chance | simple-add R@1 |", "|---|---|---|---|---|---|"]
+                  "| task | Recall@1 | Recall@5 | chance@1 | R@1 / chance | simple-add R@1 |",
+                  "|---|---|---|---|---|---|"]
         for task, m in r.get("tasks", {}).items():
             lines.append(f"| {task} | {m['recall@1']:.3f} | {m['recall@5']:.3f} | {m['chance@1']:.3f} | "
                          f"{m['recall@1'] / m['chance@1']:.1f}x | {m.get('simple_add_recall@1', float('nan')):.3f} |")

@@ -13,10 +13,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from launch.recipe import TRAINING_PHASES, Plan, PlannedPhase
-from patho.checkpoint import Manifest, is_complete, read_manifest, write_manifest
-from patho.errors import ConfigError, PathoError
-
+from patho_r1.checkpoint import Manifest, is_complete, read_manifest, write_manifest
+from patho_r1.errors import ConfigError, PathoError
+from patho_r1.launch.phases import get_phase
+from patho_r1.launch.recipe import Plan, PlannedPhase
 
 STATE_FILE = "run_state.json"
 
@@ -42,7 +42,7 @@ def prepare_inputs(plan: Plan) -> None:
     """Build the tiny base model and generate the synthetic world when the recipe asks for them (idempotent)."""
     recipe = plan.recipe
     if recipe.model.base == "tiny":
-        from patho.tiny import TinySpec, build_tiny_model
+        from patho_r1.fixtures.tiny import TinySpec, build_tiny_model
 
         base = Path(recipe.base_model_path)
         spec = TinySpec(**recipe.model.tiny.model_dump())
@@ -53,7 +53,7 @@ def prepare_inputs(plan: Plan) -> None:
             print(f"[prepare] building the tiny Qwen2.5-VL in {base}", flush=True)
             build_tiny_model(base, spec)
     if recipe.data.synth is not None:
-        from patho.synth import generate_world
+        from patho_r1.fixtures.synth import generate_world
 
         root = Path(recipe.data_root)
         wanted = {"seed": recipe.data.synth.seed, "config": asdict(recipe.data.synth.world_config())}
@@ -114,7 +114,7 @@ def run_training_phase(plan: Plan, phase: PlannedPhase) -> dict:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from launch.workers import train_loop_per_worker
+    from patho_r1.launch.workers import train_loop_per_worker
 
     res = phase.resources
     per_worker = {"CPU": res.cpus_per_worker}
@@ -149,7 +149,7 @@ def run_task_phase(plan: Plan, phase: PlannedPhase) -> dict:
     """A non-training phase (evaluation) as one Ray task with the phase's resources."""
     import ray
 
-    from launch.workers import run_phase
+    from patho_r1.launch.workers import run_phase
 
     res = phase.resources
     remote = ray.remote(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker if res.use_gpu else 0,
@@ -160,8 +160,8 @@ def run_task_phase(plan: Plan, phase: PlannedPhase) -> dict:
         cause = getattr(exc, "cause", None) or exc
         raise PhaseFailed(f"phase {phase.name!r} ({phase.type}) failed: {type(cause).__name__}: {cause}") from exc
     write_manifest(phase.final_dir, Manifest(phase=phase.type, recipe_hash=plan.recipe_hash, complete=True,
-                                             extra={"summary": out.get("summary", {})}))
-    return out
+                                             extra=_json_safe(out["metrics"])))
+    return out["metrics"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -217,7 +217,7 @@ def run_recipe(plan: Plan, *, phases: list[str] | None = None, resume: bool = Fa
         print(f"[run] {i}/{len(selected)} {phase.name} [{phase.type}] on {phase.resources.describe()}", flush=True)
         t0 = time.time()
         try:
-            if phase.type in TRAINING_PHASES:
+            if get_phase(phase.type).ray_train:
                 metrics = run_training_phase(plan, phase)
             else:
                 metrics = run_task_phase(plan, phase)
@@ -231,7 +231,7 @@ def run_recipe(plan: Plan, *, phases: list[str] | None = None, resume: bool = Fa
         state["phases"][phase.name] = asdict(outcomes[-1])
         _save_state(plan, state)
         print(f"[run] {phase.name} done in {seconds:.1f}s", flush=True)
-    from launch.report import write_report
+    from patho_r1.launch.report import write_report
 
     write_report(plan, state)
     return outcomes

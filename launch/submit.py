@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from launch.recipe import load_plan
+from patho_r1.launch.recipe import load_plan
 
 
 def submit(recipe: str, *, address: str, phases: str | None = None, resume: bool = False,

@@ -1,4 +1,5 @@
-"""What runs inside Ray: one function per phase kind.  Kept importable by name so Ray can ship it to any node."""
+"""What runs inside Ray: one phase, looked up in the phase table.  Kept importable by name so Ray can ship it to any
+node."""
 
 from __future__ import annotations
 
@@ -7,38 +8,17 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from patho_r1.config import validate_config
+from patho_r1.launch.phases import get_phase
+
 
 def run_phase(phase_type: str, config: dict[str, Any], callbacks=()) -> dict:
-    """Validate (paths included, now that earlier phases have run) and run one phase; returns its final metrics."""
-    from launch.recipe import phase_config_class
-    from patho.config import validate_config
-
-    cfg = validate_config(phase_config_class(phase_type), config, prefix=f"{phase_type}.")
-    if phase_type == "cpt":
-        from sft.cpt import run_cpt
-
-        result = run_cpt(cfg, callbacks=callbacks)
-    elif phase_type == "sft":
-        from sft.sft import run_sft
-
-        result = run_sft(cfg, callbacks=callbacks)
-    elif phase_type == "rl":
-        from rl.grpo import run_rl
-
-        result = run_rl(cfg, callbacks=callbacks)
-    elif phase_type == "embed":
-        from embed.train import run_embed
-
-        result = run_embed(cfg)
-        return {"global_step": result.global_step, "model_dir": str(result.model_dir)}
-    elif phase_type == "eval":
-        from patho.eval.phase import run_eval
-
-        return {"summary": run_eval(cfg)}
-    else:
-        raise ValueError(f"unknown phase type {phase_type!r}")
-    return {"global_step": result.global_step, "model_dir": str(result.model_dir),
-            **{k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}}
+    """Validate (paths included, now that earlier phases have run) and run one phase.  Returns its step count, final
+    directory and metrics."""
+    phase = get_phase(phase_type)
+    cfg = validate_config(phase.config_class(), config, prefix=f"{phase_type}.")
+    result = phase.run(cfg, callbacks=callbacks)
+    return {"global_step": result.global_step, "model_dir": str(result.model_dir), "metrics": result.metrics}
 
 
 class _RayProgress(TrainerCallback):
@@ -55,12 +35,13 @@ class _RayProgress(TrainerCallback):
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry point: Ray has set RANK/WORLD_SIZE/MASTER_ADDR and the process group; HF Trainer joins it.
 
-    Every (re)start resumes from the phase's newest intermediate checkpoint, so a worker restarted by Ray's
-    FailureConfig continues instead of starting over.
+    Every (re)start of an HF-Trainer phase resumes from the phase's newest intermediate checkpoint, so a worker
+    restarted by Ray's FailureConfig continues instead of starting over.
     """
     for key, value in loop_config.get("env", {}).items():
         os.environ.setdefault(key, value)
     config = dict(loop_config["config"])
-    if loop_config["phase_type"] in ("cpt", "sft", "rl"):
+    phase = get_phase(loop_config["phase_type"])
+    if phase.hf_trainer:
         config["resume"] = True
-    run_phase(loop_config["phase_type"], config, callbacks=[_RayProgress()] if loop_config.get("report") else [])
+    run_phase(phase.name, config, callbacks=[_RayProgress()] if loop_config.get("report") else [])

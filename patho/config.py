@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
-from patho.errors import ConfigError
+from patho_r1.errors import ConfigError
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -45,11 +46,75 @@ class WandbConfig(StrictModel):
         return [] if self.mode == "disabled" else ["wandb"]
 
 
-class TrainConfig(StrictModel):
-    """Fields every trainer phase has.  Phase configs (CPT, SFT, RL, embedding) extend it."""
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+@dataclass
+class PhaseResult:
+    """What every phase's runner returns: where its final output is, how many optimizer steps it took, its metrics."""
+
+    model_dir: Path
+    global_step: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class PhaseConfig(StrictModel):
+    """What every phase config has: the model, where outputs go, seed, dtype, device, wandb, pixel budget, lineage.
+
+    Subclasses list the files they read in `input_paths()`; they are checked when the config is validated (unless
+    a recipe defers path checks until earlier phases have run) and again by `check_inputs()` when the phase starts.
+    """
+
+    model: str | None = Field(None, description="hub id or local save_pretrained directory")
+    output_dir: str
+    seed: int = 0
+    dtype: Dtype = "auto"
+    use_cpu: bool | None = Field(None, description="None: the GPU when one is visible, else the CPU")
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    min_pixels: int | None = Field(None, gt=0)
+    max_pixels: int | None = Field(None, gt=0)
+    # Lineage, filled in by the recipe runner.
+    recipe_hash: str | None = None
+    parent: str | None = None
+
+    @model_validator(mode="after")
+    def _check_base(self, info: ValidationInfo):
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            raise ValueError("min_pixels: must not exceed max_pixels")
+        if not paths_deferred(info):
+            for name, path in self.input_paths().items():
+                if not Path(path).exists():
+                    raise ValueError(f"{name}: not found: {path}")
+        return self
+
+    def runs_on_cpu(self) -> bool:
+        """The one reading of `use_cpu` every phase shares."""
+        if self.use_cpu is not None:
+            return self.use_cpu
+        import torch
+
+        return not torch.cuda.is_available()
+
+    def input_paths(self) -> dict[str, str]:
+        """Files this phase reads, by field name."""
+        return {}
+
+    def check_inputs(self) -> None:
+        """Fail, naming the field, when an input is missing.  Runs before any model is loaded."""
+        if self.model is not None:
+            check_model_reference("model", self.model)
+        for name, path in self.input_paths().items():
+            if not Path(path).exists():
+                raise ConfigError(f"{name}: not found: {path}")
+
+
+class TrainConfig(PhaseConfig):
+    """Fields every HF-Trainer phase has (CPT, SFT, RL), and `trl:`, a validated pass-through to TRL's config."""
+
+    # The TRL config class this phase builds; `trl:` keys are checked against its fields.
+    trl_config_class: ClassVar[str] = "SFTConfig"
 
     model: str = Field(..., description="hub id or local save_pretrained directory")
-    output_dir: str
     learning_rate: float = Field(1e-5, gt=0)
     lr_scheduler_type: str = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
@@ -59,9 +124,6 @@ class TrainConfig(StrictModel):
     num_train_epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(-1, description="> 0 overrides epochs")
     max_length: int | None = Field(2048, gt=0)
-    min_pixels: int | None = Field(None, gt=0)
-    max_pixels: int | None = Field(None, gt=0)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: str | None = None
     gradient_checkpointing: bool = False
     lora: LoraSpec | None = None
@@ -69,38 +131,44 @@ class TrainConfig(StrictModel):
     freeze_vision_tower: bool = False
     freeze_projector: bool = False
     deepspeed: str | None = Field(None, description="DeepSpeed JSON config path")
-    wandb: WandbConfig = Field(default_factory=WandbConfig)
-    seed: int = 0
     logging_steps: int = Field(1, gt=0)
     save_steps: int = Field(50, gt=0, description="intermediate checkpoint every N optimizer steps")
     save_total_limit: int | None = Field(2, gt=0)
     resume: bool = Field(False, description="continue from the newest intermediate checkpoint")
     dataloader_num_workers: int = Field(0, ge=0)
-    use_cpu: bool | None = Field(None, description="None: CPU when no GPU is visible")
-    # Lineage, filled in by the recipe runner.
-    recipe_hash: str | None = None
-    parent: str | None = None
+    trl: dict[str, Any] = Field(default_factory=dict, description="extra fields of TRL's SFTConfig / GRPOConfig "
+                                "(max_grad_norm, optim, top_k, ...), checked against that class")
 
     @model_validator(mode="after")
-    def _check_fields(self, info: ValidationInfo):
-        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
-            raise ValueError("min_pixels: must not exceed max_pixels")
+    def _check_fields(self):
         if self.merge_lora and self.lora is None:
             raise ValueError("merge_lora: set only together with lora")
-        if not paths_deferred(info) and self.deepspeed and not Path(self.deepspeed).is_file():
-            raise ValueError(f"deepspeed: file not found: {self.deepspeed}")
+        if self.trl:
+            self._check_trl_block()
         return self
 
-    def input_paths(self) -> dict[str, str]:
-        """Files this phase reads, by field name (phase configs add their data)."""
-        return {"deepspeed": self.deepspeed} if self.deepspeed else {}
+    def _check_trl_block(self) -> None:
+        """Every `trl:` key must be a field of the TRL config class, and not one a phase field already decides."""
+        import dataclasses
 
-    def check_inputs(self) -> None:
-        """Fail, naming the field, when an input is missing.  Runs before any model is loaded."""
-        check_model_reference("model", self.model)
-        for field, path in self.input_paths().items():
-            if not Path(path).exists():
-                raise ConfigError(f"{field}: not found: {path}")
+        import trl
+
+        trl_fields = {f.name for f in dataclasses.fields(getattr(trl, self.trl_config_class))}
+        owned = self.owned_trl_fields()
+        for key in self.trl:
+            if key not in trl_fields:
+                raise ValueError(f"trl.{key}: not a field of trl.{self.trl_config_class}")
+            if key in owned:
+                raise ValueError(f"trl.{key}: set by this phase's own field {owned[key]!r}; set it there")
+
+    def owned_trl_fields(self) -> dict[str, str]:
+        """TRL config fields this phase's own fields decide (TRL field -> our field)."""
+        from patho_r1.training import OWNED_TRAINING_ARGUMENTS
+
+        return dict(OWNED_TRAINING_ARGUMENTS)
+
+    def input_paths(self) -> dict[str, str]:
+        return {"deepspeed": self.deepspeed} if self.deepspeed else {}
 
 
 def check_model_reference(field: str, value: str) -> None:

@@ -26,17 +26,18 @@ import csv
 import io
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Literal, Union
+from typing import Any, Literal
 
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from patho.errors import DataError
+from patho_r1.errors import DataError
+from patho_r1.rewards.parsing import OPTION_LETTERS
 
-OPTION_LETTERS = "ABCDEF"
 AnswerType = Literal["mcq", "numeric", "expression", "yesno", "open"]
-ImageRef = Union[str, bytes, dict]
+ImageRef = str | bytes | dict
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -93,7 +94,8 @@ class ConversationRecord(_Record):
                 raise ValueError(f"messages.{i}: empty assistant turn")
         n = sum(m.n_images() for m in self.messages)
         if n and n != len(self.images):
-            raise ValueError(f"images: the messages hold {n} image placeholders but {len(self.images)} images are given")
+            raise ValueError(f"images: the messages hold {n} image placeholders but {len(self.images)} images are "
+                             "given")
         return self
 
 
@@ -303,8 +305,7 @@ def _iter_hf_dir(path: Path) -> Iterator[tuple[int, Any]]:
     ds = load_from_disk(str(path))  # memory-mapped Arrow: rows are read on access
     if hasattr(ds, "keys"):  # a DatasetDict: take the train split
         ds = ds["train"] if "train" in ds else ds[next(iter(ds.keys()))]
-    for row, item in enumerate(ds, start=1):
-        yield row, item
+    yield from enumerate(ds, start=1)
 
 
 def iter_raw_rows(source: str | Path) -> Iterator[tuple[int, Any]]:

@@ -1,4 +1,5 @@
-"""Errors that mean "your input is wrong", as opposed to bugs.  The CLI prints these in one line, without a traceback."""
+"""Errors that mean "your input is wrong", as opposed to bugs.  The CLI prints these in one line, without a
+traceback."""
 
 from __future__ import annotations
 

@@ -13,12 +13,11 @@ from typing import Any
 import torch
 from transformers import (
     AutoModelForImageTextToText,
+    AutoProcessor,
     PreTrainedModel,
     Qwen2_5_VLConfig,
     Qwen2_5_VLProcessor,
 )
-from transformers import AutoProcessor
-
 
 
 class Qwen2_5_VLImageOnlyProcessor(Qwen2_5_VLProcessor):

@@ -45,7 +45,7 @@ class StainNormalizer:
         self.method = method
         self.fitted = False
 
-    def fit(self, target) -> "StainNormalizer":
+    def fit(self, target) -> StainNormalizer:
         arr, _ = _as_array(target)
         self._impl.fit(arr)
         self.fitted = True

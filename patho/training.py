@@ -1,7 +1,8 @@
-"""Runtime pieces every trainer phase shares: TrainingArguments fields, metrics logging, freezing, resume, final save."""
+"""Runtime pieces the phases share: TrainingArguments fields, metrics logging, wandb, freezing, resume, final save."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -10,11 +11,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import TrainerCallback
 
-from patho.checkpoint import Manifest, save_checkpoint
-from patho.config import TrainConfig, WandbConfig
+from patho_r1.checkpoint import Manifest, save_checkpoint
+from patho_r1.config import PhaseConfig, TrainConfig, WandbConfig
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +41,59 @@ def setup_wandb(cfg: WandbConfig, run_name: str, output_dir: str | Path | None =
     os.environ.setdefault("WANDB_NAME", cfg.run_name or run_name)
 
 
-def use_cpu(cfg: TrainConfig) -> bool:
-    return cfg.use_cpu if cfg.use_cpu is not None else not torch.cuda.is_available()
+@contextlib.contextmanager
+def wandb_run(cfg: PhaseConfig, run_name: str):
+    """A wandb run for a phase that has no HF Trainer to log for it (embed, eval); yields `log(metrics, step)`.
+
+    Offline by default, like the trainer phases (see `setup_wandb`); with `wandb.mode: disabled` nothing is created.
+    """
+    if cfg.wandb.mode == "disabled":
+        yield lambda metrics, step=None: None
+        return
+    import wandb
+
+    out = Path(cfg.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.run_name or run_name,
+                     dir=str(out), mode=os.environ.get("WANDB_MODE", cfg.wandb.mode),
+                     config=cfg.model_dump(mode="json"), reinit="finish_previous")
+    try:
+        yield lambda metrics, step=None: run.log(_flat_numbers(metrics), step=step)
+    finally:
+        run.finish()
+
+
+def _flat_numbers(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """Nested metric dicts as `a/b/c` keys, numbers only (wandb charts scalars)."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flat_numbers(value, f"{name}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out
+
+
+# TrainingArguments fields that `training_arguments` sets, and the TrainConfig field that decides each.  A `trl:`
+# block may not set these (the phase field is the one place); a test keeps this table equal to what is passed.
+OWNED_TRAINING_ARGUMENTS: dict[str, str] = {
+    "output_dir": "output_dir", "run_name": "output_dir", "learning_rate": "learning_rate",
+    "lr_scheduler_type": "lr_scheduler_type", "warmup_steps": "warmup_ratio", "weight_decay": "weight_decay",
+    "per_device_train_batch_size": "per_device_train_batch_size",
+    "gradient_accumulation_steps": "gradient_accumulation_steps", "num_train_epochs": "num_train_epochs",
+    "max_steps": "max_steps", "gradient_checkpointing": "gradient_checkpointing", "bf16": "dtype", "fp16": "dtype",
+    "use_cpu": "use_cpu", "deepspeed": "deepspeed", "seed": "seed", "data_seed": "seed",
+    "logging_steps": "logging_steps", "save_strategy": "save_steps", "save_steps": "save_steps",
+    "save_total_limit": "save_total_limit", "report_to": "wandb", "dataloader_num_workers": "dataloader_num_workers",
+    "remove_unused_columns": "(fixed: the collators read raw columns)",
+    "disable_tqdm": "(fixed: the metrics callback prints progress)",
+}
 
 
 def training_arguments(cfg: TrainConfig, run_name: str) -> dict[str, Any]:
     """The `transformers.TrainingArguments` fields our TrainConfig decides (TRL's configs extend these)."""
-    cpu = use_cpu(cfg)
+    cpu = cfg.runs_on_cpu()
     bf16 = not cpu and cfg.dtype in ("auto", "bfloat16")
     return dict(
         output_dir=str(Path(cfg.output_dir) / CHECKPOINTS_SUBDIR),
@@ -105,7 +151,7 @@ class JsonlMetricsCallback(TrainerCallback):
 
 def load_phase_backbone(cfg: TrainConfig, padding_side: str):
     """The phase's backbone with the config's dtype, attention, pixel budget and freezing applied."""
-    from patho.models import load_backbone
+    from patho_r1.models import load_backbone
 
     backbone = load_backbone(cfg.model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
                              min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, padding_side=padding_side)

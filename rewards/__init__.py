@@ -5,7 +5,7 @@
 Completions may be strings or `[{"role": "assistant", "content": str}]`.  Every function here plugs straight into
 `trl.GRPOTrainer(reward_funcs=[...])` and works on plain lists for offline scoring:
 
-    >>> from rewards import format_reward, accuracy_reward
+    >>> from patho_r1.rewards import format_reward, accuracy_reward
     >>> format_reward(prompts=None, completions=["<think>dense nuclei</think><answer>B</answer>"])
     [1.0]
     >>> accuracy_reward(prompts=None, completions=["<think>...</think><answer>B</answer>"], answer=["B"])
@@ -13,7 +13,7 @@ Completions may be strings or `[{"role": "assistant", "content": str}]`.  Every 
 
 Swap or add rewards by name in a recipe (see `rewards.registry`), or register your own:
 
-    >>> from rewards import register_reward
+    >>> from patho_r1.rewards import register_reward
     >>> @register_reward("brevity")
     ... def make_brevity(max_chars=400):
     ...     def brevity(prompts, completions, **kw):
@@ -21,14 +21,23 @@ Swap or add rewards by name in a recipe (see `rewards.registry`), or register yo
     ...     return brevity
 """
 
-from rewards.accuracy import AccuracyReward, accuracy_reward, infer_answer_type, math_verify_score, score_mcq
-from rewards.format import FormatReward, format_reward
-from rewards.length import SoftOverlongReward, soft_overlong_penalty
-from rewards.parsing import completion_text, extract_answer, extract_final_answer, is_strict_format, split_thinking
-from rewards.pool import VerifierPool
-from rewards.registry import (
+from patho_r1.rewards.accuracy import AccuracyReward, accuracy_reward, infer_answer_type, math_verify_score, score_mcq
+from patho_r1.rewards.format import FormatReward, format_reward
+from patho_r1.rewards.length import SoftOverlongReward, soft_overlong_penalty
+from patho_r1.rewards.parsing import (
+    OPTION_LETTERS,
+    REASONING_SYSTEM_PROMPT,
+    completion_text,
+    extract_answer,
+    extract_final_answer,
+    is_strict_format,
+    split_thinking,
+)
+from patho_r1.rewards.pool import VerifierPool
+from patho_r1.rewards.registry import (
     PRESETS,
     REGISTRY,
+    RewardFailure,
     RewardRegistry,
     RewardSet,
     RewardSpec,
@@ -36,6 +45,8 @@ from rewards.registry import (
     build_rewards,
     expand_preset,
     register_reward,
+    reward_labels,
+    weighted_total,
 )
 
 soft_overlong_reward = SoftOverlongReward()
@@ -43,7 +54,8 @@ soft_overlong_reward = SoftOverlongReward()
 
 __all__ = [
     "AccuracyReward", "FormatReward", "SoftOverlongReward", "VerifierPool", "RewardRegistry", "RewardSet",
-    "RewardSpec", "SafeReward", "PRESETS", "REGISTRY", "accuracy_reward", "format_reward", "soft_overlong_reward",
+    "RewardSpec", "SafeReward", "RewardFailure", "reward_labels", "weighted_total", "OPTION_LETTERS",
+    "REASONING_SYSTEM_PROMPT", "PRESETS", "REGISTRY", "accuracy_reward", "format_reward", "soft_overlong_reward",
     "soft_overlong_penalty", "build_rewards", "expand_preset", "register_reward", "completion_text",
     "extract_answer", "extract_final_answer", "is_strict_format", "split_thinking", "infer_answer_type",
     "math_verify_score", "score_mcq",

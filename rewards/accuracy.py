@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
-from rewards.parsing import completion_text, extract_answer
-from rewards.pool import VerifierPool
+from patho_r1.rewards.parsing import OPTION_LETTERS, completion_text, extract_answer
+from patho_r1.rewards.pool import VerifierPool
 
-OPTION_LETTERS = "ABCDEF"
 _LENIENT_MCQ = re.compile(r"\A(?:option\s+|answer\s*:?\s*)?[\(\[]?([A-F])[\)\]]?(?:[\s.:,)]|\Z)", re.IGNORECASE)
 _YES = {"yes", "y", "true"}
 _NO = {"no", "n", "false"}
@@ -125,7 +125,7 @@ class AccuracyReward:
         types: Sequence[str | None] = answer_type if answer_type is not None else [None] * len(completions)
         scores: list[float] = [0.0] * len(completions)
         math_jobs: list[tuple[int, str, str]] = []
-        for i, (completion, gold, kind) in enumerate(zip(completions, golds, types)):
+        for i, (completion, gold, kind) in enumerate(zip(completions, golds, types, strict=True)):
             pred = extract_answer(completion_text(completion))
             gold = "" if gold is None else str(gold)
             kind = kind or infer_answer_type(gold)
@@ -142,7 +142,7 @@ class AccuracyReward:
                 raise ValueError(f"unknown answer_type {kind!r}")
         if math_jobs:
             results = self.pool.map(math_verify_score, [(p, g) for _, p, g in math_jobs], default=0.0)
-            for (i, _, _), value in zip(math_jobs, results):
+            for (i, _, _), value in zip(math_jobs, results, strict=True):
                 scores[i] = float(value)
         return scores
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rewards.parsing import completion_text, is_strict_format
+from patho_r1.rewards.parsing import completion_text, is_strict_format
 
 
 class FormatReward:

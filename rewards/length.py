@@ -36,5 +36,6 @@ class SoftOverlongReward:
         elif completion_length is not None:
             lengths = [int(n) for n in completion_length]
         else:
-            raise ValueError("soft_overlong needs token lengths: `completion_ids` (TRL) or a `completion_length` column")
+            raise ValueError("soft_overlong needs token lengths: `completion_ids` (TRL) or a `completion_length` "
+                             "column")
         return [soft_overlong_penalty(n, self.max_completion_length, self.cache_length) for n in lengths]

@@ -1,13 +1,23 @@
-"""Reading completions: the text of a completion, the strict `<think>/<answer>` layout, and the final answer.
+"""The answer format and how to read it: the reasoning system prompt that asks for it, the MCQ option letters, the
+text of a completion, the strict `<think>/<answer>` layout, and the final answer.
 
-These functions are shared by the rewards, the evaluators and the VLMEvalKit hook, so that training and evaluation
-read an answer the same way.
+These are shared by the data schemas, the rewards, the trainers, the evaluators and the VLMEvalKit hook, so that
+training and evaluation ask for and read an answer the same way.
 """
 
 from __future__ import annotations
 
 import re
 from typing import Any
+
+# Patho-R1's reasoning system prompt: the default for SFT, RL and evaluation.
+REASONING_SYSTEM_PROMPT = (
+    "You are a pathology expert, your task is to answer question step by step. Use the following format:"
+    "<think> Your step-by-step reasoning </think><answer> Your final answer </answer>"
+)
+
+# MCQ options are lettered A-F (PathMMU has up to 6 options); VLMEvalKit TSVs use these as column names.
+OPTION_LETTERS = "ABCDEF"
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"

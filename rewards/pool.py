@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+from collections.abc import Callable, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class VerifierPool:
             return [self._inline(fn, args, default) for args in calls]
         futures = [pool.schedule(fn, args=args, timeout=self.timeout) for args in calls]
         out = []
-        for args, fut in zip(calls, futures):
+        for args, fut in zip(calls, futures, strict=True):
             try:
                 out.append(fut.result())
             except FutureTimeout:

@@ -12,8 +12,15 @@ or a preset: `rewards: dapo`.  Names resolve in this order: the built-in registr
 group (a third-party package declares `[project.entry-points."patho_r1.rewards"] my_reward = "pkg.mod:factory"`),
 then `package.module:attribute` import strings.
 
-Resolution of what a name points at: a class is instantiated with the spec's parameters; a function with
-parameters is called as a factory with them; a function without parameters is the reward itself.
+What a name points at:
+* a registered name is always a **factory** (a class or a function): it is called with the spec's parameters,
+  none included, and must return the reward function;
+* an entry point or an import string may point at a factory or at the reward itself: a class is instantiated, a
+  function whose signature takes `completions` is the reward (the spec may then give it no parameters), any other
+  function is called as a factory.
+
+The weighted sum of several rewards is `weighted_total`, with TRL's rule for missing scores, and is the one sum that
+training (TRL, DAPO's group filter) and offline scoring (`RewardSet.score`) use.
 """
 
 from __future__ import annotations
@@ -22,15 +29,16 @@ import importlib
 import inspect
 import logging
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from rewards.accuracy import AccuracyReward
-from rewards.format import FormatReward
-from rewards.length import SoftOverlongReward
+from patho_r1.rewards.accuracy import AccuracyReward
+from patho_r1.rewards.format import FormatReward
+from patho_r1.rewards.length import SoftOverlongReward
 
 logger = logging.getLogger(__name__)
 
@@ -69,16 +77,20 @@ class RewardRegistry:
 
     def build(self, name: str, **params) -> RewardFn:
         if name in self.factories:
-            return _instantiate(self.factories[name], params, name)
-        target = None
+            return _call_factory(self.factories[name], params, name)
         if any(ep.name == name for ep in entry_points(group=ENTRY_POINT_GROUP)):
             target = _load_entry_point(name)
         elif ":" in name:
             target = _import_string(name)
-        if target is None:
+        else:
             raise KeyError(f"unknown reward {name!r}; registered: {', '.join(self.names())}; "
                            "or give an import string 'package.module:function'")
-        return _instantiate(target, params, name)
+        if not inspect.isclass(target) and _is_reward_function(target):
+            if params:
+                raise TypeError(f"reward {name!r} is a reward function, not a factory: it takes no parameters "
+                                f"(got {', '.join(sorted(params))})")
+            return target
+        return _call_factory(target, params, name)
 
 
 def _load_entry_point(name: str):
@@ -102,15 +114,20 @@ def _import_string(path: str):
     return obj
 
 
-def _instantiate(target, params: dict, name: str) -> RewardFn:
-    if inspect.isclass(target):
-        fn = target(**params)
-    elif params:
-        fn = target(**params)  # a factory
-    else:
-        fn = target
+def _is_reward_function(fn) -> bool:
+    """TRL's reward signature names `completions`; a factory's does not."""
+    try:
+        return "completions" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
+
+
+def _call_factory(factory, params: dict, name: str) -> RewardFn:
+    if not callable(factory):
+        raise TypeError(f"reward {name!r} resolved to a non-callable {type(factory).__name__}")
+    fn = factory(**params)
     if not callable(fn):
-        raise TypeError(f"reward {name!r} resolved to a non-callable {type(fn).__name__}")
+        raise TypeError(f"reward {name!r}: its factory returned a non-callable {type(fn).__name__}")
     return fn
 
 
@@ -152,12 +169,29 @@ def expand_preset(specs: str | Iterable[dict | RewardSpec]) -> list[RewardSpec]:
     return [s if isinstance(s, RewardSpec) else RewardSpec.model_validate(s) for s in specs]
 
 
+def weighted_total(rows: Iterable[Sequence[float | None]], weights: Sequence[float]) -> list[float]:
+    """The weighted sum of each row's scores (one score per reward), with TRL's `GRPOTrainer` rule for missing
+    scores: a None or NaN score is left out of its row's sum, and a row with no score at all is NaN (unscorable: TRL
+    excludes it from the group baseline and gives it zero advantage)."""
+    out = []
+    for row in rows:
+        present = [(w, v) for w, v in zip(weights, row, strict=True) if v is not None and not math.isnan(v)]
+        out.append(math.fsum(w * v for w, v in present) if present else math.nan)
+    return out
+
+
+class RewardFailure(RuntimeError):
+    """A reward failed on every sample of a batch for the same reason: a bug or a missing column, not noise."""
+
+
 class SafeReward:
-    """Wraps a reward so that an exception never stops training.
+    """Wraps a reward so that one bad sample never stops training.
 
     When the batch call raises, each sample is re-scored alone: samples that still raise get `fallback` (0.0), the
     others keep their real score.  Failures are counted, logged with the reward's name, and reported to TRL through
-    its `log_metric` hook as `<name>/failures`.  A wrong-length result is a bug in the reward and is raised.
+    its `log_metric` hook as `<name>/failures`.  When every sample of a batch (of two or more) fails with the same
+    error, that is a bug, and `RewardFailure` is raised naming the reward and the error.  A wrong-length result is a
+    bug in the reward and is raised too.
     """
 
     def __init__(self, fn: RewardFn, name: str, fallback: float = 0.0, log_every: int = 100):
@@ -183,7 +217,7 @@ class SafeReward:
 
     def _per_sample(self, prompts, completions, completion_ids, columns, batch_exc) -> list:
         n = len(completions)
-        out = []
+        out, errors = [], []
         for i in range(n):
             one = {k: (v[i:i + 1] if isinstance(v, list) and len(v) == n else v) for k, v in columns.items()}
             try:
@@ -192,12 +226,18 @@ class SafeReward:
                                 completion_ids=completion_ids[i:i + 1] if completion_ids is not None else None, **one)
                 out.append(list(value)[0])
             except Exception as exc:
-                self.failures += 1
-                if self.failures == 1 or self.failures % self.log_every == 0:
-                    logger.warning("reward %r failed on a sample (%d failures so far): %s: %s", self.__name__,
-                                   self.failures, type(exc).__name__, exc)
+                errors.append(exc)
                 out.append(self.fallback)
-        if self.failures == 0:  # the batch failed but every sample alone succeeded: count the batch failure once
+        reasons = {f"{type(e).__name__}: {e}" for e in errors}
+        if n > 1 and len(errors) == n and len(reasons) == 1:
+            raise RewardFailure(f"reward {self.__name__!r} failed on all {n} samples of a batch with the same error: "
+                                f"{reasons.pop()}") from errors[0]
+        for exc in errors:
+            self.failures += 1
+            if self.failures == 1 or self.failures % self.log_every == 0:
+                logger.warning("reward %r failed on a sample (%d failures so far): %s: %s", self.__name__,
+                               self.failures, type(exc).__name__, exc)
+        if not errors:  # the batch failed but every sample alone succeeded: count the batch failure once
             self.failures += 1
             logger.warning("reward %r failed on a batch but not per sample: %s", self.__name__, batch_exc)
         return out
@@ -214,16 +254,15 @@ class RewardSet:
         return [f.__name__ for f in self.funcs]
 
     def score(self, completions: list, **columns) -> dict[str, list]:
-        """Offline scoring: each reward's values plus the weighted `total` (None counts as 0 in the total)."""
+        """Offline scoring: each reward's values plus the weighted `total`, summed exactly as training sums them
+        (`weighted_total`); an unscorable row's total is None."""
         prompts = columns.pop("prompts", None) or [""] * len(completions)
         completion_ids = columns.pop("completion_ids", None)
         out: dict[str, list] = {}
-        total = [0.0] * len(completions)
-        for fn, w in zip(self.funcs, self.weights):
-            values = fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
-            out[fn.__name__] = values
-            total = [t + w * (v or 0.0) for t, v in zip(total, values)]
-        out["total"] = total
+        for fn in self.funcs:
+            out[fn.__name__] = fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+        totals = weighted_total(zip(*out.values(), strict=True), self.weights)
+        out["total"] = [None if math.isnan(t) else t for t in totals]
         return out
 
     def close(self) -> None:
@@ -231,6 +270,15 @@ class RewardSet:
             close = getattr(fn.fn, "close", None)
             if callable(close):
                 close()
+
+
+def reward_labels(specs: Iterable[RewardSpec]) -> list[str]:
+    """The name each reward is logged and filtered under: the last part of its name, made unique."""
+    labels: list[str] = []
+    for spec in specs:
+        label = spec.name.split(":")[-1].split(".")[-1]
+        labels.append(label if label not in labels else f"{label}_{len(labels)}")
+    return labels
 
 
 def build_rewards(specs: str | Iterable[dict | RewardSpec], *, registry: RewardRegistry = REGISTRY,
@@ -241,18 +289,17 @@ def build_rewards(specs: str | Iterable[dict | RewardSpec], *, registry: RewardR
     matches the rollout's real limit.
     """
     specs = expand_preset(specs)
-    funcs, weights, seen = [], [], set()
-    for spec in specs:
+    funcs, weights = [], []
+    for spec, label in zip(specs, reward_labels(specs), strict=True):
         params = spec.params
         if spec.name == "soft_overlong" and max_completion_length is not None:
-            params.setdefault("max_completion_length", max_completion_length)
+            given = params.setdefault("max_completion_length", max_completion_length)
+            if given != max_completion_length:
+                raise ValueError(f"soft_overlong: max_completion_length {given} disagrees with the rollout's "
+                                 f"{max_completion_length}")
             if "cache_length" not in params:  # DAPO uses a quarter of the limit (4096 of 16384); cap at 512
                 params["cache_length"] = max(1, min(512, params["max_completion_length"] // 4))
         fn = registry.build(spec.name, **params)
-        label = spec.name.split(":")[-1].split(".")[-1]
-        if label in seen:
-            label = f"{label}_{len(seen)}"
-        seen.add(label)
         funcs.append(SafeReward(fn, label))
         weights.append(spec.weight)
     if not funcs:

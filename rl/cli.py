@@ -4,9 +4,9 @@ from __future__ import annotations
 
 
 def _run(args) -> int:
-    from patho.config import load_config
-    from rl.config import RLPhaseConfig
-    from rl.grpo import run_rl
+    from patho_r1.config import load_config
+    from patho_r1.rl.config import RLPhaseConfig
+    from patho_r1.rl.grpo import run_rl
 
     cfg = load_config(RLPhaseConfig, args.config, {"resume": True} if args.resume else None)
     result = run_rl(cfg)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from patho.config import StrictModel, TrainConfig, paths_deferred
-from patho.synth import REASONING_SYSTEM_PROMPT
-from rewards.registry import PRESETS, RewardSpec
+from patho_r1.config import StrictModel, TrainConfig
+from patho_r1.rewards.parsing import REASONING_SYSTEM_PROMPT
+from patho_r1.rewards.registry import PRESETS, RewardSpec, expand_preset, reward_labels
 
 
 class RolloutConfig(StrictModel):
@@ -28,7 +27,9 @@ class RolloutConfig(StrictModel):
 class DynamicSamplingConfig(StrictModel):
     enabled: bool = True
     max_rounds: int = Field(3, ge=0, description="cap on extra generation rounds per batch")
-    min_std: float = Field(1e-6, ge=0, description="groups with reward std at or below this are dropped")
+    min_std: float = Field(1e-6, ge=0, description="groups whose filter_metric std is at or below this are dropped")
+    filter_metric: str = Field("accuracy", description="the reward whose spread decides which groups are kept "
+                               "(DAPO and verl filter on accuracy), or 'total' for the weighted sum")
 
 
 # What each algorithm means when a field is left unset.
@@ -40,7 +41,22 @@ ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# GRPOConfig fields `to_grpo_config` sets beyond the TrainingArguments ones, and the RLPhaseConfig field that decides
+# each; `trl:` may not set them.
+OWNED_GRPO_ARGUMENTS: dict[str, str] = {
+    **{name: name for name in ("num_generations", "temperature", "top_p", "max_completion_length", "beta", "epsilon",
+                               "epsilon_high", "loss_type", "mask_truncated_completions", "scale_rewards",
+                               "num_iterations", "steps_per_generation", "log_completions")},
+    "reward_weights": "rewards",
+    **{name: "rollout" for name in ("use_vllm", "vllm_mode", "vllm_tensor_parallel_size",
+                                    "vllm_gpu_memory_utilization", "vllm_enable_sleep_mode", "vllm_server_timeout",
+                                    "vllm_max_model_length", "vllm_server_base_url")},
+}
+
+
 class RLPhaseConfig(TrainConfig):
+    trl_config_class: ClassVar[str] = "GRPOConfig"
+
     algorithm: Literal["grpo", "dapo"] = "dapo"
     data: str = Field(..., description="MCQ JSONL/Parquet (question, options, answer[, answer_type, category, images])")
     num_generations: int = Field(8, ge=2, description="group size G")
@@ -74,16 +90,28 @@ class RLPhaseConfig(TrainConfig):
     def input_paths(self) -> dict[str, str]:
         return {**super().input_paths(), "data": self.data}
 
+    def owned_trl_fields(self) -> dict[str, str]:
+        return {**super().owned_trl_fields(), **OWNED_GRPO_ARGUMENTS}
+
     @model_validator(mode="after")
-    def _fill_algorithm_defaults(self, info: ValidationInfo):
+    def _fill_algorithm_defaults(self):
         d = ALGORITHM_DEFAULTS[self.algorithm]
         for name in ("loss_type", "beta", "epsilon", "epsilon_high", "mask_truncated_completions", "rewards"):
             if getattr(self, name) is None:
                 setattr(self, name, d[name])
         if self.dynamic_sampling is None:
             self.dynamic_sampling = DynamicSamplingConfig(enabled=d["dynamic_sampling"])
-        if not paths_deferred(info) and not Path(self.data).exists():
-            raise ValueError(f"data: not found: {self.data}")
+        specs = expand_preset(self.rewards)
+        for i, spec in enumerate(specs):
+            limit = spec.params.get("max_completion_length")
+            if spec.name == "soft_overlong" and limit is not None and limit != self.max_completion_length:
+                raise ValueError(f"rewards.{i}.max_completion_length: {limit} disagrees with the phase's "
+                                 f"max_completion_length ({self.max_completion_length}); set it once, in the phase")
+        labels = reward_labels(specs)
+        metric = self.dynamic_sampling.filter_metric
+        if self.dynamic_sampling.enabled and metric != "total" and metric not in labels:
+            raise ValueError(f"dynamic_sampling.filter_metric: {metric!r} is not one of this phase's rewards "
+                             f"({', '.join(labels)}) or 'total'")
         rows = self.per_device_train_batch_size * (self.steps_per_generation or self.gradient_accumulation_steps)
         if rows % self.num_generations:
             raise ValueError(f"num_generations: the generation batch (per_device_train_batch_size x "
@@ -94,7 +122,7 @@ class RLPhaseConfig(TrainConfig):
 
 def to_grpo_config(cfg: RLPhaseConfig, base_arguments: dict[str, Any], reward_weights: list[float] | None = None):
     """The single place where our RL config becomes TRL's `GRPOConfig` (`base_arguments`: the TrainingArguments
-    fields shared by every phase, from `patho.training.training_arguments`)."""
+    fields shared by every phase, from `patho_r1.training.training_arguments`)."""
     from trl import GRPOConfig
 
     rollout = cfg.rollout
@@ -123,4 +151,5 @@ def to_grpo_config(cfg: RLPhaseConfig, base_arguments: dict[str, Any], reward_we
         log_completions=cfg.log_completions,
         reward_weights=reward_weights,
         **vllm,
+        **cfg.trl,
     )

@@ -1,28 +1,34 @@
 """DAPO's dynamic sampling on top of TRL's `GRPOTrainer`, readable top to bottom.
 
 TRL 1.16 implements DAPO's clip-higher (`epsilon_high`), token-level loss (`loss_type="dapo"`) and overlong filtering
-(`mask_truncated_completions`), and `rewards.soft_overlong` gives the overlong reward shaping.  The fourth DAPO
-ingredient, **dynamic sampling**, is missing: a group whose G completions all get the same reward (all right or all
-wrong) has zero advantage, so it only dilutes the batch.  DAPO (Yu et al. 2025, Algorithm 1) drops such groups and
-keeps sampling until the batch is full of informative ones.
+(`mask_truncated_completions`), and the `soft_overlong` reward (`patho_r1.rewards.length`) gives the overlong reward
+shaping.  The fourth DAPO ingredient, **dynamic sampling**, is missing: a group whose G completions are all right or
+all wrong carries no accuracy signal, so it only dilutes the batch.  DAPO (Yu et al. 2025, Algorithm 1) drops such
+groups and keeps sampling until the batch is full of informative ones.
 
 How it works here, per generation batch (one call of `_generate_and_score_completions` in training):
 
 1. Generate and score the batch TRL handed us, exactly as TRL would.
-2. Keep the groups whose reward standard deviation is above `min_std` (filtering on std, not on mean reward).
+2. Keep the groups whose `filter_metric` varies: its standard deviation within the group is above `min_std`.  The
+   metric is the accuracy reward by default, as in the DAPO paper (prompts whose accuracy is 1 or 0 are filtered
+   out) and verl's reference recipe (`filter_groups.metric: acc`): a group whose answers are all right or all wrong
+   is dropped even when format or length rewards differ inside it.  `filter_metric: total` filters on the weighted
+   sum instead.
 3. While fewer than the batch's number of groups are kept and fewer than `max_rounds` extra rounds were run, draw
    the missing number of fresh prompts from a seeded refill sampler over the training set, generate and score them,
    and keep their informative groups.  All processes run the same number of rounds (the decision is all-reduced),
    because generation and reward gathering are collective operations.
 4. Assemble a batch of exactly the original size: kept groups first; if the cap was hit, the remaining slots are
-   filled with filtered (zero-advantage) groups from the last round.
+   filled with filtered groups from the last round (no accuracy signal; whatever advantage the other rewards give).
 
 Deviations from the paper, on purpose:
 * **Soft cap.** The paper samples until full.  A hard cap on extra rounds bounds the step time; when it is hit we
-  fill with zero-advantage groups (what plain GRPO would have trained on) and log `dynamic_sampling/cap_hit`
+  fill with filtered groups (what plain GRPO would have trained on) and log `dynamic_sampling/cap_hit`
   instead of crashing or stalling the run.
 * **Refill prompts** come from an independent seeded permutation of the training set, not from the next batches of
   the main dataloader, so the epoch accounting and resume of TRL's sampler are untouched.
+* **Missing scores.** A completion the filter reward did not score (it returned None) is left out of its group's
+  spread; the total uses TRL's own rule (`patho_r1.rewards.weighted_total`).
 * **Groups must be process-local** (`per_device_train_batch_size * steps_per_generation` divisible by
   `num_generations`), so each process filters its own groups without moving data between ranks.
 
@@ -40,7 +46,8 @@ from typing import Any
 import torch
 from trl import GRPOTrainer
 
-from patho.training import ResumeWeightsMixin
+from patho_r1.rewards.registry import weighted_total
+from patho_r1.training import ResumeWeightsMixin
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 1. Which groups carry signal
@@ -48,7 +55,8 @@ from patho.training import ResumeWeightsMixin
 
 
 def group_reward_std(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
-    """Per-group standard deviation of the total reward; rewards are ordered group by group ([B] -> [B/G])."""
+    """Per-group standard deviation of a per-row score (NaN rows left out); rows are ordered group by group
+    ([B] -> [B/G])."""
     if rewards.numel() % num_generations:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {num_generations}")
     grouped = rewards.view(-1, num_generations)
@@ -115,6 +123,20 @@ _LEFT = {"prompt_ids": None, "prompt_mask": 0}
 _RIGHT = {"completion_ids": None, "completion_mask": 0, "old_per_token_logps": 0.0, "ref_per_token_logps": 0.0,
           "sampling_per_token_logps": 0.0, "importance_sampling_ratio": 1.0, "tool_mask": 1}
 _SPLIT_PROMPT_COMPLETION = ("mm_token_type_ids", "token_type_ids")  # cover prompt + completion
+_PER_ROW = ("advantages",)
+_IMAGES = ("pixel_values", "image_grid_thw", "num_images")  # per image / per patch, cut by each row's image grid
+_RECOMPUTED = ("num_items_in_batch",)  # a batch total, recomputed for the joined batch
+# Every key of TRL 1.16's generation batch that this module knows how to cut and join.  Anything else (a key a newer
+# TRL adds, or another model's image layout such as `image_sizes` or `num_tiles`) is an error, never a silent copy.
+KNOWN_BATCH_KEYS = frozenset((*_LEFT, *_RIGHT, *_SPLIT_PROMPT_COMPLETION, *_PER_ROW, *_IMAGES, *_RECOMPUTED))
+
+
+def check_batch_keys(batch: dict) -> None:
+    unknown = sorted(set(batch) - KNOWN_BATCH_KEYS)
+    if unknown:
+        raise ValueError(f"dynamic sampling does not know how to cut or join the generation-batch key(s) {unknown}: "
+                         "TRL or the model's processor produced a field patho_r1.rl.dapo was not written for; add it "
+                         "to the key tables in rl/dapo.py (or turn dynamic_sampling off)")
 
 
 def _rows_for_groups(group_idx: list[int], num_generations: int) -> list[int]:
@@ -131,18 +153,19 @@ def _pad(t: torch.Tensor, length: int, value, left: bool) -> torch.Tensor:
 
 def select_rows(batch: dict, rows: list[int]) -> dict:
     """The sub-batch of `rows`, images included (pixel rows follow each sample's image grid)."""
+    check_batch_keys(batch)
     out = {}
     index = torch.tensor(rows, dtype=torch.long)
     n_rows = batch["prompt_ids"].size(0)
     for key, value in batch.items():
-        if key in ("pixel_values", "image_grid_thw", "num_images", "num_items_in_batch", "num_tiles"):
+        if key in _IMAGES or key in _RECOMPUTED:
             continue
         if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.size(0) == n_rows:
             out[key] = value.index_select(0, index.to(value.device))
         elif isinstance(value, list) and len(value) == n_rows:
             out[key] = [value[i] for i in rows]
         else:
-            out[key] = value
+            raise ValueError(f"generation-batch key {key!r} is not one value per row ({n_rows} rows)")
     if "image_grid_thw" in batch:
         num_images = batch["num_images"]
         grid = batch["image_grid_thw"]
@@ -163,6 +186,8 @@ def select_rows(batch: dict, rows: list[int]) -> dict:
 
 def concat_batches(parts: list[dict], pad_token_id: int) -> dict:
     """Join sub-batches from different generation rounds, re-padding prompts left and completions right."""
+    for part in parts:
+        check_batch_keys(part)
     if len(parts) == 1:
         return parts[0]
     p_len = max(p["prompt_ids"].size(1) for p in parts)
@@ -178,18 +203,15 @@ def concat_batches(parts: list[dict], pad_token_id: int) -> dict:
             out[key] = torch.cat([_pad(v, c_len, fill, left=False) for v in values])
         elif key in _SPLIT_PROMPT_COMPLETION:
             joined = []
-            for p, v in zip(parts, values):
+            for p, v in zip(parts, values, strict=True):
                 cut = p["prompt_ids"].size(1)
                 joined.append(torch.cat([_pad(v[:, :cut], p_len, 0, left=True),
                                          _pad(v[:, cut:], c_len, 0, left=False)], dim=1))
             out[key] = torch.cat(joined)
-        elif key in ("pixel_values", "image_grid_thw") or (isinstance(values[0], torch.Tensor)
-                                                            and values[0].dim() >= 1):
+        elif isinstance(values[0], torch.Tensor):  # per row (advantages, per-sequence ratios) or per image
             out[key] = torch.cat(values)
-        elif isinstance(values[0], list):
+        else:  # lists: num_images
             out[key] = [x for v in values for x in v]
-        else:
-            out[key] = values[0]
     return out
 
 
@@ -202,11 +224,15 @@ class DynamicSamplingGRPOTrainer(ResumeWeightsMixin, GRPOTrainer):
     """`GRPOTrainer` + DAPO dynamic sampling (optional) + rollout/reward timing metrics (+ correct resume)."""
 
     def __init__(self, *args, dynamic_sampling: bool = False, max_rounds: int = 3, min_std: float = 1e-6,
-                 refill_seed: int = 0, **kwargs):
+                 filter_metric: str = "accuracy", refill_seed: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.dynamic_sampling = dynamic_sampling
         self.max_rounds = max_rounds
         self.min_std = min_std
+        if dynamic_sampling and filter_metric != "total" and filter_metric not in self.reward_func_names:
+            raise ValueError(f"filter_metric: {filter_metric!r} is not one of the rewards "
+                             f"({', '.join(self.reward_func_names)}) or 'total'")
+        self.filter_metric = filter_metric
         self._refill_seed = refill_seed
         self._refill_order: list[int] = []
         self._refill_epoch = 0
@@ -219,23 +245,28 @@ class DynamicSamplingGRPOTrainer(ResumeWeightsMixin, GRPOTrainer):
                     f"({local_rows}) must be a multiple of num_generations ({self.num_generations}) so that every "
                     "group lives on one process")
 
-    # -- rewards: remember the total reward per row so groups can be judged ---------------------------------------------
+    # -- rewards: remember the filter metric per row so groups can be judged -----------------------------------------
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         t0 = time.perf_counter()
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        weights = self.reward_weights.to(rewards_per_func.device).unsqueeze(0)
-        total = (rewards_per_func * weights).nansum(dim=1)
-        total[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
-        rank = self.accelerator.process_index
-        self._last_rewards = total[rank * len(prompts):(rank + 1) * len(prompts)].detach().cpu()
+        if self.dynamic_sampling:
+            rank = self.accelerator.process_index
+            local = rewards_per_func[rank * len(prompts):(rank + 1) * len(prompts)].detach().cpu()
+            if self.filter_metric == "total":
+                self._last_rewards = torch.tensor(weighted_total(local.tolist(), self.reward_weights.tolist()))
+            else:
+                self._last_rewards = local[:, self.reward_func_names.index(self.filter_metric)]
         self._metrics["train" if self.model.training else "eval"]["timing/reward_s"].append(time.perf_counter() - t0)
         return rewards_per_func
 
-    def _score(self, inputs) -> tuple[dict, torch.Tensor]:
+    def _score(self, inputs) -> tuple[dict, torch.Tensor | None]:
+        """TRL's generation and scoring, timed; with dynamic sampling also the mask of informative groups."""
         t0 = time.perf_counter()
         batch = super()._generate_and_score_completions(inputs)
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["timing/rollout_s"].append(time.perf_counter() - t0)
+        if not self.dynamic_sampling:
+            return batch, None
         return batch, informative_groups(self._last_rewards, self.num_generations, self.min_std)
 
     # -- refill prompts ---------------------------------------------------------------------------------------------

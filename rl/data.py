@@ -6,7 +6,7 @@ import logging
 
 from datasets import Dataset, Image, Sequence
 
-from patho.data import MCQRecord, iter_records
+from patho_r1.data import MCQRecord, iter_records
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ def mcq_prompt(record: MCQRecord, system_prompt: str | None) -> list[dict]:
 
 def prompt_length(processor, record: MCQRecord, system_prompt: str | None) -> int:
     """Prompt tokens after image-token expansion, computed from the image grid without decoding pixels twice."""
-    from patho.data import load_image
+    from patho_r1.data import load_image
 
     text = processor.apply_chat_template(mcq_prompt(record, system_prompt), tokenize=False,
                                          add_generation_prompt=True)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
 from pathlib import Path
 
-from patho.training import (
+from patho_r1.config import PhaseResult
+from patho_r1.rewards.registry import build_rewards
+from patho_r1.rl.config import RLPhaseConfig, to_grpo_config
+from patho_r1.rl.dapo import DynamicSamplingGRPOTrainer
+from patho_r1.rl.data import build_rl_dataset
+from patho_r1.training import (
     JsonlMetricsCallback,
     finalize,
     latest_checkpoint,
@@ -15,18 +19,6 @@ from patho.training import (
     setup_wandb,
     training_arguments,
 )
-from rewards.registry import build_rewards
-from rl.config import RLPhaseConfig, to_grpo_config
-from rl.dapo import DynamicSamplingGRPOTrainer
-from rl.data import build_rl_dataset
-
-
-
-@dataclass
-class RLResult:
-    model_dir: Path
-    global_step: int
-    metrics: dict
 
 
 def check_rollout_engine(cfg: RLPhaseConfig) -> None:
@@ -56,6 +48,7 @@ def build_rl_trainer(cfg: RLPhaseConfig, callbacks=()) -> DynamicSamplingGRPOTra
         dynamic_sampling=ds.enabled,
         max_rounds=ds.max_rounds,
         min_std=ds.min_std,
+        filter_metric=ds.filter_metric,
         refill_seed=cfg.seed,
     )
     quiet_trainer_printing(trainer)
@@ -63,7 +56,7 @@ def build_rl_trainer(cfg: RLPhaseConfig, callbacks=()) -> DynamicSamplingGRPOTra
     return trainer
 
 
-def run_rl(cfg: RLPhaseConfig, callbacks=()) -> RLResult:
+def run_rl(cfg: RLPhaseConfig, callbacks=()) -> PhaseResult:
     trainer = build_rl_trainer(cfg, callbacks)
     resume_from = latest_checkpoint(cfg) if cfg.resume else None
     if resume_from:
@@ -73,4 +66,4 @@ def run_rl(cfg: RLPhaseConfig, callbacks=()) -> RLResult:
     finally:
         trainer.reward_set.close()
     model_dir = finalize(trainer, trainer.processing_class, cfg, f"rl-{cfg.algorithm}", result.metrics)
-    return RLResult(model_dir=model_dir, global_step=int(trainer.state.global_step), metrics=result.metrics)
+    return PhaseResult(model_dir=model_dir, global_step=int(trainer.state.global_step), metrics=result.metrics)

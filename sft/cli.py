@@ -4,14 +4,14 @@ from __future__ import annotations
 
 
 def _run(args, phase: str) -> int:
-    from patho.config import load_config
+    from patho_r1.config import load_config
 
     if phase == "cpt":
-        from sft.config import CPTPhaseConfig as Config
-        from sft.cpt import run_cpt as run
+        from patho_r1.sft.config import CPTPhaseConfig as Config
+        from patho_r1.sft.cpt import run_cpt as run
     else:
-        from sft.config import SFTPhaseConfig as Config
-        from sft.sft import run_sft as run
+        from patho_r1.sft.config import SFTPhaseConfig as Config
+        from patho_r1.sft.sft import run_sft as run
     overrides = {"resume": True} if args.resume else {}
     cfg = load_config(Config, args.config, overrides)  # validated before any model is loaded
     result = run(cfg)

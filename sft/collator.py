@@ -17,14 +17,15 @@ Prompt/completion rows (CPT captions) go through TRL's prompt-completion path un
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-from patho.data import load_image
+from patho_r1.data import load_image
 
 IGNORE_INDEX = -100
 

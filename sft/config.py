@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationInfo, model_validator
+from pydantic import Field, model_validator
 
-from patho.config import StrictModel, TrainConfig, paths_deferred
-from patho.synth import REASONING_SYSTEM_PROMPT
+from patho_r1.config import StrictModel, TrainConfig
+from patho_r1.rewards.parsing import REASONING_SYSTEM_PROMPT
 
 
 class AugmentConfig(StrictModel):
@@ -26,10 +25,12 @@ class _SupervisedConfig(TrainConfig):
     def input_paths(self) -> dict[str, str]:
         return {**super().input_paths(), "data": self.data}
 
+    def owned_trl_fields(self) -> dict[str, str]:
+        return {**super().owned_trl_fields(), "max_length": "max_length",
+                "dataset_kwargs": "(fixed: our collator prepares the data)", "packing": "(fixed: off for images)"}
+
     @model_validator(mode="after")
-    def _check_data(self, info: ValidationInfo):
-        if not paths_deferred(info) and not Path(self.data).exists():
-            raise ValueError(f"data: not found: {self.data}")
+    def _check_data(self):
         if self.streaming and self.max_steps <= 0:
             raise ValueError("max_steps: streaming data has no length, so max_steps must be set (> 0)")
         return self

@@ -6,9 +6,10 @@ Each pair becomes `user: <image> + instruction` -> `assistant: caption`, and the
 
 from __future__ import annotations
 
-from sft.config import CPTPhaseConfig
-from sft.data import caption_rows, to_dataset
-from sft.trainer import PhaseResult, run_supervised
+from patho_r1.config import PhaseResult
+from patho_r1.sft.config import CPTPhaseConfig
+from patho_r1.sft.data import caption_rows, to_dataset
+from patho_r1.sft.trainer import run_supervised
 
 
 def run_cpt(cfg: CPTPhaseConfig, callbacks=()) -> PhaseResult:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from typing import Iterator
+from collections.abc import Iterator
 
 from datasets import Dataset, IterableDataset
 
-from patho.data import CaptionRecord, ConversationRecord, iter_records
+from patho_r1.data import CaptionRecord, ConversationRecord, iter_records
 
 
 def caption_rows(source: str, instruction: str) -> Iterator[dict]:

@@ -6,9 +6,10 @@ system prompt by default; optional LoRA on the language model.
 
 from __future__ import annotations
 
-from sft.config import SFTPhaseConfig
-from sft.data import conversation_rows, to_dataset
-from sft.trainer import PhaseResult, run_supervised
+from patho_r1.config import PhaseResult
+from patho_r1.sft.config import SFTPhaseConfig
+from patho_r1.sft.data import conversation_rows, to_dataset
+from patho_r1.sft.trainer import run_supervised
 
 
 def run_sft(cfg: SFTPhaseConfig, callbacks=()) -> PhaseResult:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
 from pathlib import Path
 
 from trl import SFTConfig, SFTTrainer
 
-from patho.stain import hed_jitter
-from patho.training import (
+from patho_r1.config import PhaseResult
+from patho_r1.sft.collator import PathoVLMCollator
+from patho_r1.sft.config import _SupervisedConfig
+from patho_r1.stain import hed_jitter
+from patho_r1.training import (
     JsonlMetricsCallback,
     ResumeWeightsMixin,
     finalize,
@@ -18,20 +21,21 @@ from patho.training import (
     setup_wandb,
     training_arguments,
 )
-from sft.collator import PathoVLMCollator
-from sft.config import _SupervisedConfig
-
 
 
 class PathoSFTTrainer(ResumeWeightsMixin, SFTTrainer):
     """TRL's SFTTrainer with weights that really come back on resume (see `ResumeWeightsMixin`)."""
 
 
-@dataclass
-class PhaseResult:
-    model_dir: Path
-    global_step: int
-    metrics: dict
+def sft_arguments(cfg: _SupervisedConfig, phase: str) -> SFTConfig:
+    """The single place where a supervised phase config becomes TRL's `SFTConfig` (its `trl:` block last)."""
+    return SFTConfig(
+        **training_arguments(cfg, run_name=f"{phase}-{Path(cfg.output_dir).name}"),
+        max_length=cfg.max_length,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        packing=False,
+        **cfg.trl,
+    )
 
 
 def build_sft_trainer(cfg: _SupervisedConfig, phase: str, train_dataset, *, system_prompt: str | None,
@@ -42,19 +46,12 @@ def build_sft_trainer(cfg: _SupervisedConfig, phase: str, train_dataset, *, syst
     model, processor = backbone.model, backbone.processor
     augment = None
     if cfg.augment is not None:
-        sigma, bias = cfg.augment.hed_sigma, cfg.augment.hed_bias
-        augment = lambda img, rng: hed_jitter(img, sigma=sigma, bias=bias, rng=rng)  # noqa: E731
+        augment = functools.partial(hed_jitter, sigma=cfg.augment.hed_sigma, bias=cfg.augment.hed_bias)
     collator = PathoVLMCollator(processor=processor, max_length=cfg.max_length, completion_only_loss=True,
                                 system_prompt=system_prompt, augment=augment, augment_seed=cfg.seed)
-    args = SFTConfig(
-        **training_arguments(cfg, run_name=f"{phase}-{Path(cfg.output_dir).name}"),
-        max_length=cfg.max_length,
-        dataset_kwargs={"skip_prepare_dataset": True},
-        packing=False,
-    )
     trainer = PathoSFTTrainer(
         model=model,
-        args=args,
+        args=sft_arguments(cfg, phase),
         train_dataset=train_dataset,
         processing_class=processor,
         data_collator=collator,

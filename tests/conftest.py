@@ -13,14 +13,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from patho.tiny import build_tiny_model
+    from patho_r1.fixtures.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture(scope="session")
 def small_world_config():
-    from patho.synth import WorldConfig
+    from patho_r1.fixtures.synth import WorldConfig
 
     return WorldConfig(n_train_tiles=96, n_heldout_tiles=36, n_sft=40, n_rl=24, n_rl_heldout=12, n_embed_pairs=24,
                        n_composed_per_task=8)
@@ -28,7 +28,7 @@ def small_world_config():
 
 @pytest.fixture(scope="session")
 def world_dir(tmp_path_factory, small_world_config):
-    from patho.synth import generate_world
+    from patho_r1.fixtures.synth import generate_world
 
     root = tmp_path_factory.mktemp("world")
     generate_world(root, seed=0, config=small_world_config)
@@ -38,7 +38,7 @@ def world_dir(tmp_path_factory, small_world_config):
 @pytest.fixture(scope="session")
 def learning_world(tmp_path_factory):
     """A world large enough for the tiny model to learn from in about a minute."""
-    from patho.synth import WorldConfig, generate_world
+    from patho_r1.fixtures.synth import WorldConfig, generate_world
 
     root = tmp_path_factory.mktemp("learning_world")
     generate_world(root, seed=1, config=WorldConfig(n_train_tiles=300, n_heldout_tiles=60, n_sft=900, n_rl=96,
@@ -49,8 +49,8 @@ def learning_world(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sft_model_dir(tiny_model_dir, learning_world, tmp_path_factory):
     """The tiny model after chain-of-thought SFT (vision tower frozen), shared by the SFT and RL learning tests."""
-    from sft.config import SFTPhaseConfig
-    from sft.sft import run_sft
+    from patho_r1.sft.config import SFTPhaseConfig
+    from patho_r1.sft.sft import run_sft
 
     out = tmp_path_factory.mktemp("sft_run")
     cfg = SFTPhaseConfig(model=str(tiny_model_dir), data=str(learning_world / "sft/train.jsonl"), output_dir=str(out),

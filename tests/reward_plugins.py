@@ -31,3 +31,8 @@ def hang(pred, gold):
 
 def quick(pred, gold):
     return 1.0 if pred == gold else 0.0
+
+
+def varied(prompts=None, completions=None, completion_ids=None, **kwargs):
+    """A spread of scores from the token ids, with every third completion unscored (None)."""
+    return [None if i % 3 == 0 else float(sum(ids) % 7) for i, ids in enumerate(completion_ids)]

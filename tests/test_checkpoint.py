@@ -1,6 +1,6 @@
 import pytest
 
-from patho.checkpoint import Manifest, atomic_directory, config_hash, is_complete, read_manifest, write_manifest
+from patho_r1.checkpoint import Manifest, atomic_directory, config_hash, is_complete, read_manifest, write_manifest
 
 
 def test_atomic_directory_replaces_only_on_success(tmp_path):

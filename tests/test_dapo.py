@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rl.dapo import (
+from patho_r1.rl.dapo import (
     DynamicSamplingGRPOTrainer,
     concat_batches,
     fill_batch,
@@ -36,7 +36,8 @@ def test_groups_are_judged_by_reward_std_not_mean():
 
 def test_fill_batch_prefers_informative_and_fills_from_the_last_round():
     a, b = "round0", "round1"
-    picks, informative = fill_batch([(a, torch.tensor([True, False, True])), (b, torch.tensor([False, True, False]))], 3)
+    picks, informative = fill_batch([(a, torch.tensor([True, False, True])),
+                                     (b, torch.tensor([False, True, False]))], 3)
     assert informative == 3 and picks == [(a, [0, 2]), (b, [1])]
     picks, informative = fill_batch([(a, torch.tensor([False, False])), (b, torch.tensor([True, False]))], 2)
     assert informative == 1 and picks == [(b, [0]), (b, [1])]
@@ -125,3 +126,78 @@ def test_nothing_filtered_means_no_extra_round():
     trainer = _FakeTrainer([[True, True]], max_rounds=3)
     trainer._generate_and_score_completions([{}] * (2 * G))
     assert trainer.refill_requests == [] and trainer._metrics["train"]["dynamic_sampling/filtered_frac"] == [0.0]
+
+
+def _real_trainer(tiny_model_dir, world_dir, tmp_path, **over):
+    from patho_r1.rl.config import RLPhaseConfig
+    from patho_r1.rl.grpo import build_rl_trainer
+
+    cfg = dict(model=str(tiny_model_dir), data=str(world_dir / "rl/train.jsonl"), output_dir=str(tmp_path / "rl"),
+               per_device_train_batch_size=8, num_generations=G, max_completion_length=12, max_steps=1,
+               wandb={"mode": "disabled"}, temperature=1.0, seed=0)
+    cfg.update(over)
+    trainer = build_rl_trainer(RLPhaseConfig(**cfg))
+    trainer.model.train()
+    return trainer
+
+
+def _prompts(trainer, n_groups=2):
+    return [dict(trainer.train_dataset[i]) for i in range(n_groups) for _ in range(G)]
+
+
+def test_a_real_trl_generation_batch_is_cut_and_joined_exactly(tiny_model_dir, world_dir, tmp_path):
+    trainer = _real_trainer(tiny_model_dir, world_dir, tmp_path, dynamic_sampling={"enabled": False})
+    batch = trainer._generate_and_score_completions(_prompts(trainer))
+    assert {"prompt_ids", "completion_ids", "advantages", "pixel_values", "image_grid_thw"} <= set(batch)
+    halves = [select_rows(batch, list(range(0, G))), select_rows(batch, list(range(G, 2 * G)))]
+    joined = concat_batches(halves, pad_token_id=trainer.processing_class.tokenizer.pad_token_id)
+    whole = select_rows(batch, list(range(2 * G)))
+    assert set(joined) == set(whole)
+    for key, value in whole.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(joined[key], value), key
+        else:
+            assert joined[key] == value, key
+    with pytest.raises(ValueError, match=r"\['image_sizes'\]"):
+        select_rows({**batch, "image_sizes": torch.ones(2 * G, 2)}, [0])
+    with pytest.raises(ValueError, match=r"\['new_trl_field'\]"):
+        concat_batches([{**h, "new_trl_field": torch.zeros(G)} for h in halves], 0)
+
+
+def test_our_weighted_total_is_the_sum_trl_trains_on(tiny_model_dir, world_dir, tmp_path, monkeypatch):
+    from trl import GRPOTrainer
+
+    from patho_r1.rewards import weighted_total
+
+    trainer = _real_trainer(tiny_model_dir, world_dir, tmp_path, dynamic_sampling={"enabled": False},
+                            rewards=[{"name": "format", "weight": 0.5}, {"name": "reward_plugins:varied", "weight": 2}])
+    seen = []
+    original = GRPOTrainer._calculate_rewards
+    monkeypatch.setattr(GRPOTrainer, "_calculate_rewards",
+                        lambda self, *a: seen.append(original(self, *a)) or seen[-1])
+    trainer._generate_and_score_completions(_prompts(trainer))
+    per_func = seen[0]
+    assert torch.isnan(per_func[:, 1]).sum() == 3  # every third completion unscored by `varied`
+    ours = torch.tensor(weighted_total(per_func.tolist(), [0.5, 2.0]))
+    assert trainer._metrics["train"]["reward"][-1] == pytest.approx(float(torch.nanmean(ours)), rel=1e-6)
+    assert float(ours.std()) > 0
+
+
+def test_dapo_filters_groups_on_accuracy_by_default(tiny_model_dir, world_dir, tmp_path):
+    """Two groups, every answer right: accuracy has no spread, format does.  DAPO drops both groups; `total` keeps
+    the group whose format varies."""
+    def judge(filter_metric):
+        trainer = _real_trainer(tiny_model_dir, world_dir, tmp_path / filter_metric, rewards="grpo",
+                                dynamic_sampling={"filter_metric": filter_metric})
+        inputs = _prompts(trainer)
+        golds = [row["answer"] for row in inputs]
+        completions = [[{"role": "assistant", "content": f"<think>x</think><answer>{g}</answer>"
+                         if i % G else f"<answer>{g}</answer>"}] for i, g in enumerate(golds[:G])]
+        completions += [[{"role": "assistant", "content": f"<think>y</think><answer>{g}</answer>"}]
+                        for g in golds[G:]]
+        prompts = [row["prompt"] for row in inputs]
+        trainer._calculate_rewards(inputs, prompts, completions, [[1, 2]] * len(inputs))
+        return informative_groups(trainer._last_rewards, G).tolist()
+
+    assert judge("accuracy") == [False, False]
+    assert judge("total") == [True, False]

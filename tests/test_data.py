@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from patho.data import (
+from patho_r1.data import (
     CaptionRecord,
     DataError,
     MCQRecord,
@@ -57,7 +57,8 @@ def folder(tmp_path):
         ("conversation", [{"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]},
                                         {"role": "assistant", "content": "a"}], "images": []}],
          1, "images", "1 image placeholders but 0 images"),
-        ("embed_pair", [{"query": {"text": " "}, "positive": {"text": "t"}}], 1, "query", "needs text, images or frames"),
+        ("embed_pair", [{"query": {"text": " "}, "positive": {"text": "t"}}], 1, "query",
+         "needs text, images or frames"),
     ],
 )
 def test_bad_input_names_file_row_and_field(folder, kind, rows, row, field, message):
@@ -126,7 +127,7 @@ def test_streaming_100k_rows_does_not_load_the_file(tmp_path):
     assert size > 30_000_000
     tracemalloc.start()
     n = 0
-    for rec in iter_records(path, "caption", check_images=False):
+    for _ in iter_records(path, "caption", check_images=False):
         n += 1
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()

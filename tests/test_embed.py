@@ -1,6 +1,7 @@
 """The embedder: metrics against hand computations and sklearn, GradCache against the plain loss, encoding any mix of
 inputs, adapter switching, bootstrap filtering, a short training run, and the faiss index round trip."""
 
+import functools
 import json
 
 import numpy as np
@@ -8,12 +9,11 @@ import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score, f1_score
 
-from embed.config import EmbedPhaseConfig
-from embed.evaluate import VectorIndex, exact_search, modality_gap, recall_at_k, zero_shot_metrics
-from embed.loss import grad_cache_step, info_nce
-from embed.model import Embedder, summary_messages, EmbedInput
-from embed.train import bootstrap_filter, contrastive_loss, run_embed
-from embed.config import BootstrapConfig
+from patho_r1.embed.config import BootstrapConfig, EmbedPhaseConfig
+from patho_r1.embed.evaluate import VectorIndex, exact_search, modality_gap, recall_at_k, zero_shot_metrics
+from patho_r1.embed.loss import grad_cache_step, info_nce
+from patho_r1.embed.model import Embedder, EmbedInput, summary_messages
+from patho_r1.embed.train import bootstrap_filter, run_embed
 
 
 def test_recall_at_k_by_hand():
@@ -65,7 +65,20 @@ def test_info_nce_by_hand():
     expected = -np.log(np.exp(2) / (np.exp(2) + np.exp(0)))
     assert float(info_nce(q, p, temperature=t)) == pytest.approx(expected, rel=1e-6)
     # with both pairs in one group, the off-diagonal is not a negative: the loss is zero
-    assert float(contrastive_loss(t, torch.tensor([0, 0]))(q, p)) == pytest.approx(0.0, abs=1e-6)
+    assert float(info_nce(q, p, temperature=t, groups=torch.tensor([0, 0]))) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_info_nce_groups_mask_only_same_target_pairs_by_hand():
+    # three pairs, unit vectors at 0, 90 and 180 degrees; pairs 0 and 2 share a target
+    q = p = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    t = 1.0
+    # row 0: logits [1, 0, -1] with column 2 masked -> -log(e / (e + 1)); row 2 likewise; row 1: [0, 1, 0]
+    row02 = -np.log(np.e / (np.e + 1))
+    row1 = -np.log(np.e / (np.e + 2))
+    expected = (2 * row02 + row1) / 3  # the logits are symmetric, so both directions give the same mean
+    got = info_nce(q, p, temperature=t, groups=torch.tensor([7, 3, 7]))
+    assert float(got) == pytest.approx(expected, rel=1e-6)
+    assert float(info_nce(q, p, temperature=t)) > float(got)  # unmasked, the same-target pair is a hard negative
 
 
 def test_grad_cache_gives_the_same_gradients_as_the_plain_loss():
@@ -76,14 +89,14 @@ def test_grad_cache_gives_the_same_gradients_as_the_plain_loss():
     def embed(chunk):
         return net(torch.stack(list(chunk)))
 
-    loss_fn = lambda q, p: info_nce(q, p, temperature=0.05)  # noqa: E731
+    loss_fn = functools.partial(info_nce, temperature=0.05)
     plain = loss_fn(embed(xs_q), embed(xs_p))
     plain.backward()
     reference = [p.grad.clone() for p in net.parameters()]
     net.zero_grad()
     cached = grad_cache_step(embed, list(xs_q), list(xs_p), chunk_size=5, loss_fn=loss_fn)
     assert float(cached) == pytest.approx(float(plain.detach()), rel=1e-6)
-    for ref, p in zip(reference, net.parameters()):
+    for ref, p in zip(reference, net.parameters(), strict=True):
         torch.testing.assert_close(p.grad, ref, rtol=1e-5, atol=1e-6)
 
 
@@ -100,7 +113,7 @@ def test_grad_cache_replays_dropout_exactly():
 
     grad_cache_step(embed, xs, xs, chunk_size=3, loss_fn=lambda q, p: info_nce(q, p, 0.1))
     # 4 chunks in pass 1 (2 query + 2 positive), then the same 4 recomputed in pass 2
-    for first, second in zip(seen[:4], seen[4:]):
+    for first, second in zip(seen[:4], seen[4:], strict=True):
         assert torch.equal(first, second)
 
 
@@ -114,7 +127,7 @@ def test_summary_prompts_follow_homie():
 
 
 def test_encode_any_mix_is_normalised_order_preserving_and_bucketing_invariant(tiny_model_dir, world_dir):
-    from patho.data import load_records
+    from patho_r1.data import load_records
 
     emb = Embedder.from_pretrained(tiny_model_dir)
     recs = load_records(world_dir / "embed/composed_heldout.jsonl", "embed_pair")
@@ -129,7 +142,7 @@ def test_encode_any_mix_is_normalised_order_preserving_and_bucketing_invariant(t
 
 
 def test_adapter_switching_keeps_the_reasoner(tiny_model_dir, tmp_path):
-    from patho.config import LoraSpec
+    from patho_r1.config import LoraSpec
 
     emb = Embedder.from_pretrained(tiny_model_dir)
     before = emb.encode(["glands"])
@@ -158,7 +171,7 @@ def test_bootstrap_filter_keeps_pairs_above_lambda(tiny_model_dir, world_dir, tm
 
 
 def test_short_embed_run_writes_adapter_metrics_and_manifest(tiny_model_dir, world_dir, tmp_path):
-    from patho.checkpoint import read_manifest
+    from patho_r1.checkpoint import read_manifest
 
     cfg = EmbedPhaseConfig(
         model=str(tiny_model_dir), output_dir=str(tmp_path / "embed"), temperature=0.05,
@@ -181,3 +194,31 @@ def test_short_embed_run_writes_adapter_metrics_and_manifest(tiny_model_dir, wor
     log = [json.loads(x) for x in (tmp_path / "embed/metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in log] == ["stage1"] * 2 + ["stage2"] * 3
     assert all(np.isfinite(r["loss"]) for r in log)
+
+
+def test_the_embed_phase_logs_to_wandb(tiny_model_dir, world_dir, tmp_path):
+    cfg = EmbedPhaseConfig(
+        model=str(tiny_model_dir), output_dir=str(tmp_path / "embed"), lora={"r": 4, "alpha": 8, "dropout": 0.0},
+        stage1={"curriculum": [{"data": str(world_dir / "embed/text_pairs.jsonl")}], "batch_size": 4,
+                "max_steps": 2},
+        wandb={"mode": "offline", "project": "patho-r1-test"}, use_cpu=True, logging_steps=1)
+    run_embed(cfg)
+    runs = list((tmp_path / "embed/wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    # an offline run keeps its history in the run's protobuf log; the metric names are in it as plain strings
+    log = next(runs[0].glob("run-*.wandb")).read_bytes()
+    assert b"stage1/loss" in log and b"stage1/learning_rate" in log
+
+
+def test_zero_shot_class_names_come_from_the_data_not_the_synthetic_world():
+    from patho_r1.data import MCQRecord
+    from patho_r1.embed.evaluate import class_names
+
+    def rec(cat, options, answer, answer_type="mcq"):
+        return MCQRecord(question="q", options=options, answer=answer, category=cat, answer_type=answer_type)
+
+    records = [rec("luad", {"A": "lung adenocarcinoma", "B": "squamous"}, "A"),
+               rec("luad", {"A": "squamous", "B": "lung adenocarcinoma"}, "B"),
+               rec("luad", {"A": "adenocarcinoma of lung", "B": "x"}, "A"),
+               rec("benign_stroma", {}, "stroma", answer_type="open")]
+    assert class_names(records) == {"luad": "lung adenocarcinoma", "benign_stroma": "benign stroma"}

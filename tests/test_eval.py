@@ -7,13 +7,13 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from patho.data import MCQRecord
-from patho.errors import ConfigError
-from patho.eval.judge import LLMJudge
-from patho.eval.matching import can_infer, exact_match_mcq
-from patho.eval.mcq import evaluate_mcq, judge, summarise
-from patho.eval.vlmeval_hook import PathoR1VLMCore
-from rewards.parsing import extract_final_answer, split_thinking
+from patho_r1.data import MCQRecord
+from patho_r1.errors import ConfigError
+from patho_r1.eval.judge import LLMJudge
+from patho_r1.eval.matching import can_infer, exact_match_mcq
+from patho_r1.eval.mcq import evaluate_mcq, judge, summarise
+from patho_r1.eval.vlmeval_hook import PathoR1VLMCore
+from patho_r1.rewards.parsing import extract_final_answer, split_thinking
 
 OPTIONS = {"A": "adenocarcinoma", "B": "lymphocytic infiltrate", "C": "mucinous pools", "D": "adipose tissue"}
 
@@ -72,7 +72,7 @@ def test_scorer_agrees_with_vlmeval_exact_matching_on_the_same_predictions():
                  "<think>lymphocytic infiltrate</think> B", "B", "<think>x</think><answer>lymphocytic "
                  "infiltrate</answer>", "<think>x</think><answer>A or B</answer>"]
     records = [_record("B") for _ in responses]
-    rows = [judge(rec, resp, 5) for rec, resp in zip(records, responses)]
+    rows = [judge(rec, resp, 5) for rec, resp in zip(records, responses, strict=True)]
     ours = summarise(records, rows).accuracy
     # VLMEvalKit, fed what our VLMEvalKit hook returns for each response:
     theirs = sum(can_infer(extract_final_answer(r), dict(OPTIONS)) == "B" for r in responses) / len(responses)
@@ -106,7 +106,7 @@ def test_yes_no_and_per_category_report():
 
 
 class _JudgeServer(BaseHTTPRequestHandler):
-    def do_POST(self):  # noqa: N802 - http.server's naming
+    def do_POST(self):  # http.server's naming
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         prompt = body["messages"][0]["content"]
         verdict = "Yes." if "Candidate answer: mucin" in prompt else "no"
@@ -144,7 +144,7 @@ def test_open_questions_need_a_judge_and_use_it(monkeypatch):
 
 
 def test_vlmeval_model_class_core_on_the_tiny_model(tiny_model_dir, world_dir, monkeypatch):
-    from patho.data import load_records
+    from patho_r1.data import load_records
 
     rec = load_records(world_dir / "rl/heldout.jsonl", "mcq")[0]
     model = PathoR1VLMCore(str(tiny_model_dir), max_new_tokens=8, use_vllm=False, extra_kwarg="ignored")
@@ -161,7 +161,7 @@ def test_vlmeval_model_class_core_on_the_tiny_model(tiny_model_dir, world_dir, m
 
 
 def test_eval_mcq_cli_writes_tables(tiny_model_dir, world_dir, tmp_path):
-    from patho.cli import main
+    from patho_r1.launch.cli import main
 
     out = tmp_path / "eval"
     assert main(["eval", "mcq", "--model", str(tiny_model_dir), "--data", str(world_dir / "eval/PathoSynth_MCQ.tsv"),
@@ -172,7 +172,7 @@ def test_eval_mcq_cli_writes_tables(tiny_model_dir, world_dir, tmp_path):
 
 
 def test_eval_phase_names_a_bad_checkpoint_before_loading(world_dir, tmp_path):
-    from patho.eval.phase import EvalPhaseConfig, run_eval
+    from patho_r1.eval.phase import EvalPhaseConfig, run_eval
 
     cfg = EvalPhaseConfig(data=str(world_dir / "eval/PathoSynth_MCQ.tsv"), output_dir=str(tmp_path),
                           checkpoints={"tiny": str(tmp_path / "missing")})

@@ -11,8 +11,8 @@ pytestmark = [pytest.mark.gpu,
 
 
 def test_grpo_with_vllm_colocate_rollouts(tiny_model_dir, world_dir, tmp_path):
-    from rl.config import RLPhaseConfig
-    from rl.grpo import run_rl
+    from patho_r1.rl.config import RLPhaseConfig
+    from patho_r1.rl.grpo import run_rl
 
     cfg = RLPhaseConfig(model=str(tiny_model_dir), data=str(world_dir / "rl/train.jsonl"),
                         output_dir=str(tmp_path / "rl"), algorithm="dapo", max_steps=2,
@@ -25,8 +25,8 @@ def test_grpo_with_vllm_colocate_rollouts(tiny_model_dir, world_dir, tmp_path):
 
 
 def test_vllm_generation_for_evaluation(tiny_model_dir, world_dir):
-    from patho.eval.generation import SamplingConfig, make_generator
-    from patho.eval.mcq import evaluate_mcq, load_eval_records
+    from patho_r1.eval.generation import SamplingConfig, make_generator
+    from patho_r1.eval.mcq import evaluate_mcq, load_eval_records
 
     generator = make_generator(str(tiny_model_dir), engine="vllm", gpu_memory_utilization=0.2, max_model_len=1024)
     report, rows = evaluate_mcq(generator, load_eval_records(world_dir / "eval/PathoSynth_MCQ.tsv", 8),

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch.recipe import build_plan, load_plan
-from patho.cli import main
-from patho.errors import ConfigError
+from patho_r1.errors import ConfigError
+from patho_r1.launch.cli import main
+from patho_r1.launch.recipe import build_plan, load_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -87,7 +87,8 @@ def test_unknown_phase_selection_is_an_error(tmp_path, capsys):
 
 
 def _run(args, log):
-    return subprocess.Popen([sys.executable, "-m", "patho.cli", "run", *args], stdout=log, stderr=subprocess.STDOUT,
+    return subprocess.Popen([sys.executable, "-m", "patho_r1.launch.cli", "run", *args], stdout=log,
+                            stderr=subprocess.STDOUT,
                             start_new_session=True, cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"})
 
 
@@ -125,7 +126,7 @@ def test_killed_run_resumes_without_redoing_finished_phases(tmp_path):
     assert "cpt: complete, skipped" in second
     assert "resuming from" in second and "checkpoint-" in second
     assert (out / "cpt/model/patho_manifest.json").stat().st_mtime_ns == cpt_stamp
-    from patho.checkpoint import read_manifest
+    from patho_r1.checkpoint import read_manifest
 
     manifest = read_manifest(out / "sft/model")
     assert manifest.complete and manifest.step == 400 and manifest.parent == str(out / "cpt/model")
@@ -138,15 +139,15 @@ PHASE_CONFIGS = sorted((ROOT / "recipes/phases").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", PHASE_CONFIGS, ids=[p.name for p in PHASE_CONFIGS])
 def test_standalone_phase_configs_validate(path):
-    from launch.recipe import phase_config_class
-    from patho.config import read_yaml, validate_config
+    from patho_r1.config import read_yaml, validate_config
+    from patho_r1.launch.phases import get_phase
 
-    cfg = validate_config(phase_config_class(path.stem), read_yaml(path), defer_path_checks=True)
+    cfg = validate_config(get_phase(path.stem).config_class(), read_yaml(path), defer_path_checks=True)
     assert cfg.output_dir.startswith("runs/phases/")
 
 
 def test_report_tables():
-    from launch.report import render_markdown
+    from patho_r1.launch.report import render_markdown
 
     report = {"recipe": "r", "recipe_hash": "h",
               "mcq": {"sft": {"accuracy": 0.5, "strict_accuracy": 0.4, "format_rate": 1.0, "chance": 0.2}},
@@ -162,7 +163,7 @@ def test_report_tables():
 def test_prepare_builds_inputs_once_and_rebuilds_when_settings_change(tmp_path):
     import json
 
-    from launch.runner import prepare_inputs
+    from patho_r1.launch.runner import prepare_inputs
 
     phases = [{"name": "a", "type": "cpt", "config": {"data": "{data}/cpt/train.jsonl"}}]
     raw = _recipe(tmp_path, phases)
@@ -188,7 +189,7 @@ def test_failed_phase_is_retried_then_reported_with_its_cause(tmp_path, monkeypa
     runner reports the phase, the attempts and the root cause in one error."""
     import json
 
-    from launch.runner import PhaseFailed, run_recipe
+    from patho_r1.launch.runner import PhaseFailed, run_recipe
 
     monkeypatch.chdir(tmp_path)
     raw = _recipe(tmp_path, [{"name": "sft", "type": "sft",

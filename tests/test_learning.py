@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from patho.eval.generation import SamplingConfig, make_generator
-from patho.eval.mcq import evaluate_mcq, load_eval_records
-from patho.models import load_backbone
-from rl.config import RLPhaseConfig
-from rl.grpo import run_rl
+from patho_r1.eval.generation import SamplingConfig, make_generator
+from patho_r1.eval.mcq import evaluate_mcq, load_eval_records
+from patho_r1.models import load_backbone
+from patho_r1.rl.config import RLPhaseConfig
+from patho_r1.rl.grpo import run_rl
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ from importlib.metadata import EntryPoint
 import pytest
 from trl.rewards import get_soft_overlong_punishment
 
-from rewards import (
+from patho_r1.rewards import (
     AccuracyReward,
     SafeReward,
     SoftOverlongReward,
@@ -22,7 +22,7 @@ from rewards import (
     soft_overlong_penalty,
     split_thinking,
 )
-from rewards.registry import REGISTRY, RewardRegistry
+from patho_r1.rewards.registry import REGISTRY, RewardFailure, RewardRegistry, weighted_total
 
 LONG = "dense nuclei " * 5000
 
@@ -161,7 +161,7 @@ def test_soft_overlong_agrees_with_trl_over_a_range():
     trl_fn = get_soft_overlong_punishment(max_completion_len=2048, soft_punish_cache=512)
     ids = [[0] * n for n in range(0, 2200, 7)]
     ours = SoftOverlongReward(2048, 512)(completions=[""] * len(ids), completion_ids=ids)
-    assert all(math.isclose(a, b) for a, b in zip(ours, trl_fn(completion_ids=ids)))
+    assert all(math.isclose(a, b) for a, b in zip(ours, trl_fn(completion_ids=ids), strict=True))
     # safe region ends at 2048 - 512 = 1536; halfway into the buffer is -0.5; the limit itself is -1.0
     assert [soft_overlong_penalty(n, 2048, 512) for n in (1536, 1792, 2048, 2049)] == [0.0, -0.5, -1.0, -1.0]
 
@@ -199,7 +199,7 @@ def test_third_party_reward_by_import_string_and_factory_params():
 
 
 def test_third_party_reward_by_entry_point(monkeypatch):
-    import rewards.registry as registry_module
+    import patho_r1.rewards.registry as registry_module
 
     ep = EntryPoint(name="brevity_ep", value="reward_plugins:brevity", group="patho_r1.rewards")
     monkeypatch.setattr(registry_module, "entry_points",
@@ -260,7 +260,7 @@ def test_final_answer_extraction_for_evaluators():
 
 
 def test_rewards_score_cli(tmp_path, capsys):
-    from patho.cli import main
+    from patho_r1.launch.cli import main
 
     rows = [{"completion": "<think>x</think><answer>B</answer>", "answer": "B", "completion_length": 10},
             {"completion": "<answer>C</answer>", "answer": "B", "completion_length": 2100}]
@@ -284,9 +284,72 @@ def test_rewards_score_cli(tmp_path, capsys):
 def test_rewards_plug_into_trl_signature():
     """TRL calls reward(prompts=..., completions=..., completion_ids=..., **columns, trainer_state=..., ...)."""
     rs = build_rewards("dapo", max_completion_length=32)
-    kwargs = dict(prompts=[[{"role": "user", "content": "q"}]], completions=[[{"role": "assistant",
-                                                                                 "content": "<think>x</think><answer>A</answer>"}]],
+    kwargs = dict(prompts=[[{"role": "user", "content": "q"}]],
+                  completions=[[{"role": "assistant", "content": "<think>x</think><answer>A</answer>"}]],
                   completion_ids=[[1, 2, 3]], answer=["A"], answer_type=["mcq"], category=["stroma"],
                   trainer_state=object(), log_extra=lambda *a: None, log_metric=lambda *a: None, image=[None])
     assert [f(**kwargs) for f in rs.funcs] == [[1.0], [1.0], [0.0]]
     assert sys.modules.get("vllm") is None
+
+
+def test_the_package_docstring_examples_run(monkeypatch):
+    """The documented `@register_reward` factory, named without parameters, scores (it once scored 0.0 always)."""
+    import doctest
+
+    import patho_r1.rewards as package
+
+    monkeypatch.setattr(REGISTRY, "factories", dict(REGISTRY.factories))  # the example registers "brevity"
+    result = doctest.testmod(package, raise_on_error=False, verbose=False)
+    assert result.attempted >= 5 and result.failed == 0
+
+
+def test_a_registered_factory_is_called_even_without_parameters():
+    reg = RewardRegistry()
+
+    @reg.register("brevity")
+    def make_brevity(max_chars=5):
+        def brevity(prompts=None, completions=None, **kw):
+            return [1.0 if len(c) <= max_chars else 0.0 for c in completions]
+        return brevity
+
+    assert reg.build("brevity")(completions=["tiny", "far too long"]) == [1.0, 0.0]
+    assert reg.build("brevity", max_chars=20)(completions=["far too long"]) == [1.0]
+    reg.register("broken", lambda: 3)
+    with pytest.raises(TypeError, match="factory returned a non-callable int"):
+        reg.build("broken")
+
+
+def test_an_import_string_reward_function_takes_no_parameters():
+    with pytest.raises(TypeError, match="is a reward function, not a factory"):
+        build_rewards([{"name": "reward_plugins:brevity", "limit": 3}])
+
+
+def test_a_reward_failing_on_every_sample_for_one_reason_fails_the_step():
+    def needs_gold(prompts=None, completions=None, **columns):
+        return [1.0 if c == columns["answer"][0] else 0.0 for c in completions]
+
+    safe = SafeReward(needs_gold, "needs_gold")
+    with pytest.raises(RewardFailure, match=r"'needs_gold' failed on all 3 samples .* KeyError: 'answer'"):
+        safe(prompts=["p"] * 3, completions=["a", "b", "c"])
+    # different reasons, or a single sample, stay per-sample noise
+    import reward_plugins
+
+    assert SafeReward(reward_plugins.flaky, "flaky")(completions=["boom"]) == [0.0]
+
+
+def test_weighted_total_follows_trls_rule_for_missing_scores():
+    rows = [[1.0, 0.5, None], [None, None, None], [float("nan"), 2.0, -1.0], [0.0, 0.0, 0.0]]
+    total = weighted_total(rows, [1.0, 2.0, 0.5])
+    assert total[0] == 2.0 and math.isnan(total[1]) and total[2] == 3.5 and total[3] == 0.0
+    rs = build_rewards([{"name": "format", "weight": 1.0}, {"name": "accuracy", "weight": 2.0}])
+    scored = rs.score(["<think>x</think><answer>B</answer>", "B"], answer=["B", "A"])
+    assert scored["total"] == [3.0, 0.0]
+    unscored = build_rewards([{"name": "reward_plugins:varied"}]).score(["a", "b"], completion_ids=[[3], [4]])
+    assert unscored == {"varied": [None, 4.0], "total": [None, 4.0]}  # an unscorable row has no total, not 0
+
+
+def test_max_completion_length_given_twice_must_agree():
+    with pytest.raises(ValueError, match="max_completion_length 64 disagrees with the rollout's 32"):
+        build_rewards([{"name": "soft_overlong", "max_completion_length": 64}], max_completion_length=32)
+    rs = build_rewards([{"name": "soft_overlong", "max_completion_length": 32}], max_completion_length=32)
+    assert rs.funcs[0].fn.max_completion_length == 32

@@ -2,11 +2,11 @@
 
 import pytest
 
-from patho.errors import ConfigError
-from patho.config import validate_config
-from rl.config import RLPhaseConfig, to_grpo_config
-from rl.data import build_rl_dataset
-from rl.grpo import build_rl_trainer, check_rollout_engine
+from patho_r1.config import validate_config
+from patho_r1.errors import ConfigError
+from patho_r1.rl.config import RLPhaseConfig, to_grpo_config
+from patho_r1.rl.data import build_rl_dataset
+from patho_r1.rl.grpo import build_rl_trainer, check_rollout_engine
 
 
 def _cfg(world_dir, tmp_path, **over):
@@ -18,7 +18,7 @@ def _cfg(world_dir, tmp_path, **over):
 
 
 def _trl(cfg):
-    from patho.training import training_arguments
+    from patho_r1.training import training_arguments
 
     return to_grpo_config(cfg, training_arguments(cfg, "t"))
 
@@ -62,7 +62,7 @@ def test_dapo_config_reaches_the_trainer(tiny_model_dir, world_dir, tmp_path):
 
 
 def test_rl_dataset_carries_reward_columns_and_the_reasoning_prompt(tiny_model_dir, world_dir):
-    from patho.models import load_backbone
+    from patho_r1.models import load_backbone
 
     processor = load_backbone(tiny_model_dir).processor
     ds = build_rl_dataset(str(world_dir / "rl/train.jsonl"), "SYSTEM", processor)
@@ -82,3 +82,62 @@ def test_bad_rl_config_lists_every_field(world_dir):
                                         "algorithm": "ppo", "num_generations": 1, "rewards": "nope"})
     text = str(info.value)
     assert "algorithm" in text and "num_generations" in text and "rewards" in text
+
+
+def test_trl_block_reaches_grpo_config_and_bad_keys_fail(world_dir, tmp_path):
+    args = _trl(_cfg(world_dir, tmp_path, trl={"max_grad_norm": 0.25, "top_k": 7, "repetition_penalty": 1.1,
+                                               "vllm_importance_sampling_correction": False}))
+    assert (args.max_grad_norm, args.top_k, args.repetition_penalty) == (0.25, 7, 1.1)
+    assert args.vllm_importance_sampling_correction is False
+    with pytest.raises(ConfigError, match=r"trl\.max_grad_nrom: not a field of trl\.GRPOConfig"):
+        validate_config(RLPhaseConfig, {**_cfg(world_dir, tmp_path).model_dump(), "trl": {"max_grad_nrom": 1}})
+    with pytest.raises(ConfigError, match=r"trl\.learning_rate: set by this phase's own field 'learning_rate'"):
+        validate_config(RLPhaseConfig, {**_cfg(world_dir, tmp_path).model_dump(), "trl": {"learning_rate": 1}})
+    with pytest.raises(ConfigError, match=r"trl\.vllm_mode: set by this phase's own field 'rollout'"):
+        validate_config(RLPhaseConfig, {**_cfg(world_dir, tmp_path).model_dump(), "trl": {"vllm_mode": "server"}})
+
+
+def test_trl_block_reaches_sft_config(world_dir, tmp_path):
+    from patho_r1.sft.config import SFTPhaseConfig
+    from patho_r1.sft.trainer import sft_arguments
+
+    cfg = SFTPhaseConfig(model="m", data=str(world_dir / "sft/train.jsonl"), output_dir=str(tmp_path),
+                         wandb={"mode": "disabled"}, trl={"max_grad_norm": 0.5, "optim": "adafactor"})
+    args = sft_arguments(cfg, "sft")
+    assert (args.max_grad_norm, args.optim) == (0.5, "adafactor")
+    with pytest.raises(ConfigError, match=r"trl\.packing: set by this phase's own field"):
+        validate_config(SFTPhaseConfig, {**cfg.model_dump(), "trl": {"packing": True}})
+    with pytest.raises(ConfigError, match=r"trl\.num_generations: not a field of trl\.SFTConfig"):
+        validate_config(SFTPhaseConfig, {**cfg.model_dump(), "trl": {"num_generations": 4}})
+
+
+def test_the_owned_field_tables_match_what_is_passed_to_trl(world_dir, tmp_path):
+    import dataclasses
+
+    from trl import GRPOConfig
+
+    from patho_r1.rl.config import OWNED_GRPO_ARGUMENTS
+    from patho_r1.training import OWNED_TRAINING_ARGUMENTS, training_arguments
+
+    cfg = _cfg(world_dir, tmp_path)
+    assert set(training_arguments(cfg, "t")) == set(OWNED_TRAINING_ARGUMENTS)
+    grpo_fields = {f.name for f in dataclasses.fields(GRPOConfig)}
+    assert set(OWNED_GRPO_ARGUMENTS) <= grpo_fields
+    cfg = _cfg(world_dir, tmp_path, temperature=0.5, top_p=0.9, num_iterations=2, beta=0.3)
+    defaults, ours = GRPOConfig(**training_arguments(cfg, "t")), _trl(cfg)
+    changed = {f for f in grpo_fields if getattr(defaults, f) != getattr(ours, f)}
+    assert changed <= set(OWNED_GRPO_ARGUMENTS), changed - set(OWNED_GRPO_ARGUMENTS)
+
+
+def test_soft_overlong_limit_and_filter_metric_are_checked_at_config_time(world_dir, tmp_path):
+    base = _cfg(world_dir, tmp_path).model_dump()
+    with pytest.raises(ConfigError, match=r"rewards\.2\.max_completion_length: 64 disagrees with the phase's "
+                                          r"max_completion_length \(32\)"):
+        validate_config(RLPhaseConfig, {**base, "rewards": [{"name": "format"}, {"name": "accuracy"},
+                                                            {"name": "soft_overlong", "max_completion_length": 64}]})
+    with pytest.raises(ConfigError, match=r"dynamic_sampling\.filter_metric: 'accuracy' is not one of this phase's "
+                                          r"rewards \(format\) or 'total'"):
+        validate_config(RLPhaseConfig, {**base, "rewards": [{"name": "format"}], "dynamic_sampling": None})
+    ok = validate_config(RLPhaseConfig, {**base, "rewards": [{"name": "format"}], "dynamic_sampling": None,
+                                         "algorithm": "grpo"})
+    assert ok.dynamic_sampling.enabled is False

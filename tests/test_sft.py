@@ -7,15 +7,15 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from patho.checkpoint import read_manifest
-from patho.config import load_config
-from patho.errors import ConfigError
-from patho.models import load_backbone
-from sft.collator import PathoVLMCollator
-from sft.config import CPTPhaseConfig, SFTPhaseConfig
-from sft.cpt import run_cpt
-from sft.data import caption_rows, conversation_rows
-from sft.sft import run_sft
+from patho_r1.checkpoint import read_manifest
+from patho_r1.config import load_config
+from patho_r1.errors import ConfigError
+from patho_r1.models import load_backbone
+from patho_r1.sft.collator import PathoVLMCollator
+from patho_r1.sft.config import CPTPhaseConfig, SFTPhaseConfig
+from patho_r1.sft.cpt import run_cpt
+from patho_r1.sft.data import caption_rows, conversation_rows
+from patho_r1.sft.sft import run_sft
 
 FAST = dict(per_device_train_batch_size=4, learning_rate=2e-3, warmup_ratio=0.0, max_length=512,
             wandb={"mode": "disabled"}, save_steps=1000, logging_steps=1)
@@ -28,7 +28,7 @@ def _collator(model_dir, system_prompt=None):
 
 
 def _spans(tokenizer, ids, labels):
-    kept = [i for i, lab in zip(ids.tolist(), labels.tolist()) if lab != -100]
+    kept = [i for i, lab in zip(ids.tolist(), labels.tolist(), strict=True) if lab != -100]
     return tokenizer.decode(kept)
 
 
@@ -56,7 +56,8 @@ def test_sft_labels_cover_every_assistant_turn_and_nothing_else(tiny_model_dir, 
     # Token by token: nothing from system/user turns, image tokens or right padding is learned.
     image_id = bb.model.config.image_token_id
     for row in range(2):
-        for tid, lab, att in zip(ids[row].tolist(), labels[row].tolist(), batch["attention_mask"][row].tolist()):
+        mask = batch["attention_mask"][row].tolist()
+        for tid, lab, att in zip(ids[row].tolist(), labels[row].tolist(), mask, strict=True):
             if lab != -100:
                 assert tid == lab and att == 1 and tid != image_id
     assert (labels[1][batch["attention_mask"][1] == 0] == -100).all() and (batch["attention_mask"][1] == 0).any()
@@ -168,7 +169,7 @@ def test_bad_config_names_every_field_before_loading_a_model(tmp_path, world_dir
 def test_cpt_streams_its_corpus(tiny_model_dir, world_dir, tmp_path):
     from datasets import IterableDataset
 
-    from sft.data import to_dataset
+    from patho_r1.sft.data import to_dataset
 
     stream = to_dataset(caption_rows, streaming=True, source=str(world_dir / "cpt/train.jsonl"),
                         instruction="Describe.")

@@ -3,8 +3,8 @@ import json
 import numpy as np
 from PIL import Image
 
-from patho.data import iter_vlmeval_tsv, load_records
-from patho.synth import TISSUES, WorldConfig, generate_world, render_tile, world_digest
+from patho_r1.data import iter_vlmeval_tsv, load_records
+from patho_r1.fixtures.synth import TISSUES, WorldConfig, generate_world, render_tile, world_digest
 
 
 def test_same_seed_same_bytes_and_other_seed_differs(tmp_path):

@@ -4,8 +4,8 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor
 
-from patho.models import Qwen2_5_VLImageOnlyProcessor, load_backbone
-from patho.tiny import REASONING_TOKENS, TinySpec
+from patho_r1.fixtures.tiny import REASONING_TOKENS, TinySpec
+from patho_r1.models import Qwen2_5_VLImageOnlyProcessor, load_backbone
 
 
 def _image(seed=0, h=56, w=56):

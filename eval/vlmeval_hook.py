@@ -3,7 +3,7 @@
 `import vlmeval` has global side effects (it disables SSL verification, turns off autograd, seeds RNGs), so this
 module imports it only inside the functions that need it; import it in an evaluation process, never in training.
 
-    from patho.eval.vlmeval_hook import register
+    from patho_r1.eval.vlmeval_hook import register
     register("patho-r1-7b", model_path="runs/patho-r1-7b/rl/model")     # now in vlmeval.config.supported_VLM
 
     patho-r1 eval vlmeval --model runs/patho-r1-7b/rl/model --data PathMMU_VAL PathVQA_VAL
@@ -15,7 +15,7 @@ option through option-text matching.  With `SPLIT_THINK=1` it returns the raw re
 
 Scoring through a vLLM server instead: start `vllm serve CKPT --served-model-name patho-r1` (OpenAI-compatible), then
 run VLMEvalKit's `run.py --model patho-r1 --base-url http://HOST:PORT/v1 --data PathMMU_VAL`; the same answer
-extraction applies if you post-process with `patho.eval.mcq` or register this class with `engine="vllm"`.
+extraction applies if you post-process with `patho_r1.eval.mcq` or register this class with `engine="vllm"`.
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ import functools
 import os
 from pathlib import Path
 
-from patho.synth import REASONING_SYSTEM_PROMPT
-from rewards.parsing import extract_final_answer, split_thinking
+from patho_r1.rewards.parsing import REASONING_SYSTEM_PROMPT, extract_final_answer, split_thinking
 
 
 class PathoR1VLMCore:
@@ -36,7 +35,7 @@ class PathoR1VLMCore:
     def __init__(self, model_path: str, max_new_tokens: int = 2048, engine: str = "hf",
                  system_prompt: str | None = REASONING_SYSTEM_PROMPT, temperature: float = 0.0, **kwargs):
         # VLMEvalKit passes extra keywords to some model names (e.g. use_vllm for "Qwen2.5-VL" names): accept them.
-        from patho.eval.generation import SamplingConfig, make_generator
+        from patho_r1.eval.generation import SamplingConfig, make_generator
 
         self.model_path = str(model_path)
         self.system_prompt = system_prompt
@@ -45,8 +44,8 @@ class PathoR1VLMCore:
         self.last_response: str | None = None
 
     def to_request(self, message: list[dict]):
-        from patho.data import load_image
-        from patho.eval.generation import ChatRequest
+        from patho_r1.data import load_image
+        from patho_r1.eval.generation import ChatRequest
 
         content, images = [], []
         for part in message:

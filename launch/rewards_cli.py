@@ -1,4 +1,5 @@
-"""`patho-r1 rewards list | score`."""
+"""`patho-r1 rewards list | score`.  It lives on the top floor because scoring a file reads it through the data
+loaders (`patho_r1.data`), which the rewards package, below them, must not import."""
 
 from __future__ import annotations
 
@@ -6,11 +7,11 @@ import json
 import sys
 from pathlib import Path
 
-from patho.errors import DataError
+from patho_r1.errors import DataError
 
 
 def _cmd_list(args) -> int:
-    from rewards.registry import PRESETS, REGISTRY
+    from patho_r1.rewards.registry import PRESETS, REGISTRY
 
     for name, doc in REGISTRY.describe().items():
         print(f"{name:16s} {doc}")
@@ -21,7 +22,7 @@ def _cmd_list(args) -> int:
 
 
 def _read_rows(path: Path) -> list[dict]:
-    from patho.data import iter_raw_rows
+    from patho_r1.data import iter_raw_rows
 
     rows = []
     for lineno, row in iter_raw_rows(path):
@@ -34,7 +35,7 @@ def _read_rows(path: Path) -> list[dict]:
 
 
 def _cmd_score(args) -> int:
-    from rewards.registry import build_rewards
+    from patho_r1.rewards.registry import build_rewards
 
     specs: str | list[dict] = args.rewards
     if "," in args.rewards or args.rewards not in ("grpo", "dapo"):
@@ -72,9 +73,14 @@ def _cmd_score(args) -> int:
         for i, row in enumerate(rows):
             fh.write(json.dumps({**row, **{k: v[i] for k, v in scored.items()}}, ensure_ascii=False) + "\n")
     tmp.replace(out)
-    means = {k: sum(x or 0.0 for x in v) / max(len(v), 1) for k, v in scored.items()}
+    means = {k: _mean([x for x in v if x is not None]) for k, v in scored.items()}
     print(json.dumps({"rows": len(rows), "mean": means}, indent=2), file=sys.stdout)
     return 0
+
+
+def _mean(values: list[float]) -> float | None:
+    """The mean over scored rows; None when no row was scored."""
+    return sum(values) / len(values) if values else None
 
 
 def register(sub) -> None:

@@ -7,7 +7,7 @@ Generation uses our rollout engines (HF on CPU, vLLM on GPU).  Each response is 
 
 * `accuracy`: VLMEvalKit's exact-matching rules on the final answer (comparable with VLMEvalKit leaderboards);
 * `strict_accuracy`: the RL accuracy reward (the `<answer>` content must be exactly the gold letter);
-* open questions: an LLM judge (`patho.eval.judge`), required for them.
+* open questions: an LLM judge (`patho_r1.eval.judge`), required for them.
 
 plus the share of format-valid responses and the mean response length in tokens.
 """
@@ -17,16 +17,15 @@ from __future__ import annotations
 import csv
 import json
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
 
-from patho.data import MCQRecord, iter_records, iter_vlmeval_tsv, load_image
-from patho.eval.generation import ChatRequest, Generator, SamplingConfig
-from patho.eval.matching import exact_match_mcq
-from patho.synth import REASONING_SYSTEM_PROMPT
-from rewards.accuracy import score_mcq, score_yesno
-from rewards.parsing import extract_answer, extract_final_answer, is_strict_format
+from patho_r1.data import MCQRecord, iter_records, iter_vlmeval_tsv, load_image
+from patho_r1.eval.generation import ChatRequest, Generator, SamplingConfig
+from patho_r1.eval.matching import exact_match_mcq
+from patho_r1.rewards.accuracy import score_mcq, score_yesno
+from patho_r1.rewards.parsing import REASONING_SYSTEM_PROMPT, extract_answer, extract_final_answer, is_strict_format
 
 
 @dataclass
@@ -91,7 +90,7 @@ def judge(record: MCQRecord, response: str, n_tokens: int, llm_judge=None) -> MC
         strict = score_yesno(extract_answer(response), record.answer) == 1.0
     else:
         if llm_judge is None:
-            from patho.eval.judge import LLMJudge
+            from patho_r1.eval.judge import LLMJudge
 
             llm_judge = LLMJudge.from_env()
         correct = strict = llm_judge.judge(record.question, record.answer, prediction)
@@ -126,13 +125,13 @@ def evaluate_mcq(generator: Generator, records: list[MCQRecord], sampling: Sampl
                  ) -> tuple[MCQReport, list[MCQRow]]:
     sampling = sampling or SamplingConfig()
     if llm_judge is None and any(r.answer_type not in ("mcq", "yesno") for r in records):
-        from patho.eval.judge import LLMJudge
+        from patho_r1.eval.judge import LLMJudge
 
         llm_judge = LLMJudge.from_env()  # fail before generating, not after
     responses = generator.generate([build_request(r, system_prompt) for r in records], sampling)
     count = (lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])) if tokenizer else \
         (lambda s: len(s.split()))
-    rows = [judge(rec, resp, count(resp), llm_judge) for rec, resp in zip(records, responses)]
+    rows = [judge(rec, resp, count(resp), llm_judge) for rec, resp in zip(records, responses, strict=True)]
     return summarise(records, rows), rows
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 
 def _cmd_mcq(args) -> int:
-    from patho.eval.phase import EvalPhaseConfig, run_eval
-    from patho.config import validate_config
+    from patho_r1.config import validate_config
+    from patho_r1.eval.phase import EvalPhaseConfig, run_eval
 
     cfg = validate_config(EvalPhaseConfig, {
         "data": args.data, "checkpoints": {args.label: args.model}, "output_dir": args.out, "engine": args.engine,
@@ -17,7 +17,7 @@ def _cmd_mcq(args) -> int:
 
 
 def _cmd_vlmeval(args) -> int:
-    from patho.eval.vlmeval_hook import run_vlmeval
+    from patho_r1.eval.vlmeval_hook import run_vlmeval
 
     run_vlmeval(model_path=args.model, datasets=args.data, work_dir=args.out, name=args.name,
                 max_new_tokens=args.max_new_tokens, judge=args.judge)

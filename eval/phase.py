@@ -8,46 +8,47 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationInfo, model_validator
+from pydantic import Field, model_validator
 
-from patho.config import StrictModel, check_model_reference, paths_deferred
-from patho.errors import ConfigError
-from patho.synth import REASONING_SYSTEM_PROMPT
-
+from patho_r1.config import PhaseConfig, PhaseResult, check_model_reference
+from patho_r1.rewards.parsing import REASONING_SYSTEM_PROMPT
 
 
-class EvalPhaseConfig(StrictModel):
+class EvalPhaseConfig(PhaseConfig):
+    """`model` alone scores one checkpoint (labelled `model`); `checkpoints` compares several."""
+
     data: str = Field(..., description="VLMEvalKit TSV or MCQ JSONL")
-    checkpoints: dict[str, str] = Field(..., description="label -> checkpoint directory or hub id")
-    output_dir: str
+    checkpoints: dict[str, str] = Field(default_factory=dict, description="label -> checkpoint directory or hub id")
     engine: Literal["hf", "vllm"] = "hf"
     max_new_tokens: int = Field(128, gt=0)
     batch_size: int = Field(32, gt=0)
     limit: int | None = Field(None, gt=0, description="score only the first N rows")
     system_prompt: str | None = REASONING_SYSTEM_PROMPT
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    recipe_hash: str | None = None
 
     @model_validator(mode="after")
-    def _check(self, info: ValidationInfo):
+    def _check(self):
+        if not self.checkpoints and self.model:
+            self.checkpoints = {"model": self.model}
         if not self.checkpoints:
-            raise ValueError("checkpoints: name at least one checkpoint to evaluate")
-        if not paths_deferred(info) and not Path(self.data).exists():
-            raise ValueError(f"data: not found: {self.data}")
+            raise ValueError("checkpoints: name at least one checkpoint to evaluate (or give model)")
         return self
 
+    def input_paths(self) -> dict[str, str]:
+        return {"data": self.data}
+
     def check_inputs(self) -> None:
-        if not Path(self.data).exists():
-            raise ConfigError(f"data: not found: {self.data}")
+        super().check_inputs()
         for label, path in self.checkpoints.items():
             check_model_reference(f"checkpoints.{label}", path)
 
 
-def run_eval(cfg: EvalPhaseConfig) -> dict:
-    """Evaluate each checkpoint; returns `{label: report dict}` and writes `summary.json` / `summary.md`."""
-    from patho.eval.generation import SamplingConfig, make_generator
-    from patho.eval.mcq import evaluate_mcq, load_eval_records, write_results
-    from patho.models import load_backbone
+def run_eval(cfg: EvalPhaseConfig) -> PhaseResult:
+    """Evaluate each checkpoint; writes `summary.json` / `summary.md` and returns `{"summary": {label: report}}` as
+    the result's metrics."""
+    from patho_r1.eval.generation import SamplingConfig, make_generator
+    from patho_r1.eval.mcq import evaluate_mcq, load_eval_records, write_results
+    from patho_r1.models import load_backbone
+    from patho_r1.training import wandb_run
 
     cfg.check_inputs()
     records = load_eval_records(cfg.data, cfg.limit)
@@ -57,7 +58,9 @@ def run_eval(cfg: EvalPhaseConfig) -> dict:
     for label, path in cfg.checkpoints.items():
         t0 = time.time()
         if cfg.engine == "hf":
-            backbone = load_backbone(path, dtype=cfg.dtype)
+            backbone = load_backbone(path, dtype=cfg.dtype, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+            if not cfg.runs_on_cpu():
+                backbone.model.to("cuda")
             generator, tokenizer = make_generator(backbone), backbone.tokenizer
         else:
             generator, tokenizer = make_generator(path, engine="vllm"), None
@@ -73,4 +76,6 @@ def run_eval(cfg: EvalPhaseConfig) -> dict:
         lines.append(f"| {label} | {r['accuracy']:.3f} | {r['strict_accuracy']:.3f} | {r['format_rate']:.3f} | "
                      f"{r['mean_response_tokens']:.1f} | {r['chance']:.3f} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
-    return summary
+    with wandb_run(cfg, f"eval-{out.name}") as wandb_log:
+        wandb_log(summary)
+    return PhaseResult(model_dir=out, metrics={"summary": summary})

@@ -12,8 +12,7 @@ from typing import Literal, Protocol
 import torch
 from PIL import Image
 
-from patho.models import Backbone, load_backbone
-
+from patho_r1.models import Backbone, load_backbone
 
 
 @dataclass
@@ -60,7 +59,7 @@ class HFGenerator:
             out = self.model.generate(**inputs, **kwargs)
             new_tokens = out[:, inputs["input_ids"].shape[1]:]
             decoded = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
-            for i, text in zip(idx, decoded):
+            for i, text in zip(idx, decoded, strict=True):
                 outputs[i] = text
         return outputs
 

@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from patho.errors import ConfigError
+from patho_r1.errors import ConfigError
 
 JUDGE_PROMPT = (
     "You are grading answers to a pathology question.\n"
@@ -31,7 +31,7 @@ class LLMJudge:
     timeout: float = 60.0
 
     @classmethod
-    def from_env(cls) -> "LLMJudge":
+    def from_env(cls) -> LLMJudge:
         base = os.environ.get("PATHO_JUDGE_BASE_URL") or os.environ.get("OPENAI_API_BASE")
         model = os.environ.get("PATHO_JUDGE_MODEL") or os.environ.get("LOCAL_LLM")
         if not base or not model:

@@ -65,7 +65,7 @@ class _Log:
     def __call__(self, stage: str, step: int, total: int, loss: float, lr: float):
         if _world()[0] != 0 or (step % self.every and step != total):
             return
-        row = {"phase": "embed", "stage": stage, "step": step, "loss": loss, "learning_rate": lr,
+        row = {"phase": "embed", "stage": stage, "step": step, "total": total, "loss": loss, "learning_rate": lr,
                "time": round(time.time() - self.t0, 2)}
         with self.path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")

@@ -63,7 +63,15 @@ def _cmd_run(args) -> int:
         print(plan.describe())
         return 0
     phases = [p.strip() for p in args.phases.split(",")] if args.phases else None
-    run_recipe(plan, phases=phases, resume=args.resume)
+    run_recipe(plan, phases=phases, resume=args.resume, verbose=args.verbose)
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from patho_r1.launch.report import write_report
+
+    write_report(args.run_dir)
+    print(f"report written: {args.run_dir}/report.md, report.html, plots/")
     return 0
 
 
@@ -80,7 +88,13 @@ def _register_run(sub) -> None:
     p.add_argument("--phases", help="comma-separated phase names to run (default: all)")
     p.add_argument("--resume", action="store_true", help="skip completed phases, resume a half-done one")
     p.add_argument("--dry-run", action="store_true", help="validate and print the phase plan and resources")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="everything on the console (Ray, workers, libraries), as well as in OUTPUT_ROOT/logs/")
     p.set_defaults(func=_cmd_run)
+
+    r = sub.add_parser("report", help="redraw a run's report and plots from its logged metrics")
+    r.add_argument("run_dir", help="a recipe's output_root, e.g. runs/demo")
+    r.set_defaults(func=_cmd_report)
 
     s = sub.add_parser("submit", help="submit a recipe to a Ray cluster as a Ray job")
     s.add_argument("recipe")
@@ -96,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="patho-r1", description="Train Qwen2.5-VL into a pathology reasoner (CPT -> CoT SFT -> GRPO/DAPO) and a "
         "retrieval embedder; evaluate it.  `patho-r1 run RECIPE` runs a whole recipe on Ray.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging; `run`: everything on the console")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("tiny-model", help="build a tiny random-init Qwen2.5-VL + tokenizer + processor (no network)")
@@ -130,8 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command != "run":  # `run` routes logging itself (to the run's log files)
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
     except (PathoError, FileNotFoundError) as exc:

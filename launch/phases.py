@@ -26,6 +26,7 @@ class PhaseType:
     # resumes from its newest intermediate checkpoint when Ray restarts it
     writes_checkpoint: bool = False  # its final output is a checkpoint in OUTPUT_DIR/model, named by {phase:NAME}
     produces_model: bool = False  # that checkpoint is the next phase's default `model` (embed's adapter is not)
+    headline: tuple[str, ...] = ("loss",)  # the metrics.jsonl keys the console shows beside the progress bar
     summary: str = ""
 
     def config_class(self) -> type:
@@ -66,10 +67,11 @@ register_phase(PhaseType(
     writes_checkpoint=True, produces_model=True, summary="chain-of-thought SFT on conversations"))
 register_phase(PhaseType(
     "rl", "patho_r1.rl.config:RLPhaseConfig", "patho_r1.rl.grpo:run_rl", ray_train=True, hf_trainer=True,
-    writes_checkpoint=True, produces_model=True, summary="GRPO / DAPO on MCQ prompts"))
+    writes_checkpoint=True, produces_model=True, summary="GRPO / DAPO on MCQ prompts",
+    headline=("reward", "rewards/accuracy/mean", "dynamic_sampling/filtered_frac")))
 register_phase(PhaseType(
     "embed", "patho_r1.embed.config:EmbedPhaseConfig", "patho_r1.embed.train:run_embed", ray_train=True,
     writes_checkpoint=True, summary="the embedding head (a LoRA adapter beside the reasoner)"))
 register_phase(PhaseType(
-    "eval", "patho_r1.eval.phase:EvalPhaseConfig", "patho_r1.eval.phase:run_eval", ray_train=False,
+    "eval", "patho_r1.eval.phase:EvalPhaseConfig", "patho_r1.eval.phase:run_eval", ray_train=False, headline=(),
     summary="score checkpoints on an MCQ set"))

@@ -1,39 +1,91 @@
-"""The run report: MCQ accuracy and format rate per checkpoint, retrieval Recall@1, wall time per phase."""
+"""The run report: held-out MCQ accuracy per checkpoint (with its 95% interval), composed-retrieval recall, wall time
+per phase, and plots of every training phase.
+
+Everything is read back from the run's own files (`run_state.json`, each phase's `metrics.jsonl`, the eval phase's
+`summary.json`, the embed phase's `eval/metrics.json`), so `patho-r1 report RUN_DIR` redraws any past run:
+
+    RUN_DIR/report.md     tables, with the plots linked
+    RUN_DIR/report.html   the same, plots inline (one file, no server)
+    RUN_DIR/report.json   the numbers
+    RUN_DIR/plots/*.png
+"""
 
 from __future__ import annotations
 
+import base64
+import html
 import json
 from pathlib import Path
 
-from patho_r1.launch.recipe import Plan
+from patho_r1.launch import plots
+
+STATE_FILE = "run_state.json"
 
 
-def collect(plan: Plan, state: dict) -> dict:
-    report: dict = {"recipe": plan.recipe.name, "recipe_hash": plan.recipe_hash, "mcq": {}, "retrieval": {},
-                    "wall_time_s": {}}
-    for phase in plan.phases:
-        entry = state["phases"].get(phase.name, {})
-        if entry:
-            report["wall_time_s"][phase.name] = round(float(entry.get("seconds", 0.0)), 1)
-        if phase.type == "eval":
-            summary = Path(phase.final_dir) / "summary.json"
-            if summary.is_file():
-                report["mcq"].update(json.loads(summary.read_text()))
-        if phase.type == "embed":
-            metrics = Path(phase.config.output_dir) / "eval" / "metrics.json" if phase.config else None
-            if metrics is not None and metrics.is_file():
-                report["retrieval"][phase.name] = json.loads(metrics.read_text())
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            rows.append(json.loads(line))
+    return rows
+
+
+def collect(run_dir: str | Path) -> dict:
+    """The report's numbers, and each training phase's logged rows (under `training`, for the plots)."""
+    run_dir = Path(run_dir)
+    state_file = run_dir / STATE_FILE
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{run_dir}: no {STATE_FILE}; is this a `patho-r1 run` output folder?")
+    state = json.loads(state_file.read_text())
+    report: dict = {"recipe": state.get("recipe", run_dir.name), "recipe_hash": state.get("recipe_hash"),
+                    "mcq": {}, "retrieval": {}, "wall_time_s": {}, "training": {}}
+    for name, entry in state["phases"].items():
+        out = Path(entry.get("output_dir") or run_dir / name)
+        report["wall_time_s"][name] = round(float(entry.get("seconds", 0.0)), 1)
+        rows = read_jsonl(out / "metrics.jsonl")
+        if rows:
+            report["training"][name] = {"type": entry.get("type"), "rows": rows}
+        if (out / "summary.json").is_file():
+            for label, r in json.loads((out / "summary.json").read_text()).items():
+                lo, hi = plots.wilson_interval(round(r["accuracy"] * r["n"]), r["n"])
+                report["mcq"][label] = {**r, "ci95": [lo, hi]}
+        if (out / "eval" / "metrics.json").is_file():
+            report["retrieval"][name] = json.loads((out / "eval" / "metrics.json").read_text())
     return report
 
 
-def render_markdown(report: dict) -> str:
+def draw(report: dict, plot_dir: Path) -> dict[str, Path]:
+    """Every plot the run has data for, by caption."""
+    drawn: dict[str, Path | None] = {}
+    training = report["training"]
+    drawn["training loss per phase"] = plots.training_loss({n: t["rows"] for n, t in training.items()},
+                                                          plot_dir / "loss.png")
+    for name, t in training.items():
+        if t["type"] != "rl":
+            continue
+        rows = t["rows"]
+        drawn[f"{name}: reward components and total"] = plots.rl_rewards(rows, plot_dir / f"{name}_rewards.png", name)
+        drawn[f"{name}: completion length"] = plots.completion_length(rows, plot_dir / f"{name}_length.png", name)
+        drawn[f"{name}: DAPO filtered fraction and rounds"] = plots.dynamic_sampling(
+            rows, plot_dir / f"{name}_dynamic_sampling.png", name)
+    drawn["held-out accuracy per checkpoint"] = plots.accuracy(report["mcq"], plot_dir / "accuracy.png")
+    for name, r in report["retrieval"].items():
+        drawn[f"{name}: composed retrieval"] = plots.retrieval(r.get("tasks", {}), plot_dir / f"{name}_retrieval.png",
+                                                               name)
+    return {caption: path for caption, path in drawn.items() if path is not None}
+
+
+def render_markdown(report: dict, figures: dict[str, Path] | None = None, root: Path | None = None) -> str:
     lines = [f"# patho-r1 run report: {report['recipe']}", "", f"recipe hash `{report['recipe_hash']}`", ""]
     if report["mcq"]:
-        lines += ["## Held-out MCQ", "", "| checkpoint | accuracy | strict accuracy | format rate | chance |",
-                  "|---|---|---|---|---|"]
+        lines += ["## Held-out MCQ", "", "| checkpoint | accuracy | 95% CI | strict accuracy | format rate | chance |",
+                  "|---|---|---|---|---|---|"]
         for label, r in report["mcq"].items():
-            lines.append(f"| {label} | {r['accuracy']:.3f} | {r['strict_accuracy']:.3f} | {r['format_rate']:.3f} | "
-                         f"{r['chance']:.3f} |")
+            lo, hi = r.get("ci95", (float("nan"), float("nan")))
+            lines.append(f"| {label} | {r['accuracy']:.3f} | {lo:.2f}-{hi:.2f} | {r['strict_accuracy']:.3f} | "
+                         f"{r['format_rate']:.3f} | {r['chance']:.3f} |")
         lines.append("")
     for name, r in report["retrieval"].items():
         lines += [f"## Composed retrieval ({name})", "",
@@ -45,14 +97,68 @@ def render_markdown(report: dict) -> str:
         lines.append("")
     lines += ["## Wall time", "", "| phase | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in report["wall_time_s"].items()]
+    if figures:
+        lines += ["", "## Plots", ""]
+        for caption, path in figures.items():
+            lines += [f"![{caption}]({path.relative_to(root).as_posix() if root else path})", ""]
     return "\n".join(lines) + "\n"
 
 
-def write_report(plan: Plan, state: dict) -> dict:
-    report = collect(plan, state)
-    root = Path(plan.recipe.output_root)
-    (root / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    text = render_markdown(report)
-    (root / "report.md").write_text(text)
-    print("\n" + text, flush=True)
-    return report
+def render_html(report: dict, figures: dict[str, Path]) -> str:
+    """The report as one self-contained page: the markdown tables as HTML tables, the plots inline as PNG data."""
+    body = []
+    for line in render_markdown(report).splitlines():
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line.lstrip('# '))}</h{level}>")
+        elif line.startswith("|---"):
+            continue
+        elif line.startswith("|"):
+            cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
+            tag = "th" if not body or not body[-1].startswith("<tr") else "td"
+            body.append("<tr>" + "".join(f"<{tag}>{c}</{tag}>" for c in cells) + "</tr>")
+        elif line:
+            body.append(f"<p>{html.escape(line)}</p>")
+    page, in_table = [], False
+    for item in body:  # wrap consecutive rows in one table
+        if item.startswith("<tr") != in_table:
+            page.append("<table>" if not in_table else "</table>")
+            in_table = not in_table
+        page.append(item)
+    if in_table:
+        page.append("</table>")
+    for caption, path in figures.items():
+        data = base64.b64encode(path.read_bytes()).decode()
+        page.append(f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
+                    f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:.2em .6em}img{max-width:100%}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(report['recipe'])}</title>"
+            f"<style>{style}</style></head><body>{''.join(page)}</body></html>\n")
+
+
+def phase_headline(out_dir: str | Path, metrics: dict) -> str:
+    """The few numbers of a finished phase worth a console line: its final training loss, the held-out accuracy of
+    each checkpoint it scored, or its composed-retrieval R@1."""
+    out, parts = Path(out_dir), []
+    if isinstance(metrics.get("train_loss"), (int, float)):
+        parts.append(f"train_loss={metrics['train_loss']:.4g}")
+    if (out / "summary.json").is_file():
+        summary = json.loads((out / "summary.json").read_text())
+        parts.append("accuracy " + " ".join(f"{label}={r['accuracy']:.2f}" for label, r in summary.items()))
+    if (out / "eval" / "metrics.json").is_file():
+        tasks = json.loads((out / "eval" / "metrics.json").read_text()).get("tasks", {})
+        parts.append("R@1 " + " ".join(f"{task}={m['recall@1']:.2f}" for task, m in tasks.items()))
+    return "  ".join(parts)
+
+
+def write_report(run_dir: str | Path) -> dict:
+    """Collect, draw and write report.json, report.md and report.html into the run folder; returns the numbers."""
+    root = Path(run_dir)
+    report = collect(root)
+    figures = draw(report, root / "plots")
+    numbers = {k: v for k, v in report.items() if k != "training"}
+    (root / "report.json").write_text(json.dumps(numbers, indent=2) + "\n")
+    (root / "report.md").write_text(render_markdown(report, figures, root))
+    (root / "report.html").write_text(render_html(report, figures))
+    return numbers

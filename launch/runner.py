@@ -7,6 +7,7 @@ lineage, resume, failure policy and a final report.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -15,14 +16,19 @@ from pathlib import Path
 
 from patho_r1.checkpoint import Manifest, is_complete, read_manifest, write_manifest
 from patho_r1.errors import ConfigError, PathoError
+from patho_r1.launch.console import RunConsole, driver_logging, route_ray_logging_to_file
 from patho_r1.launch.phases import get_phase
 from patho_r1.launch.recipe import Plan, PlannedPhase
+from patho_r1.launch.report import STATE_FILE, phase_headline, render_markdown, write_report
 
-STATE_FILE = "run_state.json"
+LOG_DIR = "logs"
+logger = logging.getLogger(__name__)
 
 
 class PhaseFailed(PathoError):
-    pass
+    """A phase failed for good (its retries spent); `outcome` is what the run state records of it."""
+
+    outcome: PhaseOutcome | None = None
 
 
 @dataclass
@@ -32,6 +38,7 @@ class PhaseOutcome:
     status: str  # done | skipped | failed
     seconds: float = 0.0
     metrics: dict = field(default_factory=dict)
+    output_dir: str | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -90,26 +97,51 @@ def _worker_env(plan: Plan) -> dict[str, str]:
     # line would appear twice; our phases print one line per log event themselves.
     env = {"WANDB_MODE": plan.recipe.wandb.mode, "TOKENIZERS_PARALLELISM": "false",
            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-    for key in ("HF_HOME", "HF_HUB_OFFLINE", "WANDB_API_KEY", "WANDB_DIR", "PYTHONPATH"):
+    # No secrets here: Ray writes runtime environments to its logs in plain text.  Local workers inherit the
+    # driver's environment (WANDB_API_KEY included); on a cluster, set it on the nodes or run `wandb login` there.
+    for key in ("HF_HOME", "HF_HUB_OFFLINE", "WANDB_DIR", "PYTHONPATH", "HF_HUB_DISABLE_PROGRESS_BARS",
+                "HF_DATASETS_DISABLE_PROGRESS_BARS"):
         if key in os.environ:
             env[key] = os.environ[key]
     return env
 
 
-def init_ray(plan: Plan) -> None:
+def init_ray(plan: Plan, verbose: bool = False) -> bool:
+    """Start (or join) Ray; True when this call started it.
+
+    Worker output stays in the workers' log files unless `verbose` (`log_to_driver`).  The dashboard runs, on
+    localhost: Ray Train's placement-group cleaner asks the State API, which the dashboard serves, every second
+    whether the phase's controller is alive; without it every one of those questions failed and logged a warning.
+    """
     import ray
 
     if ray.is_initialized():
-        return
+        return False
+    if not verbose:
+        route_ray_logging_to_file()
     address = plan.recipe.resources.ray_address
-    kwargs = dict(include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": _worker_env(plan)})
+    kwargs = dict(log_to_driver=verbose, logging_level=logging.DEBUG if verbose else logging.INFO,
+                  configure_logging=verbose, runtime_env={"env_vars": _worker_env(plan)})
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=max(1, os.cpu_count() or 1), **kwargs)
+        ray.init(num_cpus=max(1, os.cpu_count() or 1), include_dashboard=True, dashboard_host="127.0.0.1",
+                 **kwargs)
+    return True
 
 
-def run_training_phase(plan: Plan, phase: PlannedPhase) -> dict:
+def _log_file(plan: Plan, phase: PlannedPhase, verbose: bool, rank: str = "{rank}") -> str | None:
+    """Where a phase's worker writes everything it prints (None with --verbose: on the console)."""
+    return None if verbose else str(Path(plan.recipe.output_root) / LOG_DIR / f"{phase.name}.rank{rank}.log")
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    while getattr(exc, "__cause__", None) is not None:
+        exc = exc.__cause__
+    return getattr(exc, "cause", None) or exc
+
+
+def run_training_phase(plan: Plan, phase: PlannedPhase, verbose: bool = False) -> dict:
     """One training phase on Ray Train workers (TorchTrainer: process group, placement group, restarts)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -123,7 +155,7 @@ def run_training_phase(plan: Plan, phase: PlannedPhase) -> dict:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"phase_type": phase.type, "config": phase.config.model_dump(mode="json"),
-                           "env": _worker_env(plan), "report": False},
+                           "env": _worker_env(plan), "report": False, "log_file": _log_file(plan, phase, verbose)},
         scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
                                      resources_per_worker=per_worker, placement_strategy=res.placement_strategy),
         run_config=RunConfig(name=f"{plan.recipe.name}-{phase.name}",
@@ -132,33 +164,33 @@ def run_training_phase(plan: Plan, phase: PlannedPhase) -> dict:
     )
     try:
         trainer.fit()
-    except Exception as exc:  # Ray wraps the worker's exception; surface the root cause in one line
-        root = exc
-        while getattr(root, "__cause__", None) is not None:
-            root = root.__cause__
+    except Exception as exc:  # Ray wraps the worker's exception; surface the root cause, then where the rest is
+        root = _root_cause(exc)
         attempts = "unlimited" if res.max_failures < 0 else str(res.max_failures + 1)
         raise PhaseFailed(f"phase {phase.name!r} ({phase.type}) failed after {attempts} attempt(s): "
-                          f"{type(root).__name__}: {root}") from exc
+                          f"{type(root).__name__}: {root}{_see_log(plan, phase, verbose)}") from exc
     manifest = read_manifest(phase.final_dir)
     if manifest is None or not manifest.complete:
         raise PhaseFailed(f"phase {phase.name!r} finished but wrote no complete checkpoint in {phase.final_dir}")
     return {"step": manifest.step, **manifest.metrics}
 
 
-def run_task_phase(plan: Plan, phase: PlannedPhase) -> dict:
+def run_task_phase(plan: Plan, phase: PlannedPhase, verbose: bool = False) -> dict:
     """A non-training phase (evaluation) as one Ray task with the phase's resources."""
     import ray
 
-    from patho_r1.launch.workers import run_phase
+    from patho_r1.launch.workers import run_phase_task
 
     res = phase.resources
     remote = ray.remote(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker if res.use_gpu else 0,
-                        max_retries=max(res.max_failures, 0))(run_phase)
+                        max_retries=max(res.max_failures, 0))(run_phase_task)
     try:
-        out = ray.get(remote.remote(phase.type, phase.config.model_dump(mode="json")))
+        out = ray.get(remote.remote(phase.type, phase.config.model_dump(mode="json"),
+                                    _log_file(plan, phase, verbose, rank="0")))
     except Exception as exc:
-        cause = getattr(exc, "cause", None) or exc
-        raise PhaseFailed(f"phase {phase.name!r} ({phase.type}) failed: {type(cause).__name__}: {cause}") from exc
+        cause = _root_cause(exc)
+        raise PhaseFailed(f"phase {phase.name!r} ({phase.type}) failed: {type(cause).__name__}: {cause}"
+                          f"{_see_log(plan, phase, verbose)}") from exc
     write_manifest(phase.final_dir, Manifest(phase=phase.type, recipe_hash=plan.recipe_hash, complete=True,
                                              extra=_json_safe(out["metrics"])))
     return out["metrics"]
@@ -167,6 +199,12 @@ def run_task_phase(plan: Plan, phase: PlannedPhase) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------------------------------
+
+def _see_log(plan: Plan, phase: PlannedPhase, verbose: bool) -> str:
+    if verbose:
+        return ""
+    return f"\n  full log: {_log_file(plan, phase, verbose, rank='*')}"
+
 
 def _load_state(plan: Plan) -> dict:
     path = Path(plan.recipe.output_root) / STATE_FILE
@@ -191,50 +229,109 @@ def select_phases(plan: Plan, names: list[str] | None) -> list[PlannedPhase]:
     return [p for p in plan.phases if p.name in names]
 
 
-def run_recipe(plan: Plan, *, phases: list[str] | None = None, resume: bool = False) -> list[PhaseOutcome]:
+def run_recipe(plan: Plan, *, phases: list[str] | None = None, resume: bool = False, verbose: bool = False,
+               console: RunConsole | None = None) -> list[PhaseOutcome]:
+    """Run the selected phases in order; write the report.  The console shows one line per phase start and end and
+    the live progress between them; everything else goes to `OUTPUT_ROOT/logs/` (all of it on the console with
+    `verbose`)."""
     selected = select_phases(plan, phases)
     root = Path(plan.recipe.output_root)
     root.mkdir(parents=True, exist_ok=True)
-    state = _load_state(plan)
-    prepare_inputs(plan)
-    init_ray(plan)
-    outcomes: list[PhaseOutcome] = []
-    for i, phase in enumerate(selected, 1):
-        phase_dir = root / phase.name
-        if resume and is_complete(phase.final_dir):
-            manifest = read_manifest(phase.final_dir)
-            if manifest.recipe_hash != plan.recipe_hash:
-                print(f"[run] note: {phase.name} was completed by a different version of the recipe "
-                      f"({manifest.recipe_hash} != {plan.recipe_hash}); keeping it", flush=True)
-            print(f"[run] {i}/{len(selected)} {phase.name}: complete, skipped", flush=True)
-            prior = state["phases"].get(phase.name, {})
-            outcomes.append(PhaseOutcome(phase.name, phase.type, "skipped", prior.get("seconds", 0.0),
-                                         prior.get("metrics", {})))
-            continue
-        if not resume and phase_dir.exists():
-            backup = _move_aside(phase_dir)
-            print(f"[run] previous {phase.name} output moved to {backup}", flush=True)
-        print(f"[run] {i}/{len(selected)} {phase.name} [{phase.type}] on {phase.resources.describe()}", flush=True)
-        t0 = time.time()
+    console = console or RunConsole(verbose=verbose)
+    with driver_logging(root / LOG_DIR, verbose) as log_path:
+        state = _load_state(plan)
+        state.update(recipe=plan.recipe.name, recipe_hash=plan.recipe_hash)
+        prepare_inputs(plan)
+        started_ray = init_ray(plan, verbose)
+        outcomes: list[PhaseOutcome] = []
         try:
-            if get_phase(phase.type).ray_train:
-                metrics = run_training_phase(plan, phase)
-            else:
-                metrics = run_task_phase(plan, phase)
-        except PhaseFailed as exc:
-            outcomes.append(PhaseOutcome(phase.name, phase.type, "failed", time.time() - t0))
-            state["phases"][phase.name] = asdict(outcomes[-1])
-            _save_state(plan, state)
-            raise exc
-        seconds = time.time() - t0
-        outcomes.append(PhaseOutcome(phase.name, phase.type, "done", seconds, _json_safe(metrics)))
-        state["phases"][phase.name] = asdict(outcomes[-1])
-        _save_state(plan, state)
-        print(f"[run] {phase.name} done in {seconds:.1f}s", flush=True)
-    from patho_r1.launch.report import write_report
+            for i, phase in enumerate(selected, 1):
+                try:
+                    outcomes.append(_run_one(plan, phase, f"{i}/{len(selected)}", state, resume, verbose, console))
+                except PhaseFailed as exc:
+                    state["phases"][phase.name] = asdict(exc.outcome)
+                    _save_state(plan, state)
+                    raise
+                state["phases"][phase.name] = asdict(outcomes[-1])
+                _save_state(plan, state)
+        finally:
+            _keep_ray_logs(root / LOG_DIR / "ray")
+            if started_ray:  # stop our local Ray before the interpreter exits, not under it
+                import ray
 
-    write_report(plan, state)
+                ray.shutdown()
+        numbers = write_report(root)
+    if numbers["mcq"]:  # the one table that says whether it learned; the rest is in the report
+        mcq = render_markdown(numbers).split("## Held-out MCQ\n")[1].split("\n## ")[0]
+        console.line("\nheld-out MCQ:")
+        for line in mcq.strip().splitlines():
+            console.line(line)
+    console.line(f"report: {root / 'report.md'} (plots in {root / 'plots'}, all in one page: {root / 'report.html'})")
+    console.line(f"logs: {log_path.parent}")
     return outcomes
+
+
+def _run_one(plan: Plan, phase: PlannedPhase, position: str, state: dict, resume: bool, verbose: bool,
+             console: RunConsole) -> PhaseOutcome:
+    out_dir = str(getattr(phase.config, "output_dir", Path(plan.recipe.output_root) / phase.name))
+    if resume and is_complete(phase.final_dir):
+        manifest = read_manifest(phase.final_dir)
+        if manifest.recipe_hash != plan.recipe_hash:
+            console.line(f"[run] note: {phase.name} was completed by a different version of the recipe "
+                         f"({manifest.recipe_hash} != {plan.recipe_hash}); keeping it")
+        console.line(f"[run] {position} {phase.name}: complete, skipped")
+        prior = state["phases"].get(phase.name, {})
+        return PhaseOutcome(phase.name, phase.type, "skipped", prior.get("seconds", 0.0), prior.get("metrics", {}),
+                            out_dir)
+    phase_dir = Path(plan.recipe.output_root) / phase.name
+    if not resume and phase_dir.exists():
+        console.line(f"[run] previous {phase.name} output moved to {_move_aside(phase_dir)}")
+    phase_type = get_phase(phase.type)
+    resumed = ""
+    if resume and phase_type.hf_trainer:
+        from patho_r1.training import latest_checkpoint
+
+        checkpoint = latest_checkpoint(phase.config)
+        resumed = f", resuming from {Path(checkpoint).name}" if checkpoint else ""
+    console.line(f"[run] {position} {phase.name} [{phase.type}] on {phase.resources.describe()}{resumed}")
+    metrics_file = Path(out_dir) / "metrics.jsonl" if phase_type.ray_train else None
+    t0 = time.time()
+    try:
+        with console.phase_progress(phase.name, metrics_file, phase_type.headline):
+            if phase_type.ray_train:
+                metrics = run_training_phase(plan, phase, verbose)
+            else:
+                metrics = run_task_phase(plan, phase, verbose)
+    except PhaseFailed as exc:
+        console.line(f"[run] {phase.name} failed after {time.time() - t0:.1f}s")
+        exc.outcome = PhaseOutcome(phase.name, phase.type, "failed", time.time() - t0, output_dir=out_dir)
+        raise
+    seconds = time.time() - t0
+    console.line(f"[run] {phase.name} done in {seconds:.1f}s  {phase_headline(out_dir, metrics)}".rstrip())
+    return PhaseOutcome(phase.name, phase.type, "done", seconds, _json_safe(metrics), out_dir)
+
+
+def _keep_ray_logs(dest: Path) -> None:
+    """Copy this Ray session's own logs (raylet, GCS, dashboard, workers) next to ours, with every secret-looking
+    environment value (`*KEY*`, `*TOKEN*`, `*SECRET*`, `*PASSWORD*`) blanked out: Ray logs environments verbatim."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return
+        logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())  # no public accessor in Ray 2.60
+        secrets = [v.encode() for k, v in os.environ.items()
+                   if len(v) >= 8 and any(word in k.upper() for word in ("KEY", "TOKEN", "SECRET", "PASSWORD"))]
+        for path in logs.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                data = path.read_bytes()
+                for secret in secrets:
+                    data = data.replace(secret, b"[redacted]")
+                target = dest / path.relative_to(logs)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+    except Exception as exc:  # logs are a courtesy: never fail a finished run over them
+        logger.info("could not copy Ray's session logs: %s", exc)
 
 
 def _json_safe(metrics: dict) -> dict:

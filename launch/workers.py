@@ -4,11 +4,13 @@ node."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
 from patho_r1.config import validate_config
+from patho_r1.launch.console import worker_output
 from patho_r1.launch.phases import get_phase
 
 
@@ -19,6 +21,12 @@ def run_phase(phase_type: str, config: dict[str, Any], callbacks=()) -> dict:
     cfg = validate_config(phase.config_class(), config, prefix=f"{phase_type}.")
     result = phase.run(cfg, callbacks=callbacks)
     return {"global_step": result.global_step, "model_dir": str(result.model_dir), "metrics": result.metrics}
+
+
+def run_phase_task(phase_type: str, config: dict[str, Any], log_file: str | None = None) -> dict:
+    """A phase as one Ray task (evaluation), its output in `log_file`."""
+    with worker_output(Path(log_file) if log_file else None):
+        return run_phase(phase_type, config)
 
 
 class _RayProgress(TrainerCallback):
@@ -38,10 +46,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
     Every (re)start of an HF-Trainer phase resumes from the phase's newest intermediate checkpoint, so a worker
     restarted by Ray's FailureConfig continues instead of starting over.
     """
+    import ray.train
+
     for key, value in loop_config.get("env", {}).items():
         os.environ.setdefault(key, value)
     config = dict(loop_config["config"])
     phase = get_phase(loop_config["phase_type"])
     if phase.hf_trainer:
         config["resume"] = True
-    run_phase(phase.name, config, callbacks=[_RayProgress()] if loop_config.get("report") else [])
+    log_file = loop_config.get("log_file")
+    rank = ray.train.get_context().get_world_rank()
+    with worker_output(Path(log_file.format(rank=rank)) if log_file else None):
+        run_phase(phase.name, config, callbacks=[_RayProgress()] if loop_config.get("report") else [])

@@ -86,6 +86,7 @@ OWNED_TRAINING_ARGUMENTS: dict[str, str] = {
     "use_cpu": "use_cpu", "deepspeed": "deepspeed", "seed": "seed", "data_seed": "seed",
     "logging_steps": "logging_steps", "save_strategy": "save_steps", "save_steps": "save_steps",
     "save_total_limit": "save_total_limit", "report_to": "wandb", "dataloader_num_workers": "dataloader_num_workers",
+    "ddp_find_unused_parameters": "freeze_vision_tower",
     "remove_unused_columns": "(fixed: the collators read raw columns)",
     "disable_tqdm": "(fixed: the metrics callback prints progress)",
 }
@@ -119,9 +120,21 @@ def training_arguments(cfg: TrainConfig, run_name: str) -> dict[str, Any]:
         save_total_limit=cfg.save_total_limit,
         report_to=cfg.wandb.report_to(),
         dataloader_num_workers=cfg.dataloader_num_workers,
+        ddp_find_unused_parameters=may_skip_parameters(cfg),
         remove_unused_columns=False,  # our collators read the raw columns (image references, extra fields)
         disable_tqdm=True,  # JsonlMetricsCallback prints one progress line per log instead
     )
+
+
+def may_skip_parameters(cfg: TrainConfig) -> bool:
+    """Whether a trainable parameter can sit out a step, so DDP must look for unused ones after every backward.
+
+    Only a trainable vision tower or projector can (a batch without images skips them); the language model and its
+    LoRA adapters are used by every token.  Left at HF's default (True), DDP searches every step and warns that it
+    found nothing, as in the demo, whose vision tower is frozen."""
+    if cfg.lora is not None and not cfg.lora.modules_to_save:
+        return False
+    return not (cfg.freeze_vision_tower and cfg.freeze_projector)
 
 
 class JsonlMetricsCallback(TrainerCallback):
@@ -137,7 +150,7 @@ class JsonlMetricsCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        row = {"phase": self.phase, "step": state.global_step, "epoch": state.epoch,
+        row = {"phase": self.phase, "step": state.global_step, "total": state.max_steps, "epoch": state.epoch,
                "time": round(time.time() - self._t0, 3), **logs}
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(row, default=float) + "\n")

@@ -89,7 +89,11 @@ def test_unknown_phase_selection_is_an_error(tmp_path, capsys):
 def _run(args, log):
     return subprocess.Popen([sys.executable, "-m", "patho_r1.launch.cli", "run", *args], stdout=log,
                             stderr=subprocess.STDOUT,
-                            start_new_session=True, cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"})
+                            start_new_session=True, cwd=ROOT,
+                            env={**os.environ, "WANDB_MODE": "disabled", "WANDB_API_KEY": FAKE_KEY})
+
+
+FAKE_KEY = "fake-wandb-key-never-logged-0123"
 
 
 @pytest.mark.slow
@@ -124,7 +128,17 @@ def test_killed_run_resumes_without_redoing_finished_phases(tmp_path):
         assert proc.wait(timeout=900) == 0, (tmp_path / "second.log").read_text()[-3000:]
     second = (tmp_path / "second.log").read_text()
     assert "cpt: complete, skipped" in second
-    assert "resuming from" in second and "checkpoint-" in second
+    assert "resuming from checkpoint-" in second
+    # a quiet console: phase lines, progress and the report; Ray, worker and library output are in the logs
+    for console_text in ((tmp_path / "first.log").read_text(), second):
+        for noise in ("PlacementGroupCleaner", "core_worker", "Warning", "WARNING", "find_unused_parameters"):
+            assert noise not in console_text, noise
+    assert len(second.splitlines()) <= 15, second
+    worker_log = (out / "logs/sft.rank0.log").read_text()
+    assert "[sft] step 400/400" in worker_log and "resuming from" in worker_log
+    assert not any("Failed to query Ray Train Controller" in p.read_text(errors="replace")
+                   for p in (out / "logs/ray").rglob("*") if p.is_file())
+    assert not [p for p in out.rglob("*") if p.is_file() and FAKE_KEY.encode() in p.read_bytes()]  # no key logged
     assert (out / "cpt/model/patho_manifest.json").stat().st_mtime_ns == cpt_stamp
     from patho_r1.checkpoint import read_manifest
 
@@ -150,12 +164,13 @@ def test_report_tables():
     from patho_r1.launch.report import render_markdown
 
     report = {"recipe": "r", "recipe_hash": "h",
-              "mcq": {"sft": {"accuracy": 0.5, "strict_accuracy": 0.4, "format_rate": 1.0, "chance": 0.2}},
+              "mcq": {"sft": {"accuracy": 0.5, "strict_accuracy": 0.4, "format_rate": 1.0, "chance": 0.2,
+                              "ci95": [0.3, 0.7]}},
               "retrieval": {"embed": {"tasks": {"it2t": {"recall@1": 0.3, "recall@5": 0.8, "chance@1": 0.05,
                                                          "simple_add_recall@1": 0.1}}}},
               "wall_time_s": {"sft": 12.0}}
     text = render_markdown(report)
-    assert "| sft | 0.500 | 0.400 | 1.000 | 0.200 |" in text
+    assert "| sft | 0.500 | 0.30-0.70 | 0.400 | 1.000 | 0.200 |" in text
     assert "| it2t | 0.300 | 0.800 | 0.050 | 6.0x | 0.100 |" in text
     assert "| sft | 12.0 |" in text
 
@@ -207,5 +222,8 @@ def test_failed_phase_is_retried_then_reported_with_its_cause(tmp_path, monkeypa
         ray.shutdown()
     text = str(info.value)
     assert "phase 'sft' (sft) failed after 2 attempt(s)" in text and "missing.jsonl" in text
+    assert f"full log: {tmp_path / 'out/logs/sft.rank*.log'}" in text
+    worker_log = (tmp_path / "out/logs/sft.rank0.log").read_text()
+    assert "Traceback" in worker_log and "missing.jsonl" in worker_log  # both attempts, in full
     state = json.loads((tmp_path / "out/run_state.json").read_text())
     assert state["phases"]["sft"]["status"] == "failed"

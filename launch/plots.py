@@ -1,0 +1,149 @@
+"""The report's plots, drawn with matplotlib from a run's own files, so any past run can be redrawn.
+
+Each function takes the data it draws (rows of a phase's `metrics.jsonl`, an eval summary, an embed evaluation) and
+writes one PNG; it returns the path, or None when there is nothing to draw.  Nothing here knows about Ray or recipes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from matplotlib.figure import Figure  # the object API: no pyplot state, no display backend
+from scipy.stats import binomtest
+
+DPI = 110
+
+
+def _figure(width: float, height: float):
+    fig = Figure(figsize=(width, height))
+    return fig, fig.subplots()
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
+    points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and "step" in r]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def training_loss(losses: dict[str, list[dict]], path: Path) -> Path | None:
+    """One panel per training phase: the loss against the optimizer step (embed: one line per stage)."""
+    panels = {name: rows for name, rows in losses.items() if any("loss" in r for r in rows)}
+    if not panels:
+        return None
+    fig = Figure(figsize=(3.6 * len(panels), 3.0))
+    for ax, (name, rows) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels.items(), strict=True):
+        stages = sorted({r.get("stage") for r in rows if "loss" in r}, key=str)
+        for stage in stages:
+            xs, ys = _series([r for r in rows if r.get("stage") == stage], "loss")
+            ax.plot(xs, ys, marker=".", label=stage or "loss")
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        if len(stages) > 1:
+            ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def rl_rewards(rows: list[dict], path: Path, title: str = "rl") -> Path | None:
+    """Each reward's batch mean and the weighted total (`reward`) over RL steps."""
+    keys = sorted({k for r in rows for k in r if k.startswith("rewards/") and k.endswith("/mean")})
+    if not keys and not any("reward" in r for r in rows):
+        return None
+    fig, ax = _figure(6, 3.4)
+    for key in keys:
+        ax.plot(*_series(rows, key), marker=".", label=key.removeprefix("rewards/").removesuffix("/mean"))
+    ax.plot(*_series(rows, "reward"), marker="o", color="black", linewidth=2, label="total (weighted)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward")
+    ax.set_title(f"{title}: rewards")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def completion_length(rows: list[dict], path: Path, title: str = "rl") -> Path | None:
+    xs, mean = _series(rows, "completions/mean_length")
+    if not xs:
+        return None
+    fig, ax = _figure(6, 3.0)
+    ax.plot(xs, mean, marker=".", label="mean")
+    for key, style in (("completions/min_length", ":"), ("completions/max_length", "--")):
+        ax.plot(*_series(rows, key), linestyle=style, label=key.split("/")[1].replace("_length", ""))
+    ax.set_xlabel("step")
+    ax.set_ylabel("tokens")
+    ax.set_title(f"{title}: completion length")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def dynamic_sampling(rows: list[dict], path: Path, title: str = "rl") -> Path | None:
+    """DAPO dynamic sampling: the share of generated groups filtered out and the generation rounds per batch."""
+    xs, frac = _series(rows, "dynamic_sampling/filtered_frac")
+    if not xs:
+        return None
+    fig, ax = _figure(6, 3.0)
+    ax.plot(xs, frac, marker=".", color="tab:red", label="filtered fraction")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("filtered fraction", color="tab:red")
+    twin = ax.twinx()
+    twin.step(*_series(rows, "dynamic_sampling/rounds"), where="mid", color="tab:blue", label="rounds")
+    twin.set_ylabel("generation rounds", color="tab:blue")
+    ax.set_title(f"{title}: DAPO dynamic sampling")
+    return _save(fig, path)
+
+
+def wilson_interval(correct: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of an accuracy (scipy's binomial test)."""
+    if n == 0:
+        return 0.0, 1.0
+    ci = binomtest(correct, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def accuracy(summary: dict[str, dict], path: Path) -> Path | None:
+    """Held-out MCQ accuracy per checkpoint with its 95% Wilson interval and the chance line."""
+    if not summary:
+        return None
+    labels = list(summary)
+    acc = [summary[k]["accuracy"] for k in labels]
+    intervals = [wilson_interval(round(summary[k]["accuracy"] * summary[k]["n"]), summary[k]["n"]) for k in labels]
+    low = [a - lo for a, (lo, _) in zip(acc, intervals, strict=True)]
+    high = [hi - a for a, (_, hi) in zip(acc, intervals, strict=True)]
+    fig, ax = _figure(1.4 * len(labels) + 2, 3.2)
+    ax.bar(labels, acc, yerr=[low, high], capsize=4, color="tab:green", label="accuracy (95% CI)")
+    chance = max(summary[k].get("chance", 0.0) for k in labels)
+    ax.axhline(chance, color="grey", linestyle="--", label=f"chance ({chance:.2f})")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title(f"held-out MCQ (n={summary[labels[0]]['n']})")
+    ax.legend(fontsize=8, loc="upper left")
+    return _save(fig, path)
+
+
+def retrieval(tasks: dict[str, dict], path: Path, title: str = "embed") -> Path | None:
+    """Recall@1/5/10 per composed-retrieval task, beside the simple-add baseline's R@1 and chance."""
+    if not tasks:
+        return None
+    names = list(tasks)
+    ks = [k for k in ("recall@1", "recall@5", "recall@10") if all(k in tasks[t] for t in names)]
+    width = 0.8 / (len(ks) + 1)
+    fig, ax = _figure(1.6 * len(names) + 2, 3.4)
+    for i, k in enumerate(ks):
+        ax.bar([x + i * width for x in range(len(names))], [tasks[t][k] for t in names], width, label=k)
+    base = [tasks[t].get("simple_add_recall@1", 0.0) for t in names]
+    ax.bar([x + len(ks) * width for x in range(len(names))], base, width, color="lightgrey",
+           label="simple-add R@1")
+    ax.scatter([x + 0.4 - width / 2 for x in range(len(names))], [tasks[t]["chance@1"] for t in names],
+               marker="_", s=400, color="black", label="chance@1", zorder=3)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(names))], names)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("recall")
+    ax.set_title(f"{title}: composed retrieval")
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)

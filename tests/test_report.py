@@ -1,0 +1,174 @@
+"""The run report (tables, plots, one-page HTML) redrawn from a run folder, and the console's progress display."""
+
+import base64
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from patho_r1.launch.console import MetricsTail, RunConsole
+from patho_r1.launch.report import STATE_FILE, write_report
+
+
+def _jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A finished run's folder, in the layout `patho-r1 run` writes."""
+    root = tmp_path / "demo"
+    phases = {"cpt": "cpt", "sft": "sft", "rl": "rl", "embed": "embed", "eval": "eval"}
+    state = {"recipe": "demo", "recipe_hash": "abc123", "phases": {
+        name: {"name": name, "type": kind, "status": "done", "seconds": 10.0 + i, "metrics": {},
+               "output_dir": str(root / name)} for i, (name, kind) in enumerate(phases.items())}}
+    root.mkdir()
+    (root / STATE_FILE).write_text(json.dumps(state))
+    for name in ("cpt", "sft"):
+        _jsonl(root / name / "metrics.jsonl", [{"phase": name, "step": s, "total": 30, "loss": 3.0 / s, "time": s}
+                                              for s in (10, 20, 30)])
+    _jsonl(root / "rl/metrics.jsonl", [
+        {"phase": "rl", "step": s, "total": 20, "loss": 0.01, "reward": 1.0 + s / 20, "rewards/format/mean": 0.9,
+         "rewards/accuracy/mean": s / 40, "completions/mean_length": 30.0 - s, "completions/min_length": 5.0,
+         "completions/max_length": 48.0, "dynamic_sampling/filtered_frac": 0.5 - s / 50,
+         "dynamic_sampling/rounds": 2.0, "time": s} for s in (5, 10, 15, 20)])
+    _jsonl(root / "embed/metrics.jsonl", [{"phase": "embed", "stage": st, "step": s, "total": 4, "loss": 2.0 / s}
+                                          for st in ("stage1", "stage2") for s in (2, 4)])
+    (root / "embed/eval").mkdir(parents=True)
+    (root / "embed/eval/metrics.json").write_text(json.dumps({"tasks": {
+        t: {"recall@1": 0.5, "recall@5": 0.8, "recall@10": 0.9, "chance@1": 0.1, "simple_add_recall@1": 0.3}
+        for t in ("it2i", "it2t")}}))
+    (root / "eval").mkdir()
+    (root / "eval/summary.json").write_text(json.dumps({
+        label: {"n": 60, "accuracy": acc, "strict_accuracy": acc, "format_rate": 1.0, "chance": 0.2,
+                "mean_response_tokens": 20.0} for label, acc in (("base", 0.0), ("sft", 38 / 60))}))
+    return root
+
+
+def _wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The Wilson score interval, by its formula (Wilson 1927)."""
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def test_report_draws_every_plot_and_links_them(run_dir):
+    numbers = write_report(run_dir)
+    expected = ["loss.png", "rl_rewards.png", "rl_length.png", "rl_dynamic_sampling.png", "accuracy.png",
+                "embed_retrieval.png"]
+    for name in expected:
+        png = run_dir / "plots" / name
+        assert png.is_file() and png.stat().st_size > 5_000, name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = (run_dir / "report.md").read_text()
+    for name in expected:
+        assert f"](plots/{name})" in markdown, name
+    page = (run_dir / "report.html").read_text()
+    inline = page.count("src='data:image/png;base64,")
+    assert inline == len(expected)
+    first = page.split("base64,")[1].split("'")[0]
+    assert base64.b64decode(first)[:4] == b"\x89PNG"
+    assert "<table>" in page and "<td>sft</td>" in page
+    lo, hi = _wilson(38, 60)
+    assert numbers["mcq"]["sft"]["ci95"] == pytest.approx([lo, hi], abs=1e-9)
+    assert f"| sft | 0.633 | {lo:.2f}-{hi:.2f} |" in markdown and 0.50 < lo < hi < 0.76
+    assert numbers["wall_time_s"]["rl"] == 12.0 and "training" not in json.loads((run_dir / "report.json").read_text())
+
+
+def test_patho_r1_report_redraws_a_past_run(run_dir):
+    out = subprocess.run([sys.executable, "-m", "patho_r1.launch.cli", "report", str(run_dir)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert (run_dir / "plots/loss.png").is_file() and (run_dir / "report.html").is_file()
+    bad = subprocess.run([sys.executable, "-m", "patho_r1.launch.cli", "report", str(run_dir / "nope")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "no run_state.json" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _write_rows_slowly(path: Path, rows: list[dict], pause: float) -> threading.Thread:
+    def write():
+        with path.open("a") as fh:
+            for row in rows:
+                fh.write(json.dumps(row))
+                fh.flush()
+                time.sleep(pause / 2)
+                fh.write("\n")  # a row is read only once its line is complete
+                fh.flush()
+                time.sleep(pause / 2)
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    return thread
+
+
+def test_plain_progress_lines_with_rate_eta_and_metrics(tmp_path):
+    out = io.StringIO()
+    console = RunConsole(console=Console(file=out, force_terminal=False, width=200), poll_s=0.02)
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "total": 100, "time": s / 10, "loss": 1.0 / s} for s in range(10, 101, 10)]
+    with console.phase_progress("sft", path, ("loss",)):
+        _write_rows_slowly(path, rows, 0.02).join()
+        time.sleep(0.1)
+    lines = out.getvalue().splitlines()
+    assert [line.split()[2] for line in lines] == ["30/100", "50/100", "80/100"]  # one line per quarter reached
+    assert lines[0] == "  sft step 30/100 (30%) 10.00 step/s ETA 0:07  loss=0.0333"
+
+
+def test_terminal_progress_is_a_live_bar(tmp_path):
+    out = io.StringIO()
+    console = RunConsole(console=Console(file=out, force_terminal=True, width=160), poll_s=0.02)
+    path = tmp_path / "metrics.jsonl"
+    with console.phase_progress("rl", path, ("reward", "dynamic_sampling/filtered_frac")):
+        _write_rows_slowly(path, [{"step": s, "total": 40, "reward": 1.5, "dynamic_sampling/filtered_frac": 0.25}
+                                  for s in (10, 20)], 0.05).join()
+        time.sleep(0.2)
+    screen = out.getvalue()
+    assert "20/40" in screen and "reward=1.5" in screen and "filtered_frac=0.25" in screen and "ETA" in screen
+
+
+def test_metrics_tail_reads_only_complete_new_rows(tmp_path):
+    path = tmp_path / "m.jsonl"
+    tail = MetricsTail(path)
+    assert tail.new_rows() == []
+    path.write_text('{"step": 1}\n{"step": 2')
+    assert tail.new_rows() == [{"step": 1}]
+    with path.open("a") as fh:
+        fh.write('}\n')
+    assert tail.new_rows() == [{"step": 2}] and tail.new_rows() == []
+
+
+def test_worker_output_goes_to_its_log_file_then_comes_back(tmp_path):
+    log = tmp_path / "logs/sft.rank0.log"
+    code = f"""
+import logging, os, sys, warnings
+from pathlib import Path
+from patho_r1.launch.console import worker_output
+with worker_output(Path({str(log)!r})):
+    print("from python")
+    os.write(2, b"from C\\n")
+    logging.getLogger("transformers").warning("from a library")
+    warnings.warn("deprecated thing", FutureWarning)
+print("back on the console")
+try:
+    with worker_output(Path({str(log)!r})):
+        raise RuntimeError("worker broke")
+except RuntimeError:
+    pass
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONWARNINGS": "default"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "back on the console\n" and out.stderr == ""
+    text = log.read_text()
+    for needle in ("from python", "from C", "from a library", "deprecated thing", "RuntimeError: worker broke"):
+        assert needle in text, needle

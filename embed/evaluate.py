@@ -28,11 +28,17 @@ TEMPLATES = ("An H&E image of {}.", "A pathology image showing {}.", "{}.")
 # Metrics
 # ----------------------------------------------------------------------------------------------------------------------
 
-def exact_search(queries: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k inner-product search with torch: (scores [Q, k], indices [Q, k])."""
+def exact_search(queries: np.ndarray, gallery: np.ndarray, k: int,
+                 exclude: Sequence[set[int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k inner-product search with torch: (scores [Q, k], indices [Q, k]).  `exclude[i]` lists gallery
+    indices query i may not retrieve (they rank last)."""
     q, g = torch.from_numpy(np.ascontiguousarray(queries, np.float32)), torch.from_numpy(
         np.ascontiguousarray(gallery, np.float32))
-    scores, idx = torch.topk(q @ g.T, k=min(k, g.shape[0]), dim=1)
+    sims = q @ g.T
+    for i, banned in enumerate(exclude or []):
+        if banned:
+            sims[i, list(banned)] = float("-inf")
+    scores, idx = torch.topk(sims, k=min(k, g.shape[0]), dim=1)
     return scores.numpy(), idx.numpy()
 
 
@@ -134,7 +140,13 @@ def _simple_add(embedder, queries: list, batch_size: int) -> np.ndarray:
 
 def composed_retrieval(embedder, records: Sequence[EmbedPairRecord], batch_size: int = 32,
                        simple_add: bool = True) -> dict[str, dict]:
-    """Per task: Recall@1/5/10 of the embedder and of the simple-add baseline, with chance at 1."""
+    """Per task: Recall@1/5/10 of the embedder and of the simple-add baseline, with chance at 1.
+
+    The gallery is every distinct positive of the task.  A retrieved candidate is right when it is the query's own
+    positive (the same text, the same image) or shares its `target_id`; several classes may share one answer text,
+    and each of their queries is right on it.  A query never retrieves its own input: an image+text -> image query
+    whose image is another query's positive would otherwise find itself.
+    """
     by_task: dict[str, list[EmbedPairRecord]] = defaultdict(list)
     for r in records:
         by_task[r.task].append(r)
@@ -148,16 +160,20 @@ def composed_retrieval(embedder, records: Sequence[EmbedPairRecord], batch_size:
                 gallery_keys[key] = len(gallery_sides)
                 gallery_sides.append(r.positive)
                 gallery_targets.append(r.target_id or key)
-        positives = [{j for j, t in enumerate(gallery_targets) if t == (r.target_id or _target_key(r.positive))}
+        positives = [{gallery_keys[_target_key(r.positive)]}
+                     | {j for j, t in enumerate(gallery_targets) if r.target_id is not None and t == r.target_id}
                      for r in recs]
+        own_inputs = [{gallery_keys[str(ref)] for ref in [*r.query.images, *r.query.frames] if str(ref) in gallery_keys}
+                      - positives[i] for i, r in enumerate(recs)]
         gallery = embedder.encode(gallery_sides, batch_size=batch_size)
         queries = embedder.encode([r.query for r in recs], batch_size=batch_size)
-        _, ranking = exact_search(queries, gallery, k=10)
+        _, ranking = exact_search(queries, gallery, k=10, exclude=own_inputs)
         m = recall_at_k(ranking, positives)
         m["chance@1"] = float(np.mean([len(p) / len(gallery_sides) for p in positives]))
         m["n_queries"], m["n_gallery"] = len(recs), len(gallery_sides)
         if simple_add:
-            _, base_rank = exact_search(_simple_add(embedder, [r.query for r in recs], batch_size), gallery, k=10)
+            _, base_rank = exact_search(_simple_add(embedder, [r.query for r in recs], batch_size), gallery, k=10,
+                                        exclude=own_inputs)
             m["simple_add_recall@1"] = recall_at_k(base_rank, positives, ks=(1,))["recall@1"]
         results[task] = m
     return results

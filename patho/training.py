@@ -8,9 +8,11 @@ import logging
 import os
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import TrainerCallback
 
 from patho_r1.checkpoint import Manifest, save_checkpoint
@@ -92,10 +94,47 @@ OWNED_TRAINING_ARGUMENTS: dict[str, str] = {
 }
 
 
+@dataclass(frozen=True)
+class Precision:
+    """How a trainer phase holds and computes its numbers.
+
+    `compute` is the matmul precision (`dtype` in the config; `auto`: bf16 on a GPU, fp32 on a CPU).  `weights` is
+    what the model is loaded in, and so what the optimizer updates.  Half-precision weights updated by a plain
+    optimizer round away every step smaller than half an ulp: at the RL learning rate (1e-6), bf16 weights of size
+    ~0.02 (ulp ~1.2e-4) almost never move.  So the weights that the optimizer owns stay fp32 and half precision is
+    used only inside autocast, unless something else keeps fp32 master weights:
+    * DeepSpeed with bf16/fp16 keeps an fp32 master copy in its optimizer, so the model loads in half precision;
+    * LoRA trains only the adapters, which PEFT creates in fp32 (`autocast_adapter_dtype`), so the frozen base
+      model loads in half precision.
+    Bytes per trained parameter: fp32 weights 4 + fp32 gradients 4 + AdamW states 8 = 16 (pure bf16 was 8).
+    """
+
+    compute: str  # float32 | bfloat16 | float16
+    weights: str  # the dtype the model is loaded in
+
+    @property
+    def bf16(self) -> bool:
+        return self.compute == "bfloat16"
+
+    @property
+    def fp16(self) -> bool:
+        return self.compute == "float16"
+
+
+def precision(cfg: TrainConfig) -> Precision:
+    cpu = cfg.runs_on_cpu()
+    compute = ("float32" if cpu else "bfloat16") if cfg.dtype == "auto" else cfg.dtype
+    if compute == "float16" and cpu:
+        compute = "float32"  # CPU autocast has no fp16; bf16 works there
+    master_elsewhere = cfg.deepspeed is not None or cfg.lora is not None
+    weights = compute if compute == "float32" or master_elsewhere else "float32"
+    return Precision(compute=compute, weights=weights)
+
+
 def training_arguments(cfg: TrainConfig, run_name: str) -> dict[str, Any]:
     """The `transformers.TrainingArguments` fields our TrainConfig decides (TRL's configs extend these)."""
     cpu = cfg.runs_on_cpu()
-    bf16 = not cpu and cfg.dtype in ("auto", "bfloat16")
+    mixed = precision(cfg)
     return dict(
         output_dir=str(Path(cfg.output_dir) / CHECKPOINTS_SUBDIR),
         run_name=run_name,
@@ -108,8 +147,8 @@ def training_arguments(cfg: TrainConfig, run_name: str) -> dict[str, Any]:
         num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps,
         gradient_checkpointing=cfg.gradient_checkpointing,
-        bf16=bf16,
-        fp16=not cpu and cfg.dtype == "float16",
+        bf16=mixed.bf16,
+        fp16=mixed.fp16,
         use_cpu=cpu,
         deepspeed=cfg.deepspeed,
         seed=cfg.seed,
@@ -166,7 +205,7 @@ def load_phase_backbone(cfg: TrainConfig, padding_side: str):
     """The phase's backbone with the config's dtype, attention, pixel budget and freezing applied."""
     from patho_r1.models import load_backbone
 
-    backbone = load_backbone(cfg.model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
+    backbone = load_backbone(cfg.model, dtype=precision(cfg).weights, attn_implementation=cfg.attn_implementation,
                              min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, padding_side=padding_side)
     if cfg.freeze_vision_tower or cfg.freeze_projector:
         counts = apply_freezing(backbone.model, freeze_vision_tower=cfg.freeze_vision_tower,
@@ -243,6 +282,12 @@ def finalize(trainer, processor, cfg: TrainConfig, phase: str, metrics: dict[str
     if cfg.lora is not None and cfg.merge_lora:
         model = model.merge_and_unload()
         extra["merged"] = True
+    compute = precision(cfg).compute
+    if model.dtype == torch.float32 and compute != "float32" and not getattr(trainer, "is_deepspeed_enabled", False):
+        # fp32 master weights were for the optimizer; the checkpoint is what inference and the next phase load, in the
+        # precision they compute in (vLLM reads the saved dtype), as Hugging Face checkpoints are.
+        model = model.to(getattr(torch, compute))
+        extra["saved_dtype"] = compute
     manifest = Manifest(phase=phase, step=int(trainer.state.global_step), recipe_hash=cfg.recipe_hash,
                         parent=cfg.parent or cfg.model, complete=True,
                         metrics={k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))},

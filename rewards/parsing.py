@@ -26,7 +26,10 @@ _TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
 # The whole completion is exactly: optional whitespace, one think block, optional whitespace, one answer block,
 # optional whitespace.  Tag counts are checked separately, so nested or repeated tags cannot sneak through `.*?`.
 _STRICT_LAYOUT = re.compile(r"\A\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*\Z", re.DOTALL)
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+# Reading an answer is lenient about the tags' case (`<ANSWER>`); the format reward stays strict.
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+_THINK_CLOSE = re.compile(r"</think>", re.IGNORECASE)
+_ANY_TAG = re.compile(r"</?(?:think|answer)>", re.IGNORECASE)
 
 
 def completion_text(completion: Any) -> str:
@@ -71,19 +74,26 @@ def extract_answer(text: str) -> str | None:
 
 def extract_final_answer(text: str) -> str:
     """What an evaluator should score: the last `<answer>` content, else the text after the last `</think>`,
-    else the whole text.  Never returns the raw tags (VLMEvalKit's matcher would mis-read them)."""
+    else the whole text.  Never returns the raw tags (VLMEvalKit's matcher would mis-read them), and never the
+    reasoning: an output cut off inside `<think>` (no `</think>`, no answer) has no final answer, so it is ''
+    rather than a trace whose letters VLMEvalKit would credit."""
     answer = extract_answer(text)
     if answer is not None:
         return answer
-    if THINK_CLOSE in text:
-        return text.rsplit(THINK_CLOSE, 1)[1].replace(ANSWER_OPEN, "").replace(ANSWER_CLOSE, "").strip()
-    return text.strip()
+    closes = list(_THINK_CLOSE.finditer(text))
+    if closes:
+        return _ANY_TAG.sub("", text[closes[-1].end():]).strip()
+    if re.search(r"<think>", text, re.IGNORECASE):
+        return ""
+    return _ANY_TAG.sub("", text).strip()
 
 
 def split_thinking(text: str) -> tuple[str, str]:
     """(prediction, thinking): the final answer and the reasoning trace, for evaluators that keep both."""
-    thinking = ""
-    if THINK_CLOSE in text:
-        head = text.rsplit(THINK_CLOSE, 1)[0]
-        thinking = head.split(THINK_OPEN, 1)[-1].strip()
+    closes = list(_THINK_CLOSE.finditer(text))
+    if closes:
+        head = text[:closes[-1].start()]
+    else:  # cut off inside the reasoning: all of it is thinking
+        head = text if re.search(r"<think>", text, re.IGNORECASE) else ""
+    thinking = re.split(r"<think>", head, maxsplit=1, flags=re.IGNORECASE)[-1].strip()
     return extract_final_answer(text), thinking

@@ -68,8 +68,7 @@ class VerifierPool:
                                _short(args))
                 out.append(default)
             except Exception as exc:  # a worker that raised or died: score the sample as default, keep going
-                self.stats.errors += 1
-                self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                self._error(fn, args, exc)
                 out.append(default)
         return out
 
@@ -77,9 +76,15 @@ class VerifierPool:
         try:
             return fn(*args)
         except Exception as exc:
-            self.stats.errors += 1
-            self.stats.last_error = f"{type(exc).__name__}: {exc}"
+            self._error(fn, args, exc)
             return default
+
+    def _error(self, fn, args, exc: Exception) -> None:
+        self.stats.errors += 1
+        self.stats.last_error = f"{type(exc).__name__}: {exc}"
+        if self.stats.errors == 1 or self.stats.errors % 100 == 0:  # a worker that died shows up here too
+            logger.warning("verifier %s failed (%d so far) on %r: %s", getattr(fn, "__name__", fn), self.stats.errors,
+                           _short(args), self.stats.last_error)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -29,12 +29,15 @@ import importlib
 import inspect
 import logging
 import math
+import numbers
+import sys
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from patho_r1.rewards.accuracy import AccuracyReward
 from patho_r1.rewards.format import FormatReward
@@ -75,9 +78,11 @@ class RewardRegistry:
             out[name] = doc.splitlines()[0] if doc else ""
         return out
 
-    def build(self, name: str, **params) -> RewardFn:
+    def resolve(self, name: str) -> tuple[Callable, bool]:
+        """What `name` points at, and whether that is the reward itself (else a factory); nothing is called.
+        Raises KeyError for a name that resolves to nothing, TypeError for something that is not reward-shaped."""
         if name in self.factories:
-            return _call_factory(self.factories[name], params, name)
+            return self.factories[name], False
         if any(ep.name == name for ep in entry_points(group=ENTRY_POINT_GROUP)):
             target = _load_entry_point(name)
         elif ":" in name:
@@ -85,12 +90,30 @@ class RewardRegistry:
         else:
             raise KeyError(f"unknown reward {name!r}; registered: {', '.join(self.names())}; "
                            "or give an import string 'package.module:function'")
-        if not inspect.isclass(target) and _is_reward_function(target):
+        if not callable(target) or inspect.isbuiltin(target) or _from_stdlib(target):
+            raise TypeError(f"reward {name!r} resolves to {target!r}, which is neither a reward "
+                            "(a function taking `completions`) nor a factory of one")
+        return target, not inspect.isclass(target) and _is_reward_function(target)
+
+    def check(self, name: str, params: dict) -> None:
+        """Fail as `build` would, without calling anything: unknown names, unknown or missing parameters."""
+        target, is_reward = self.resolve(name)
+        if is_reward:
             if params:
                 raise TypeError(f"reward {name!r} is a reward function, not a factory: it takes no parameters "
                                 f"(got {', '.join(sorted(params))})")
-            return target
-        return _call_factory(target, params, name)
+            return
+        try:
+            inspect.signature(target).bind(**params)
+        except TypeError as exc:
+            raise TypeError(f"reward {name!r}: {exc} (its parameters: {inspect.signature(target)})") from None
+        except ValueError:  # no signature to read (a C-level class): leave it to the call
+            pass
+
+    def build(self, name: str, **params) -> RewardFn:
+        self.check(name, params)
+        target, is_reward = self.resolve(name)
+        return target if is_reward else _call_factory(target, params, name)
 
 
 def _load_entry_point(name: str):
@@ -112,6 +135,12 @@ def _import_string(path: str):
             raise KeyError(f"reward {path!r}: module {module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     return obj
+
+
+def _from_stdlib(obj) -> bool:
+    """`os:system` and its kind: importable, callable, and never a reward."""
+    module = (getattr(obj, "__module__", None) or "").split(".")[0]
+    return module in sys.stdlib_module_names
 
 
 def _is_reward_function(fn) -> bool:
@@ -143,11 +172,15 @@ def register_reward(name: str, factory: Callable[..., RewardFn] | None = None, *
 
 
 class RewardSpec(BaseModel):
-    """One reward in a recipe: its name, its weight in the sum, and any parameters for its factory."""
+    """One reward in a recipe: its name, its weight in the sum, its time limit per call, and any parameters for its
+    factory."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     name: str
-    weight: float = 1.0
+    weight: float = Field(1.0, ge=0, description="its weight in the sum; a penalty is a reward that returns "
+                          "negative values")
+    call_timeout: float | None = Field(60.0, gt=0, description="seconds one call may take; past it the batch "
+                                       "scores `fallback` and the step goes on (None: no limit)")
 
     @property
     def params(self) -> dict[str, Any]:
@@ -184,36 +217,82 @@ class RewardFailure(RuntimeError):
     """A reward failed on every sample of a batch for the same reason: a bug or a missing column, not noise."""
 
 
-class SafeReward:
-    """Wraps a reward so that one bad sample never stops training.
+class RewardTimeout(RuntimeError):
+    """One call of a reward ran past its time limit."""
 
-    When the batch call raises, each sample is re-scored alone: samples that still raise get `fallback` (0.0), the
-    others keep their real score.  Failures are counted, logged with the reward's name, and reported to TRL through
-    its `log_metric` hook as `<name>/failures`.  When every sample of a batch (of two or more) fails with the same
-    error, that is a bug, and `RewardFailure` is raised naming the reward and the error.  A wrong-length result is a
-    bug in the reward and is raised too.
+
+class SafeReward:
+    """Wraps a reward so that a fault costs at most the samples it touches, never the step or the run.
+
+    * **Time.** Each call runs under a hard limit (`timeout` seconds, the spec's `call_timeout`).  Past it the whole
+      batch scores `fallback`, the failures are counted, and training goes on.  The stuck call is left behind in a
+      daemon thread: Python cannot stop a thread, but the step no longer waits for it.  (math-verify, which can hang
+      inside C code, runs in the verifier's process pool, whose workers are killed at their limit.)
+    * **Exceptions.** When the batch call raises, each sample is re-scored alone: samples that still raise get
+      `fallback` (0.0), the others keep their real score.
+    * **Return values.** The result must be one value per completion: None (TRL's "not applicable") or a finite
+      real number.  A string, a dict or a wrong length for the whole batch, or a NaN, an inf or an object for one
+      sample, costs those samples `fallback`, is counted, and is logged once with an example.
+    * **Bugs.** When every sample of a batch (of two or more) fails for the same reason, `RewardFailure` is raised
+      naming the reward and the reason: that is a bug or a missing column, not noise.
+
+    Failures are reported to TRL through its `log_metric` hook as `<name>/failures` (a running count).
     """
 
-    def __init__(self, fn: RewardFn, name: str, fallback: float = 0.0, log_every: int = 100):
+    def __init__(self, fn: RewardFn, name: str, fallback: float = 0.0, log_every: int = 100,
+                 timeout: float | None = 60.0):
         self.fn = fn
         self.__name__ = name
         self.fallback = fallback
         self.failures = 0
         self.log_every = log_every
+        self.timeout = timeout
+        self._logged: set[str] = set()
 
     def __call__(self, prompts=None, completions=None, completion_ids=None, **columns) -> list:
         n = len(completions)
         try:
-            out = list(self.fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns))
-        except Exception as exc:
+            out = self._values(self._call(prompts, completions, completion_ids, columns), n)
+        except RewardTimeout as exc:
+            self._count(n, str(exc), example=None)
+            out = [self.fallback] * n
+        except Exception as exc:  # raised, or returned no list of n values: find the samples at fault
             out = self._per_sample(prompts, completions, completion_ids, columns, exc)
-        if len(out) != n:
-            raise ValueError(f"reward {self.__name__!r} returned {len(out)} values for {n} completions")
-        out = [None if v is None else (self.fallback if not math.isfinite(float(v)) else float(v)) for v in out]
+        out = self._checked(out)
         log_metric = columns.get("log_metric")
         if callable(log_metric):
             log_metric(f"{self.__name__}/failures", float(self.failures))
         return out
+
+    def _call(self, prompts, completions, completion_ids, columns):
+        kwargs = dict(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+        if not self.timeout:
+            return self.fn(**kwargs)
+        box: dict[str, Any] = {}
+
+        def run():
+            try:
+                box["value"] = self.fn(**kwargs)
+            except BaseException as exc:  # handed to the caller below
+                box["error"] = exc
+
+        worker = threading.Thread(target=run, name=f"reward-{self.__name__}", daemon=True)
+        worker.start()
+        worker.join(self.timeout)
+        if worker.is_alive():
+            raise RewardTimeout(f"reward {self.__name__!r} took longer than its {self.timeout:g} s limit "
+                                f"(call_timeout) on a batch of {len(completions)}")
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def _values(self, result, n: int) -> list:
+        if isinstance(result, (str, bytes, dict)) or not hasattr(result, "__len__"):
+            raise TypeError(f"returned a {type(result).__name__}, not a list of {n} scores")
+        values = result.tolist() if hasattr(result, "tolist") else list(result)
+        if len(values) != n:
+            raise TypeError(f"returned {len(values)} values for {n} completions")
+        return values
 
     def _per_sample(self, prompts, completions, completion_ids, columns, batch_exc) -> list:
         n = len(completions)
@@ -221,10 +300,14 @@ class SafeReward:
         for i in range(n):
             one = {k: (v[i:i + 1] if isinstance(v, list) and len(v) == n else v) for k, v in columns.items()}
             try:
-                value = self.fn(prompts=prompts[i:i + 1] if prompts is not None else None,
-                                completions=completions[i:i + 1],
-                                completion_ids=completion_ids[i:i + 1] if completion_ids is not None else None, **one)
-                out.append(list(value)[0])
+                value = self._values(self._call(prompts[i:i + 1] if prompts is not None else None,
+                                                completions[i:i + 1],
+                                                completion_ids[i:i + 1] if completion_ids is not None else None,
+                                                one), 1)
+                out.append(value[0])
+            except RewardTimeout as exc:  # one sample hung: the rest would too; score them all as failed
+                self._count(n - len(out), str(exc), example=None)
+                return out + [self.fallback] * (n - len(out))
             except Exception as exc:
                 errors.append(exc)
                 out.append(self.fallback)
@@ -233,14 +316,45 @@ class SafeReward:
             raise RewardFailure(f"reward {self.__name__!r} failed on all {n} samples of a batch with the same error: "
                                 f"{reasons.pop()}") from errors[0]
         for exc in errors:
-            self.failures += 1
-            if self.failures == 1 or self.failures % self.log_every == 0:
-                logger.warning("reward %r failed on a sample (%d failures so far): %s: %s", self.__name__,
-                               self.failures, type(exc).__name__, exc)
+            self._count(1, f"{type(exc).__name__}: {exc}", example=None)
         if not errors:  # the batch failed but every sample alone succeeded: count the batch failure once
-            self.failures += 1
-            logger.warning("reward %r failed on a batch but not per sample: %s", self.__name__, batch_exc)
+            self._count(1, f"failed on a batch but not per sample: {batch_exc}", example=None)
         return out
+
+    def _checked(self, values: list) -> list:
+        """None or a finite real number per sample; anything else is that sample's failure."""
+        out, bad = [], []
+        for v in values:
+            if v is None:
+                out.append(None)
+            elif isinstance(v, numbers.Real) and math.isfinite(v):
+                out.append(float(v))
+            else:
+                bad.append(v)
+                out.append(self.fallback)
+        if not bad:
+            return out
+        reasons = {_bad_value_reason(v) for v in bad}
+        if len(values) > 1 and len(bad) == len(values) and len(reasons) == 1:
+            raise RewardFailure(f"reward {self.__name__!r} returned {reasons.pop()} for all {len(values)} samples "
+                                f"of a batch, e.g. {bad[0]!r}")
+        for v in bad:
+            self._count(1, f"returned {_bad_value_reason(v)}", example=v)
+        return out
+
+    def _count(self, k: int, reason: str, example) -> None:
+        self.failures += k
+        kind = reason.split(":")[0]
+        if kind not in self._logged or self.failures % self.log_every < k:
+            self._logged.add(kind)
+            logger.warning("reward %r failed (%d failures so far): %s%s", self.__name__, self.failures, reason,
+                           "" if example is None else f" (example: {example!r:.200})")
+
+
+def _bad_value_reason(v) -> str:
+    if isinstance(v, numbers.Real):
+        return "a non-finite number (NaN or inf)"
+    return f"a {type(v).__name__} instead of a number"
 
 
 @dataclass
@@ -272,6 +386,19 @@ class RewardSet:
                 close()
 
 
+def check_reward_specs(specs: Iterable[RewardSpec], registry: RewardRegistry | None = None) -> list[str]:
+    """Every problem of a reward list that `build_rewards` would hit, as `rewards.I...: message` lines, found
+    without building anything (recipes run this at validation, before any model loads)."""
+    registry = registry or REGISTRY
+    problems = []
+    for i, spec in enumerate(specs):
+        try:
+            registry.check(spec.name, spec.params)
+        except (KeyError, TypeError) as exc:
+            problems.append(f"rewards.{i}.name: {exc.args[0] if exc.args else exc}")
+    return problems
+
+
 def reward_labels(specs: Iterable[RewardSpec]) -> list[str]:
     """The name each reward is logged and filtered under: the last part of its name, made unique."""
     labels: list[str] = []
@@ -300,7 +427,7 @@ def build_rewards(specs: str | Iterable[dict | RewardSpec], *, registry: RewardR
             if "cache_length" not in params:  # DAPO uses a quarter of the limit (4096 of 16384); cap at 512
                 params["cache_length"] = max(1, min(512, params["max_completion_length"] // 4))
         fn = registry.build(spec.name, **params)
-        funcs.append(SafeReward(fn, label))
+        funcs.append(SafeReward(fn, label, timeout=spec.call_timeout))
         weights.append(spec.weight)
     if not funcs:
         raise ValueError("at least one reward is needed")

@@ -8,7 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from patho_r1.config import StrictModel, TrainConfig
 from patho_r1.rewards.parsing import REASONING_SYSTEM_PROMPT
-from patho_r1.rewards.registry import PRESETS, RewardSpec, expand_preset, reward_labels
+from patho_r1.rewards.registry import PRESETS, RewardSpec, check_reward_specs, expand_preset, reward_labels
 
 
 class RolloutConfig(StrictModel):
@@ -102,6 +102,9 @@ class RLPhaseConfig(TrainConfig):
         if self.dynamic_sampling is None:
             self.dynamic_sampling = DynamicSamplingConfig(enabled=d["dynamic_sampling"])
         specs = expand_preset(self.rewards)
+        problems = check_reward_specs(specs)  # unknown names, parameter typos, non-rewards: now, not after CPT+SFT
+        if problems:
+            raise ValueError("\n  ".join(problems))
         for i, spec in enumerate(specs):
             limit = spec.params.get("max_completion_length")
             if spec.name == "soft_overlong" and limit is not None and limit != self.max_completion_length:
@@ -125,6 +128,8 @@ def to_grpo_config(cfg: RLPhaseConfig, base_arguments: dict[str, Any], reward_we
     fields shared by every phase, from `patho_r1.training.training_arguments`)."""
     from trl import GRPOConfig
 
+    from patho_r1.training import precision
+
     rollout = cfg.rollout
     vllm: dict[str, Any] = {"use_vllm": rollout.engine == "vllm"}
     if rollout.engine == "vllm":
@@ -134,8 +139,14 @@ def to_grpo_config(cfg: RLPhaseConfig, base_arguments: dict[str, Any], reward_we
                     vllm_max_model_length=rollout.max_model_length)
         if rollout.server_base_url:
             vllm["vllm_server_base_url"] = rollout.server_base_url
+    mixed = precision(cfg)
+    reference = {}
+    if cfg.beta and mixed.weights != mixed.compute and "model_init_kwargs" not in cfg.trl:
+        # TRL builds the KL reference model in the policy's dtype; a frozen model needs no fp32 master copy
+        reference["model_init_kwargs"] = {"dtype": mixed.compute}
     return GRPOConfig(
         **base_arguments,
+        **reference,
         num_generations=cfg.num_generations,
         temperature=cfg.temperature,
         top_p=cfg.top_p,

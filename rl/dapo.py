@@ -34,7 +34,8 @@ Deviations from the paper, on purpose:
 
 Metrics: `dynamic_sampling/filtered_frac` (share of all generated groups that were dropped),
 `dynamic_sampling/rounds`, `dynamic_sampling/cap_hit`, `dynamic_sampling/extra_groups`, plus `timing/rollout_s`
-and `timing/reward_s` for every generation batch.
+(generation and scoring) and `timing/reward_s` (scoring) for every generation batch, and `timing/update_s` (the rest
+of the optimizer step: log-probabilities, loss, backward, optimizer) for every step.
 """
 
 from __future__ import annotations
@@ -237,6 +238,8 @@ class DynamicSamplingGRPOTrainer(ResumeWeightsMixin, GRPOTrainer):
         self._refill_order: list[int] = []
         self._refill_epoch = 0
         self._last_rewards: torch.Tensor | None = None
+        self._rollout_clock = 0.0  # seconds spent generating and scoring, summed over the whole run
+        self._update_s = 0.0  # this optimizer step's time outside generation and scoring
         if dynamic_sampling:
             local_rows = self.args.per_device_train_batch_size * self.args.steps_per_generation
             if local_rows % self.num_generations:
@@ -265,9 +268,20 @@ class DynamicSamplingGRPOTrainer(ResumeWeightsMixin, GRPOTrainer):
         batch = super()._generate_and_score_completions(inputs)
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["timing/rollout_s"].append(time.perf_counter() - t0)
+        self._rollout_clock += time.perf_counter() - t0
         if not self.dynamic_sampling:
             return batch, None
         return batch, informative_groups(self._last_rewards, self.num_generations, self.min_std)
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        """TRL's step, timed: `timing/update_s` is the optimizer step's time less its generation and scoring."""
+        t0, rollout0 = time.perf_counter(), self._rollout_clock
+        output = super().training_step(model, inputs, num_items_in_batch)
+        self._update_s += (time.perf_counter() - t0) - (self._rollout_clock - rollout0)
+        if self._step % self.current_gradient_accumulation_steps == 0:
+            self._metrics["train"]["timing/update_s"].append(self._update_s)
+            self._update_s = 0.0
+        return output
 
     # -- refill prompts ---------------------------------------------------------------------------------------------
     def _refill_prompts(self, n_groups: int) -> list[dict]:

@@ -36,3 +36,20 @@ def quick(pred, gold):
 def varied(prompts=None, completions=None, completion_ids=None, **kwargs):
     """A spread of scores from the token ids, with every third completion unscored (None)."""
     return [None if i % 3 == 0 else float(sum(ids) % 7) for i, ids in enumerate(completion_ids)]
+
+
+def sleepy(prompts=None, completions=None, **kwargs):
+    """Sleeps far past any sane time limit on a completion containing 'sleep'."""
+    if any("sleep" in str(c) for c in completions):
+        time.sleep(30)
+    return [1.0 for _ in completions]
+
+
+def odd_values(prompts=None, completions=None, **kwargs):
+    """Returns the completion's own text as its score: a number string, 'nan', or anything."""
+    table = {"one": 1.0, "nan": float("nan"), "inf": float("inf"), "text": "0.5", "dict": {"x": 1}, "none": None}
+    return [table[str(c)] for c in completions]
+
+
+def as_string(prompts=None, completions=None, **kwargs):
+    return "1.0"

@@ -222,3 +222,51 @@ def test_zero_shot_class_names_come_from_the_data_not_the_synthetic_world():
                rec("luad", {"A": "adenocarcinoma of lung", "B": "x"}, "A"),
                rec("benign_stroma", {}, "stroma", answer_type="open")]
     assert class_names(records) == {"luad": "lung adenocarcinoma", "benign_stroma": "benign stroma"}
+
+
+class _TableEmbedder:
+    """Embeds each input by a table keyed on its content (its images, then its text)."""
+
+    def __init__(self, table: dict[str, list[float]]):
+        self.table = table
+
+    def encode(self, items, batch_size=32):
+        rows = []
+        for item in items:
+            item = EmbedInput.of(item)
+            v = np.array(self.table["|".join([*map(str, item.images), item.text or ""])], np.float32)
+            rows.append(v / np.linalg.norm(v))
+        return np.stack(rows)
+
+
+def _pair(task, query, positive, target):
+    from patho_r1.data import EmbedPairRecord
+
+    return EmbedPairRecord(task=task, query=query, positive=positive, target_id=target)
+
+
+def test_composed_retrieval_never_lets_a_query_retrieve_its_own_image():
+    from patho_r1.embed.evaluate import composed_retrieval
+
+    # it2i: the dark-stained tile b answers "a, darker"; tile a itself answers "c, lighter", so a is in the gallery.
+    # "a, darker" lies nearest to its own image a, then to b: allowed to retrieve itself, it would miss.
+    recs = [_pair("it2i", {"images": ["a.png"], "text": "darker"}, {"images": ["b.png"]}, "gland|dark"),
+            _pair("it2i", {"images": ["c.png"], "text": "lighter"}, {"images": ["a.png"]}, "gland|light")]
+    emb = _TableEmbedder({"a.png|darker": [1, 0.6, 0], "c.png|lighter": [0.6, 0, 1], "b.png|": [0, 1, 0],
+                          "a.png|": [1, 0, 0]})
+    m = composed_retrieval(emb, recs, simple_add=False)["it2i"]
+    assert m["n_gallery"] == 2 and m["recall@1"] == 1.0
+
+
+def test_composed_retrieval_counts_a_shared_answer_text_as_right_for_every_class():
+    from patho_r1.embed.evaluate import composed_retrieval
+
+    # two classes with the same answer to "what is the background?": one gallery entry, right for both queries
+    recs = [_pair("it2t", {"images": ["x.png"], "text": "background?"}, {"text": "clean pink"}, "stroma|bg"),
+            _pair("it2t", {"images": ["y.png"], "text": "background?"}, {"text": "clean pink"}, "glands|bg"),
+            _pair("it2t", {"images": ["z.png"], "text": "background?"}, {"text": "white spaces"}, "fat|bg")]
+    emb = _TableEmbedder({"x.png|background?": [1, 0], "y.png|background?": [1, 0.2], "z.png|background?": [0, 1],
+                          "clean pink": [1, 0], "white spaces": [0, 1]})
+    m = composed_retrieval(emb, recs, simple_add=False)["it2t"]
+    assert m["n_gallery"] == 2
+    assert m["recall@1"] == 1.0  # merged by text, the glands query once had no right candidate at all

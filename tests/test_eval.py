@@ -27,6 +27,10 @@ EXTRACTION = [
     ("D", "D"),
     ("", ""),
     ("<answer>mucinous pools</answer>", "mucinous pools"),
+    ("<think>glands crowd, so A. Then maybe", ""),  # cut off inside the reasoning: no answer, and no letter leaks
+    ("<THINK>x</THINK><ANSWER>C</ANSWER>", "C"),  # upper-case tags
+    ("<think>x</think><Answer> B </Answer>", "B"),
+    ("<think>x</think>B</answer>", "B"),  # a stray closing tag never reaches the matcher
 ]
 
 # (prediction, VLMEvalKit's can_infer result) — read from vlmeval/utils/matching_util.py (ms-vlmeval 0.0.20)
@@ -178,3 +182,8 @@ def test_eval_phase_names_a_bad_checkpoint_before_loading(world_dir, tmp_path):
                           checkpoints={"tiny": str(tmp_path / "missing")})
     with pytest.raises(ConfigError, match="checkpoints.tiny: .*missing is not a model directory"):
         run_eval(cfg)
+
+
+def test_a_truncated_trace_is_thinking_with_no_answer():
+    assert split_thinking("<think>glands crowd, so A.") == ("", "glands crowd, so A.")
+    assert split_thinking("<THINK>x</THINK><ANSWER>C</ANSWER>") == ("C", "x")

@@ -18,6 +18,7 @@ from patho_r1.rewards import (
     build_rewards,
     extract_final_answer,
     format_reward,
+    infer_answer_type,
     register_reward,
     soft_overlong_penalty,
     split_thinking,
@@ -353,3 +354,100 @@ def test_max_completion_length_given_twice_must_agree():
         build_rewards([{"name": "soft_overlong", "max_completion_length": 64}], max_completion_length=32)
     rs = build_rewards([{"name": "soft_overlong", "max_completion_length": 32}], max_completion_length=32)
     assert rs.funcs[0].fn.max_completion_length == 32
+
+
+# (prediction in <answer>, gold, expected): words are never algebra, units must agree
+OPEN_AND_UNIT_CASES = [
+    ("rouses", "serous", 0.0),  # math-verify reads both as the product s*e*r*o*u*s
+    ("carcinomaadeno", "adenocarcinoma", 0.0),
+    ("situ in carcinoma", "carcinoma in situ", 0.0),
+    ("Serous.", "serous", 1.0),
+    ("carcinoma in situ", "Carcinoma in situ", 1.0),
+    ("T2N1M0", "T2N0M0", 0.0),  # TNM stages are not products either
+    ("t2n0m0", "T2N0M0", 1.0),
+    ("3.5", "3.5 mm", 0.0),  # a missing unit is another answer
+    ("3.5 cm", "3.5 mm", 0.0),
+    ("3.5 mm", "3.5 mm", 1.0),
+    ("3.50 mm", "3.5 mm", 1.0),
+    ("3,5 mm", "3.5 mm", 1.0),
+    ("40 %", "40%", 1.0),
+    ("40", "40%", 0.0),
+    ("3.5 mm", "3.5", 0.0),
+    ("0.5", "1/2", 1.0),
+    ("-5", "5-10%", 0.0),  # a range, not a subtraction
+    ("5-10%", "5-10%", 1.0),
+    ("2*x+1", "2x+1", 1.0),
+]
+
+
+@pytest.mark.parametrize("pred,gold,expected", OPEN_AND_UNIT_CASES)
+def test_open_answers_are_not_algebra_and_units_count(pred, gold, expected):
+    assert AccuracyReward(math_workers=0)(completions=[f"<think>x</think><answer>{pred}</answer>"],
+                                          answer=[gold]) == [expected]
+
+
+@pytest.mark.parametrize("gold,kind", [("A", "mcq"), ("no", "yesno"), ("12", "numeric"), ("3.5 mm", "numeric"),
+                                       ("1/2", "numeric"), ("40%", "numeric"), ("x^2+2x+1", "expression"),
+                                       ("\\frac{1}{2}", "expression"), ("serous", "open"), ("T2N0M0", "open"),
+                                       ("5-10%", "open"), ("stage 2", "open"), ("Gleason 3+4", "open")])
+def test_infer_answer_type(gold, kind):
+    assert infer_answer_type(gold) == kind
+
+
+def test_a_hanging_reward_is_cut_at_its_time_limit_and_counted():
+    rs = build_rewards([{"name": "reward_plugins:sleepy", "call_timeout": 0.5}])
+    t0 = time.perf_counter()
+    scored = rs.score(["fine", "please sleep", "fine"])
+    assert time.perf_counter() - t0 < 5  # not 30 s: the step goes on at the limit
+    assert scored["sleepy"] == [0.0, 0.0, 0.0] and rs.funcs[0].failures == 3
+    assert rs.score(["fine", "fine"])["sleepy"] == [1.0, 1.0]  # the next batch is scored normally
+
+
+def test_bad_return_values_cost_only_their_samples_and_are_counted(caplog):
+    safe = SafeReward(reward_plugins_module().odd_values, "odd")
+    logged = {}
+    with caplog.at_level("WARNING"):
+        out = safe(completions=["one", "nan", "inf", "text", "dict", "none"],
+                   log_metric=lambda name, value: logged.__setitem__(name, value))
+    assert out == [1.0, 0.0, 0.0, 0.0, 0.0, None]  # None stays None: TRL's "not applicable"
+    assert safe.failures == 4 and logged == {"odd/failures": 4.0}
+    assert "a str instead of a number (example: '0.5')" in caplog.text and "NaN or inf" in caplog.text
+
+
+def test_a_reward_returning_no_list_at_all_fails_loudly():
+    with pytest.raises(RewardFailure, match=r"'as_string' failed on all 2 samples .* returned a str, not a list"):
+        SafeReward(reward_plugins_module().as_string, "as_string")(completions=["a", "b"])
+    with pytest.raises(RewardFailure, match=r"returned a non-finite number \(NaN or inf\) for all 2 samples"):
+        SafeReward(reward_plugins_module().odd_values, "odd")(completions=["nan", "inf"])
+
+
+@pytest.mark.parametrize("spec,message", [
+    ({"name": "formatt"}, "unknown reward 'formatt'"),
+    ({"name": "accuracy", "mcq_mod": "strict"}, "unexpected keyword argument 'mcq_mod'"),
+    ({"name": "reward_plugins:make_keyword", "wrd": "x"}, "unexpected keyword argument 'wrd'"),
+    ({"name": "reward_plugins:brevity", "limit": 3}, "is a reward function, not a factory"),
+    ({"name": "os:system"}, "neither a reward"),
+    ({"name": "reward_plugins:nope"}, "has no attribute 'nope'"),
+    ({"name": "nosuchpkg.mod:fn"}, "cannot import module 'nosuchpkg.mod'"),
+])
+def test_reward_specs_are_checked_without_building_them(spec, message):
+    from patho_r1.rewards.registry import RewardSpec, check_reward_specs
+
+    problems = check_reward_specs([RewardSpec(name="format"), RewardSpec.model_validate(spec)])
+    assert len(problems) == 1 and problems[0].startswith("rewards.1.name: ") and message in problems[0]
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), -1.0])
+def test_reward_weights_must_be_finite_and_not_negative(weight):
+    from pydantic import ValidationError
+
+    from patho_r1.rewards.registry import RewardSpec
+
+    with pytest.raises(ValidationError):
+        RewardSpec(name="format", weight=weight)
+
+
+def reward_plugins_module():
+    import reward_plugins
+
+    return reward_plugins

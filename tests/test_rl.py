@@ -141,3 +141,13 @@ def test_soft_overlong_limit_and_filter_metric_are_checked_at_config_time(world_
     ok = validate_config(RLPhaseConfig, {**base, "rewards": [{"name": "format"}], "dynamic_sampling": None,
                                          "algorithm": "grpo"})
     assert ok.dynamic_sampling.enabled is False
+
+
+def test_bad_reward_specs_fail_at_validation_before_any_model_loads(world_dir, tmp_path):
+    base = _cfg(world_dir, tmp_path).model_dump()
+    with pytest.raises(ConfigError) as info:
+        validate_config(RLPhaseConfig, {**base, "rewards": [{"name": "format"}, {"name": "acuracy"},
+                                                            {"name": "accuracy", "mcq_mod": "x"},
+                                                            {"name": "os:system", "weight": 1.0}]})
+    text = str(info.value)
+    assert "rewards.1.name: unknown reward 'acuracy'" in text and "'mcq_mod'" in text and "os:system" in text

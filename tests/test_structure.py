@@ -2,6 +2,7 @@
 
 import ast
 import importlib.util
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -77,7 +78,11 @@ def test_the_import_graph_check_catches_an_upward_edge(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_the_wheel_holds_only_the_patho_r1_package(tmp_path):
     """`pip install .` exposes `patho_r1` and the `patho-r1` command, and no top-level `rl`, `sft`, `launch`..."""
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+    # build from a clean copy: setuptools builds in the source tree, and a stale build/ there could add old files
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "runs", "*.egg-info",
+                                                              "__pycache__", ".pytest_cache"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(src)],
                    check=True, capture_output=True, timeout=600)
     wheel = next(tmp_path.glob("patho_r1-*.whl"))
     with zipfile.ZipFile(wheel) as zf:

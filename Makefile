@@ -12,6 +12,9 @@ TORCH_PIP_ARGS ?=
 EXTRAS ?= test,faiss
 RECIPE ?= recipes/demo.yaml
 PYTEST_ARGS ?=
+# VLMEvalKit's scorers for the agreement tests, without its dependencies (torchvision cannot sit beside CPU torch);
+# the tests load its scorer modules without running vlmeval/__init__.py.
+VLMEVAL_LIGHT ?= ms-vlmeval==0.0.20 validators sty
 
 .PHONY: install demo test lint clean
 
@@ -22,6 +25,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install --quiet --no-deps $(VLMEVAL_LIGHT)
 	touch $(STAMP)
 
 demo: install

@@ -10,6 +10,7 @@ def _cmd_mcq(args) -> int:
     cfg = validate_config(EvalPhaseConfig, {
         "data": args.data, "checkpoints": {args.label: args.model}, "output_dir": args.out, "engine": args.engine,
         "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "limit": args.limit,
+        "yesno_mode": args.yesno_mode, "wrong_image_control": not args.no_control,
     })
     run_eval(cfg)
     print(f"results in {args.out}/{args.label}/ (results.json, predictions.csv, results.md)")
@@ -36,6 +37,9 @@ def register(sub) -> None:
     m.add_argument("--max-new-tokens", type=int, default=512)
     m.add_argument("--batch-size", type=int, default=16)
     m.add_argument("--limit", type=int)
+    m.add_argument("--yesno-mode", choices=["patho", "vlmeval"], default="patho",
+                   help="yes/no verdicts: semantic (default), or exactly VLMEvalKit's (case-sensitive)")
+    m.add_argument("--no-control", action="store_true", help="skip the wrong-image control (images shuffled)")
     m.set_defaults(func=_cmd_mcq)
     v = esub.add_parser("vlmeval", help="run VLMEvalKit's own inference and evaluation (needs the [eval] extra)")
     v.add_argument("--model", required=True)

@@ -12,7 +12,7 @@ import os
 import re
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from patho_r1.errors import ConfigError
 
@@ -27,7 +27,7 @@ JUDGE_PROMPT = (
 class LLMJudge:
     base_url: str
     model: str
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)  # never in a repr, a log line or a traceback's locals
     timeout: float = 60.0
 
     @classmethod

@@ -1,4 +1,4 @@
-"""VLMEvalKit's exact-matching rules for MCQ answers, reproduced so our scorer agrees with it.
+"""VLMEvalKit's exact-matching rules for MCQ and yes/no answers, reproduced so our scorer agrees with it.
 
 Source: `vlmeval/utils/matching_util.py` (`can_infer_option`, `can_infer_text`, `can_infer`) of ms-vlmeval 0.0.20,
 which `ImageMCQDataset.evaluate(..., model='exact_matching')` applies to each prediction.  When `vlmeval` is
@@ -11,6 +11,7 @@ anywhere in a long trace can be picked up.  That is why the VLMEvalKit hook retu
 from __future__ import annotations
 
 import copy
+import re
 import string
 
 _REJECTIONS = (
@@ -62,3 +63,39 @@ def exact_match_mcq(prediction: str, choices: dict[str, str], gold: str) -> bool
     """VLMEvalKit's exact-matching verdict for one MCQ prediction."""
     assert all(k in string.ascii_uppercase for k in choices)
     return can_infer(prediction, dict(choices)) == gold
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Yes/no: VLMEvalKit's verdict, quirks included (ImageYORNDataset with exact matching)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def vlmeval_process_punctuation(text: str) -> str:
+    """`vlmeval.smp.misc.process_punctuation` (ms-vlmeval 0.0.20), line for line."""
+    out = text
+    comma_strip = re.compile(r"(\d)(,)(\d)")
+    period_strip = re.compile(r"(?<!\d)\.(?!\d)")
+    for p in [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?",
+              "!"]:
+        if (p + " " in text or " " + p in text) or (re.search(comma_strip, text) is not None):
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    return period_strip.sub("", out, re.UNICODE)  # sic: re.UNICODE lands in `count`, as upstream
+
+
+def vlmeval_yesno_extract(output: str) -> str:
+    """`YOrN_Extraction`: 'Yes' when the word yes appears and no does not, 'No' the other way, else 'Unknown'."""
+    words = vlmeval_process_punctuation(str(output).lower()).split()
+    if "yes" in words and "no" not in words:
+        return "Yes"
+    if "yes" not in words and "no" in words:
+        return "No"
+    return "Unknown"
+
+
+def vlmeval_yesno_correct(prediction: str, gold: str) -> bool:
+    """VLMEvalKit's yes/no verdict: the extraction must equal the gold string exactly.  Quirk, kept on purpose in
+    this mode: the comparison is case-sensitive, so a lower-case gold (`yes`, as PathVQA writes it) never matches,
+    and a sentence that mentions both words ("yes, no invasion") is Unknown."""
+    return vlmeval_yesno_extract(prediction) == str(gold)

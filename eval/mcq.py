@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import csv
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from patho_r1.data import MCQRecord, iter_records, iter_vlmeval_tsv, load_image
 from patho_r1.eval.generation import ChatRequest, Generator, SamplingConfig
-from patho_r1.eval.matching import exact_match_mcq
+from patho_r1.eval.matching import exact_match_mcq, vlmeval_yesno_correct
 from patho_r1.rewards.accuracy import score_mcq, score_yesno
 from patho_r1.rewards.parsing import REASONING_SYSTEM_PROMPT, extract_answer, extract_final_answer, is_strict_format
 
@@ -49,12 +49,15 @@ class MCQReport:
     strict_accuracy: float
     format_rate: float
     mean_response_tokens: float
-    chance: float
+    chance: float  # the best rule that never looks at the image (`blind_chance`)
+    uniform_chance: float = 0.0  # one over the number of options
+    yesno_mode: str = "patho"  # how yes/no answers were judged: `patho` (semantic) or `vlmeval` (VLMEvalKit's verdict)
     per_category: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def markdown(self, title: str = "MCQ evaluation") -> str:
         lines = [f"### {title}", "", "| metric | value |", "|---|---|"]
-        for k in ("n", "accuracy", "strict_accuracy", "format_rate", "mean_response_tokens", "chance"):
+        for k in ("n", "accuracy", "strict_accuracy", "format_rate", "mean_response_tokens", "chance", "uniform_chance",
+                  "yesno_mode"):
             v = getattr(self, k)
             lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |")
         if self.per_category:
@@ -78,13 +81,20 @@ def build_request(record: MCQRecord, system_prompt: str | None = REASONING_SYSTE
     return ChatRequest(messages=messages, images=images)
 
 
-def judge(record: MCQRecord, response: str, n_tokens: int, llm_judge=None) -> MCQRow:
+def judge(record: MCQRecord, response: str, n_tokens: int, llm_judge=None, yesno_mode: str = "patho") -> MCQRow:
     """Judge one response: VLMEvalKit exact matching and the strict reward for MCQ, yes/no matching, or the LLM
-    judge for open questions (an error when none is configured: an open set is never silently scored 0)."""
+    judge for open questions (an error when none is configured: an open set is never silently scored 0).
+
+    Yes/no answers: `patho` (default) reads sentences, true/false, markdown and any case (`score_yesno`);
+    `vlmeval` reproduces VLMEvalKit's verdict exactly, case-sensitive comparison included (`vlmeval_yesno_correct`).
+    """
     prediction = extract_final_answer(response)
     if record.answer_type == "mcq":
         correct = exact_match_mcq(prediction, record.options, record.answer)
         strict = score_mcq(extract_answer(response), record.answer, "strict") == 1.0
+    elif record.answer_type == "yesno" and yesno_mode == "vlmeval":
+        correct = vlmeval_yesno_correct(prediction, record.answer)
+        strict = correct and extract_answer(response) is not None
     elif record.answer_type == "yesno":
         correct = score_yesno(prediction, record.answer) == 1.0
         strict = score_yesno(extract_answer(response), record.answer) == 1.0
@@ -99,11 +109,30 @@ def judge(record: MCQRecord, response: str, n_tokens: int, llm_judge=None) -> MC
                   format_ok=is_strict_format(response), response_tokens=n_tokens)
 
 
-def summarise(records: list[MCQRecord], rows: list[MCQRow]) -> MCQReport:
+def blind_chance(records: list[MCQRecord]) -> float:
+    """The accuracy of the best simple rule that never looks at the image: always the commonest answer letter
+    (yes/no: the commonest answer), or always the commonest correct option text when it is listed (a class prior).
+    On option lists in a fixed class order this beats one-over-the-options: that is the honest chance line."""
+    if not records:
+        return 0.0
+    golds = Counter(r.answer.strip().lower() if r.answer_type == "yesno" else r.answer for r in records)
+    by_letter = golds.most_common(1)[0][1] / len(records)
+    texts = Counter(r.options[r.answer] for r in records if r.answer_type == "mcq" and r.answer in r.options)
+    if not texts:
+        return by_letter
+    prior_text, letter = texts.most_common(1)[0][0], golds.most_common(1)[0][0]
+    hits = 0
+    for r in records:
+        guess = next((k for k, v in r.options.items() if v == prior_text), letter)
+        hits += guess == r.answer
+    return max(by_letter, hits / len(records))
+
+
+def summarise(records: list[MCQRecord], rows: list[MCQRow], yesno_mode: str = "patho") -> MCQReport:
     n = len(rows)
     if n == 0:
         raise ValueError("no rows to score")
-    chance = sum({"mcq": 1.0 / max(len(r.options), 1), "yesno": 0.5}.get(r.answer_type, 0.0) for r in records) / n
+    uniform = sum({"mcq": 1.0 / max(len(r.options), 1), "yesno": 0.5}.get(r.answer_type, 0.0) for r in records) / n
     by_cat: dict[str, list[MCQRow]] = defaultdict(list)
     for row in rows:
         by_cat[row.category or "all"].append(row)
@@ -115,14 +144,18 @@ def summarise(records: list[MCQRecord], rows: list[MCQRow]) -> MCQReport:
         strict_accuracy=sum(r.strict_correct for r in rows) / n,
         format_rate=sum(r.format_ok for r in rows) / n,
         mean_response_tokens=sum(r.response_tokens for r in rows) / n,
-        chance=chance,
+        chance=blind_chance(records),
+        uniform_chance=uniform,
+        yesno_mode=yesno_mode,
         per_category=per_category,
     )
 
 
 def evaluate_mcq(generator: Generator, records: list[MCQRecord], sampling: SamplingConfig | None = None,
-                 system_prompt: str | None = REASONING_SYSTEM_PROMPT, tokenizer=None, llm_judge=None
-                 ) -> tuple[MCQReport, list[MCQRow]]:
+                 system_prompt: str | None = REASONING_SYSTEM_PROMPT, tokenizer=None, llm_judge=None,
+                 yesno_mode: str = "patho") -> tuple[MCQReport, list[MCQRow]]:
+    if yesno_mode not in ("patho", "vlmeval"):
+        raise ValueError(f"yesno_mode must be 'patho' or 'vlmeval', got {yesno_mode!r}")
     sampling = sampling or SamplingConfig()
     if llm_judge is None and any(r.answer_type not in ("mcq", "yesno") for r in records):
         from patho_r1.eval.judge import LLMJudge
@@ -131,8 +164,8 @@ def evaluate_mcq(generator: Generator, records: list[MCQRecord], sampling: Sampl
     responses = generator.generate([build_request(r, system_prompt) for r in records], sampling)
     count = (lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])) if tokenizer else \
         (lambda s: len(s.split()))
-    rows = [judge(rec, resp, count(resp), llm_judge) for rec, resp in zip(records, responses, strict=True)]
-    return summarise(records, rows), rows
+    rows = [judge(rec, resp, count(resp), llm_judge, yesno_mode) for rec, resp in zip(records, responses, strict=True)]
+    return summarise(records, rows, yesno_mode), rows
 
 
 def write_results(out_dir: str | Path, report: MCQReport, rows: Iterable[MCQRow], title: str = "MCQ evaluation"):

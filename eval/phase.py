@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -24,6 +25,10 @@ class EvalPhaseConfig(PhaseConfig):
     batch_size: int = Field(32, gt=0)
     limit: int | None = Field(None, gt=0, description="score only the first N rows")
     system_prompt: str | None = REASONING_SYSTEM_PROMPT
+    yesno_mode: Literal["patho", "vlmeval"] = Field("patho", description="yes/no verdicts: semantic (patho), or "
+                                                    "VLMEvalKit's own, case-sensitive quirk included (vlmeval)")
+    wrong_image_control: bool = Field(True, description="also score every checkpoint with the images shuffled "
+                                      "across items: a model that reads the image falls to chance")
 
     @model_validator(mode="after")
     def _check(self):
@@ -42,6 +47,28 @@ class EvalPhaseConfig(PhaseConfig):
             check_model_reference(f"checkpoints.{label}", path)
 
 
+def wrong_images(records: list, seed: int) -> list:
+    """The same items with every image moved to another item (a seeded derangement): the wrong-image control."""
+    if len(records) < 2:
+        return list(records)
+    rng = random.Random(seed)
+    order = list(range(len(records)))
+    rng.shuffle(order)
+    donor = {order[i]: order[(i + 1) % len(order)] for i in range(len(order))}  # a cycle: nobody keeps its own
+    return [r.model_copy(update={"images": records[donor[i]].images}) for i, r in enumerate(records)]
+
+
+def mcnemar(a: str, b: str, correct_a: list[bool], correct_b: list[bool]) -> dict:
+    """McNemar's exact test for two checkpoints scored on the same items: of the items on which they disagree, does
+    one win more than a fair coin would give?  (Two-sided binomial test on the discordant pairs.)"""
+    from scipy.stats import binomtest
+
+    gained = sum(1 for x, y in zip(correct_a, correct_b, strict=True) if y and not x)
+    lost = sum(1 for x, y in zip(correct_a, correct_b, strict=True) if x and not y)
+    p = binomtest(gained, gained + lost, 0.5).pvalue if gained + lost else 1.0
+    return {"from": a, "to": b, "gained": gained, "lost": lost, "p_value": float(p)}
+
+
 def run_eval(cfg: EvalPhaseConfig) -> PhaseResult:
     """Evaluate each checkpoint; writes `summary.json` / `summary.md` and returns `{"summary": {label: report}}` as
     the result's metrics."""
@@ -52,9 +79,11 @@ def run_eval(cfg: EvalPhaseConfig) -> PhaseResult:
 
     cfg.check_inputs()
     records = load_eval_records(cfg.data, cfg.limit)
+    shuffled = wrong_images(records, cfg.seed) if cfg.wrong_image_control else None
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0, batch_size=cfg.batch_size)
     out = Path(cfg.output_dir)
     summary: dict[str, dict] = {}
+    correct: dict[str, list[bool]] = {}
     for label, path in cfg.checkpoints.items():
         t0 = time.time()
         if cfg.engine == "hf":
@@ -64,11 +93,20 @@ def run_eval(cfg: EvalPhaseConfig) -> PhaseResult:
             generator, tokenizer = make_generator(backbone), backbone.tokenizer
         else:
             generator, tokenizer = make_generator(path, engine="vllm"), None
-        report, rows = evaluate_mcq(generator, records, sampling, cfg.system_prompt, tokenizer)
+        report, rows = evaluate_mcq(generator, records, sampling, cfg.system_prompt, tokenizer,
+                                    yesno_mode=cfg.yesno_mode)
         write_results(out / label, report, rows, title=f"{label}: {Path(cfg.data).name}")
-        summary[label] = {**asdict(report), "checkpoint": str(path), "seconds": round(time.time() - t0, 2)}
+        summary[label] = {**asdict(report), "checkpoint": str(path)}
+        correct[label] = [r.correct for r in rows]
+        if shuffled is not None:
+            control, control_rows = evaluate_mcq(generator, shuffled, sampling, cfg.system_prompt, tokenizer,
+                                                 yesno_mode=cfg.yesno_mode)
+            write_results(out / label / "wrong_image", control, control_rows, title=f"{label}: images shuffled")
+            summary[label]["wrong_image_accuracy"] = control.accuracy
+        summary[label]["seconds"] = round(time.time() - t0, 2)
         print(f"[eval] {label}: accuracy={report.accuracy:.3f} strict={report.strict_accuracy:.3f} "
-              f"format={report.format_rate:.3f} (chance {report.chance:.3f}, n={report.n})", flush=True)
+              f"format={report.format_rate:.3f} wrong-image={summary[label].get('wrong_image_accuracy', 'n/a')} "
+              f"(image-blind chance {report.chance:.3f}, n={report.n})", flush=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = ["| checkpoint | accuracy | strict accuracy | format rate | mean tokens | chance |",
              "|---|---|---|---|---|---|"]
@@ -76,6 +114,9 @@ def run_eval(cfg: EvalPhaseConfig) -> PhaseResult:
         lines.append(f"| {label} | {r['accuracy']:.3f} | {r['strict_accuracy']:.3f} | {r['format_rate']:.3f} | "
                      f"{r['mean_response_tokens']:.1f} | {r['chance']:.3f} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
+    labels = list(correct)
+    paired = [mcnemar(a, b, correct[a], correct[b]) for a, b in zip(labels, labels[1:], strict=False)]
+    (out / "paired.json").write_text(json.dumps(paired, indent=2) + "\n")
     with wandb_run(cfg, f"eval-{out.name}") as wandb_log:
         wandb_log(summary)
     return PhaseResult(model_dir=out, metrics={"summary": summary})

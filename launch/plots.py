@@ -107,7 +107,8 @@ def wilson_interval(correct: int, n: int, confidence: float = 0.95) -> tuple[flo
 
 
 def accuracy(summary: dict[str, dict], path: Path) -> Path | None:
-    """Held-out MCQ accuracy per checkpoint with its 95% Wilson interval and the chance line."""
+    """Held-out MCQ accuracy per checkpoint with its 95% Wilson interval, beside the wrong-image control (the same
+    items with the images shuffled), and the image-blind chance line."""
     if not summary:
         return None
     labels = list(summary)
@@ -116,9 +117,17 @@ def accuracy(summary: dict[str, dict], path: Path) -> Path | None:
     low = [a - lo for a, (lo, _) in zip(acc, intervals, strict=True)]
     high = [hi - a for a, (_, hi) in zip(acc, intervals, strict=True)]
     fig, ax = _figure(1.4 * len(labels) + 2, 3.2)
-    ax.bar(labels, acc, yerr=[low, high], capsize=4, color="tab:green", label="accuracy (95% CI)")
+    x = list(range(len(labels)))
+    control = [summary[k].get("wrong_image_accuracy") for k in labels]
+    width = 0.4 if any(c is not None for c in control) else 0.8
+    ax.bar([i - width / 2 if width < 0.8 else i for i in x], acc, width, yerr=[low, high], capsize=4,
+           color="tab:green", label="accuracy (95% CI)")
+    if width < 0.8:
+        ax.bar([i + width / 2 for i in x], [c or 0.0 for c in control], width, color="tab:orange",
+               label="wrong-image control")
+    ax.set_xticks(x, labels)
     chance = max(summary[k].get("chance", 0.0) for k in labels)
-    ax.axhline(chance, color="grey", linestyle="--", label=f"chance ({chance:.2f})")
+    ax.axhline(chance, color="grey", linestyle="--", label=f"image-blind chance ({chance:.2f})")
     ax.set_ylim(0, 1)
     ax.set_ylabel("held-out accuracy")
     ax.set_title(f"held-out MCQ (n={summary[labels[0]]['n']})")

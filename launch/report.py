@@ -40,7 +40,7 @@ def collect(run_dir: str | Path) -> dict:
         raise FileNotFoundError(f"{run_dir}: no {STATE_FILE}; is this a `patho-r1 run` output folder?")
     state = json.loads(state_file.read_text())
     report: dict = {"recipe": state.get("recipe", run_dir.name), "recipe_hash": state.get("recipe_hash"),
-                    "mcq": {}, "retrieval": {}, "wall_time_s": {}, "training": {}}
+                    "mcq": {}, "paired": [], "retrieval": {}, "wall_time_s": {}, "training": {}}
     for name, entry in state["phases"].items():
         out = Path(entry.get("output_dir") or run_dir / name)
         report["wall_time_s"][name] = round(float(entry.get("seconds", 0.0)), 1)
@@ -51,6 +51,8 @@ def collect(run_dir: str | Path) -> dict:
             for label, r in json.loads((out / "summary.json").read_text()).items():
                 lo, hi = plots.wilson_interval(round(r["accuracy"] * r["n"]), r["n"])
                 report["mcq"][label] = {**r, "ci95": [lo, hi]}
+            if (out / "paired.json").is_file():
+                report["paired"] += json.loads((out / "paired.json").read_text())
         if (out / "eval" / "metrics.json").is_file():
             report["retrieval"][name] = json.loads((out / "eval" / "metrics.json").read_text())
     return report
@@ -80,13 +82,21 @@ def draw(report: dict, plot_dir: Path) -> dict[str, Path]:
 def render_markdown(report: dict, figures: dict[str, Path] | None = None, root: Path | None = None) -> str:
     lines = [f"# patho-r1 run report: {report['recipe']}", "", f"recipe hash `{report['recipe_hash']}`", ""]
     if report["mcq"]:
-        lines += ["## Held-out MCQ", "", "| checkpoint | accuracy | 95% CI | strict accuracy | format rate | chance |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["## Held-out MCQ", "", "| checkpoint | n | accuracy | 95% CI | wrong-image control | strict accuracy "
+                  "| format rate | image-blind chance |", "|---|---|---|---|---|---|---|---|"]
+        nan = float("nan")
         for label, r in report["mcq"].items():
-            lo, hi = r.get("ci95", (float("nan"), float("nan")))
-            lines.append(f"| {label} | {r['accuracy']:.3f} | {lo:.2f}-{hi:.2f} | {r['strict_accuracy']:.3f} | "
+            lo, hi = r.get("ci95", (nan, nan))
+            lines.append(f"| {label} | {r.get('n', '')} | {r['accuracy']:.3f} | {lo:.2f}-{hi:.2f} | "
+                         f"{r.get('wrong_image_accuracy', nan):.3f} | {r['strict_accuracy']:.3f} | "
                          f"{r['format_rate']:.3f} | {r['chance']:.3f} |")
         lines.append("")
+        if report.get("paired"):
+            lines += ["Paired comparison of consecutive checkpoints on the same items (McNemar's exact test):", "",
+                      "| from | to | items gained | items lost | p |", "|---|---|---|---|---|"]
+            lines += [f"| {p['from']} | {p['to']} | {p['gained']} | {p['lost']} | {p['p_value']:.2g} |"
+                      for p in report["paired"]]
+            lines.append("")
     for name, r in report["retrieval"].items():
         lines += [f"## Composed retrieval ({name})", "",
                   "| task | Recall@1 | Recall@5 | chance@1 | R@1 / chance | simple-add R@1 |",

@@ -36,8 +36,8 @@ _NUMBER = r"[-+]?(?:\d+(?:[.,]\d+)?|[.,]\d+)(?:[eE][-+]?\d+)?(?:\s*/\s*\d+(?:\.\
 _QUANTITY = re.compile(rf"\A\s*(?P<value>{_NUMBER})\s*(?P<unit>(?:[%°µμ]|[A-Za-z])[A-Za-z0-9/^²³µμ%°·.]*)?\s*\Z")
 _MATH_FUNCTIONS = re.compile(r"\\[A-Za-z]+|\b(?:sqrt|frac|log|ln|exp|sin|cos|tan|pi)\b")
 _OPERATOR = re.compile(r"[+*/^=<>]|(?<=[\w)])\s*-\s*(?=[\w(])|\$")
-_YES = {"yes", "y", "true"}
-_NO = {"no", "n", "false"}
+_YES = {"yes", "y", "true", "correct"}
+_NO = {"no", "n", "false", "incorrect"}
 
 
 @dataclass
@@ -119,11 +119,18 @@ def score_mcq(pred: str | None, gold: str, mode: str = "strict") -> float:
 
 
 def _norm_yesno(text: str) -> str | None:
-    word = text.strip().strip(string.punctuation + " ").lower()
-    if word in _YES:
+    """yes / no / None for an answer: its first word when that is yes/no/true/false (`**No**, there is no
+    invasion.`), else the one of yes and no that the sentence contains alone, in any case."""
+    words = re.findall(r"[a-z]+", text.lower())
+    if not words:
+        return None
+    if words[0] in _YES:
         return "yes"
-    if word in _NO:
+    if words[0] in _NO:
         return "no"
+    has_yes, has_no = any(w in ("yes", "true") for w in words), any(w in ("no", "false") for w in words)
+    if has_yes != has_no:
+        return "yes" if has_yes else "no"
     return None
 
 

@@ -85,10 +85,65 @@ def test_scorer_agrees_with_vlmeval_exact_matching_on_the_same_predictions():
     assert [r.format_ok for r in rows] == [True, True, False, False, True, True]
 
 
-def test_rule_table_against_the_real_vlmeval():
-    """Where ms-vlmeval imports (it needs torchvision, so not on the CPU stack), the fixture must match it."""
-    vlmeval = pytest.importorskip("vlmeval.utils.matching_util")
-    assert [vlmeval.can_infer(p, dict(OPTIONS)) for p, _ in VLMEVAL_RULES] == [e for _, e in VLMEVAL_RULES]
+def test_rule_table_against_the_real_vlmeval(vlmeval_scorers):
+    assert [vlmeval_scorers.can_infer(p, dict(OPTIONS)) for p, _ in VLMEVAL_RULES] == [e for _, e in VLMEVAL_RULES]
+
+
+def _prediction_corpus() -> list[tuple[str, str, dict]]:
+    """(raw model output, gold letter, options): the forms real models write, for every option of two sets."""
+    forms = ["{L}", "{L}.", "{L}. {T}", "({L})", "({L}) {T}", "The answer is {L}.", "Answer: {L}", "\\boxed{{{L}}}",
+             "**{L}**", "{l}", "{L} or {M}", "{T}", "The tissue shows {T}.", "Option {L}", "{L}）", "{L}。", "（{L}）",
+             "", "I think it is {L} because the cells are {T} and not {U}", "[{L}]"]
+    wrapped = ["<think>x</think><answer>{inner}</answer>", "<think>maybe {M}, but</think><answer>{inner}</answer>",
+               "<think>so {M}. Then", "{inner}"]
+    option_sets = [OPTIONS, {"A": "necrosis", "B": "stroma", "C": "glands", "D": "fat", "E": "mucin"}]
+    corpus = []
+    for options in option_sets:
+        letters = list(options)
+        for i, letter in enumerate(letters):
+            other = letters[(i + 1) % len(letters)]
+            fill = dict(L=letter, l=letter.lower(), M=other, T=options[letter], U=options[other])
+            for j, form in enumerate(forms):
+                raw = wrapped[j % len(wrapped)].format(inner=form.format(**fill), **fill)
+                corpus.append((raw, letter, options))
+    return corpus
+
+
+def test_mcq_verdicts_agree_with_vlmeval_on_150_plus_predictions(vlmeval_scorers):
+    corpus = _prediction_corpus()
+    assert len(corpus) >= 150
+    for raw, gold, choices in corpus:
+        prediction = extract_final_answer(raw)
+        assert "<" not in prediction, raw  # no tag ever reaches the matcher
+        ours = exact_match_mcq(prediction, choices, gold)
+        theirs = vlmeval_scorers.can_infer(prediction, dict(choices)) == gold
+        assert ours == theirs, (raw, prediction)
+
+
+YESNO_CASES = [  # (prediction, gold, patho verdict, VLMEvalKit verdict)
+    ("Yes", "Yes", True, True), ("yes", "yes", True, False),  # VLMEvalKit compares 'Yes' with 'yes': never equal
+    ("No, there is no invasion.", "No", True, True), ("No, there is no invasion.", "no", True, False),
+    ("**No**", "No", True, False), ("True", "Yes", True, False), ("false", "No", True, False),
+    ("Yes, but no necrosis.", "Yes", True, False),  # both words: Unknown for VLMEvalKit
+    ("There is no invasion", "No", True, True), ("Maybe", "Yes", False, False), ("", "No", False, False),
+    ("YES.", "Yes", True, True), ("Not sure", "No", False, False), ("no", "Yes", False, False),
+]
+
+
+@pytest.mark.parametrize("prediction,gold,patho,vlmeval", YESNO_CASES)
+def test_yes_no_in_both_modes(prediction, gold, patho, vlmeval):
+    from patho_r1.eval.matching import vlmeval_yesno_correct
+    from patho_r1.rewards.accuracy import score_yesno
+
+    assert (score_yesno(prediction, gold) == 1.0) == patho
+    assert vlmeval_yesno_correct(prediction, gold) == vlmeval
+
+
+def test_the_vlmeval_yes_no_port_equals_vlmeval(vlmeval_scorers):
+    from patho_r1.eval.matching import vlmeval_yesno_extract
+
+    outputs = [p for p, *_ in YESNO_CASES] + ["yes/no", "No-show", "a (yes) b", "1,000 yes", "yes. no.", "nope"]
+    assert [vlmeval_yesno_extract(o) for o in outputs] == [vlmeval_scorers.yorn_extraction(o) for o in outputs]
 
 
 class _FixedGenerator:
@@ -187,3 +242,58 @@ def test_eval_phase_names_a_bad_checkpoint_before_loading(world_dir, tmp_path):
 def test_a_truncated_trace_is_thinking_with_no_answer():
     assert split_thinking("<think>glands crowd, so A.") == ("", "glands crowd, so A.")
     assert split_thinking("<THINK>x</THINK><ANSWER>C</ANSWER>") == ("C", "x")
+
+
+def test_image_blind_chance_is_the_best_rule_that_ignores_the_image():
+    from patho_r1.eval.mcq import blind_chance
+
+    opts = {"A": "stroma", "B": "glands", "C": "fat", "D": "necrosis"}
+    # the commonest letter is right 2 times in 5 (0.4); "always say glands" is right 3 times in 5 (0.6)
+    records = [MCQRecord(question="q", options=o, answer=a) for o, a in [
+        (opts, "B"), (opts, "B"), ({"A": "glands", "B": "fat", "C": "stroma", "D": "x"}, "A"), (opts, "C"),
+        (opts, "D")]]
+    assert blind_chance(records) == pytest.approx(0.6)
+    yesno = [MCQRecord(question="q", answer=a, answer_type="yesno") for a in ("yes", "Yes", "no", "yes")]
+    assert blind_chance(yesno) == pytest.approx(0.75)
+
+
+def test_mcnemar_matches_the_exact_binomial_by_hand():
+    from patho_r1.eval.phase import mcnemar
+
+    a = [True] * 10 + [False] * 10 + [True, False, False, False, False, False]
+    b = [True] * 10 + [False] * 10 + [False, True, True, True, True, True]
+    result = mcnemar("sft", "rl", a, b)
+    assert (result["gained"], result["lost"]) == (5, 1)
+    # two-sided exact: 2 * P(X <= 1) for X ~ Binomial(6, 1/2) = 2 * 7/64
+    assert result["p_value"] == pytest.approx(14 / 64)
+    assert mcnemar("a", "b", [True, False], [True, False])["p_value"] == 1.0
+
+
+def test_wrong_images_move_every_image_to_another_item():
+    from patho_r1.eval.phase import wrong_images
+
+    records = [MCQRecord(question=f"q{i}", options={"A": "x", "B": "y"}, answer="A", images=[f"img{i}.png"])
+               for i in range(7)]
+    shuffled = wrong_images(records, seed=3)
+    assert [r.question for r in shuffled] == [r.question for r in records]  # same items, same order
+    assert all(s.images != r.images for s, r in zip(shuffled, records, strict=True))  # nobody keeps its own
+    assert sorted(s.images[0] for s in shuffled) == sorted(r.images[0] for r in records)  # a permutation
+    assert wrong_images(records, seed=3) == shuffled  # seeded
+
+
+def test_eval_phase_writes_the_control_and_the_paired_tests(tiny_model_dir, world_dir, tmp_path):
+    from patho_r1.eval.phase import EvalPhaseConfig, run_eval
+
+    cfg = EvalPhaseConfig(data=str(world_dir / "eval/PathoSynth_MCQ.tsv"), output_dir=str(tmp_path), limit=6,
+                          checkpoints={"a": str(tiny_model_dir), "b": str(tiny_model_dir)}, max_new_tokens=4,
+                          wandb={"mode": "disabled"})
+    summary = run_eval(cfg).metrics["summary"]
+    assert {"wrong_image_accuracy", "uniform_chance", "chance"} <= set(summary["a"])
+    paired = json.loads((tmp_path / "paired.json").read_text())
+    assert paired == [{"from": "a", "to": "b", "gained": 0, "lost": 0, "p_value": 1.0}]  # same model, same answers
+    assert (tmp_path / "a/wrong_image/predictions.csv").is_file()
+
+
+def test_the_judge_never_shows_its_api_key():
+    judge = LLMJudge(base_url="http://127.0.0.1:1/v1", model="m", api_key="sk-secret-key-123")
+    assert "sk-secret" not in repr(judge) and "sk-secret" not in str(judge)

@@ -107,7 +107,7 @@ def test_killed_run_resumes_without_redoing_finished_phases(tmp_path):
     ], defaults=common, wandb={"mode": "disabled"},
         resources={"cpus_per_worker": 1, "max_failures": 0})
     raw["data"]["synth"].update(n_train_tiles=48, n_heldout_tiles=12, n_sft=40, n_rl=8, n_rl_heldout=6,
-                                n_embed_pairs=8, n_composed_per_task=2)
+                                n_embed_pairs=8, n_composed_per_task=2, n_eval_tiles=6, n_eval_mcq=3)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw))
     out = tmp_path / "out"
@@ -164,13 +164,15 @@ def test_report_tables():
     from patho_r1.launch.report import render_markdown
 
     report = {"recipe": "r", "recipe_hash": "h",
-              "mcq": {"sft": {"accuracy": 0.5, "strict_accuracy": 0.4, "format_rate": 1.0, "chance": 0.2,
-                              "ci95": [0.3, 0.7]}},
+              "mcq": {"sft": {"n": 60, "accuracy": 0.5, "strict_accuracy": 0.4, "format_rate": 1.0, "chance": 0.2,
+                              "ci95": [0.3, 0.7], "wrong_image_accuracy": 0.25}},
+              "paired": [{"from": "cpt", "to": "sft", "gained": 30, "lost": 2, "p_value": 1.2e-7}],
               "retrieval": {"embed": {"tasks": {"it2t": {"recall@1": 0.3, "recall@5": 0.8, "chance@1": 0.05,
                                                          "simple_add_recall@1": 0.1}}}},
               "wall_time_s": {"sft": 12.0}}
     text = render_markdown(report)
-    assert "| sft | 0.500 | 0.30-0.70 | 0.400 | 1.000 | 0.200 |" in text
+    assert "| sft | 60 | 0.500 | 0.30-0.70 | 0.250 | 0.400 | 1.000 | 0.200 |" in text
+    assert "| cpt | sft | 30 | 2 | 1.2e-07 |" in text
     assert "| it2t | 0.300 | 0.800 | 0.050 | 6.0x | 0.100 |" in text
     assert "| sft | 12.0 |" in text
 
@@ -183,7 +185,7 @@ def test_prepare_builds_inputs_once_and_rebuilds_when_settings_change(tmp_path):
     phases = [{"name": "a", "type": "cpt", "config": {"data": "{data}/cpt/train.jsonl"}}]
     raw = _recipe(tmp_path, phases)
     raw["data"]["synth"].update(n_train_tiles=12, n_heldout_tiles=6, n_sft=4, n_rl=4, n_rl_heldout=3,
-                                n_embed_pairs=4, n_composed_per_task=1)
+                                n_embed_pairs=4, n_composed_per_task=1, n_eval_tiles=6, n_eval_mcq=3)
     prepare_inputs(build_plan(raw))
     out = tmp_path / "out"
     stamp = (out / "base-model/model.safetensors").stat().st_mtime_ns
@@ -211,7 +213,7 @@ def test_failed_phase_is_retried_then_reported_with_its_cause(tmp_path, monkeypa
                               "config": {"data": "{output}/missing.jsonl", "max_steps": 1}}],
                   wandb={"mode": "disabled"}, resources={"cpus_per_worker": 1, "max_failures": 1})
     raw["data"]["synth"].update(n_train_tiles=12, n_heldout_tiles=6, n_sft=4, n_rl=4, n_rl_heldout=3,
-                                n_embed_pairs=4, n_composed_per_task=1)
+                                n_embed_pairs=4, n_composed_per_task=1, n_eval_tiles=6, n_eval_mcq=3)
     plan = build_plan(raw)
     try:
         with pytest.raises(PhaseFailed) as info:

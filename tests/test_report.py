@@ -50,7 +50,10 @@ def run_dir(tmp_path):
     (root / "eval").mkdir()
     (root / "eval/summary.json").write_text(json.dumps({
         label: {"n": 60, "accuracy": acc, "strict_accuracy": acc, "format_rate": 1.0, "chance": 0.2,
-                "mean_response_tokens": 20.0} for label, acc in (("base", 0.0), ("sft", 38 / 60))}))
+                "mean_response_tokens": 20.0, "wrong_image_accuracy": 13 / 60}
+        for label, acc in (("base", 0.0), ("sft", 38 / 60))}))
+    (root / "eval/paired.json").write_text(json.dumps([{"from": "base", "to": "sft", "gained": 38, "lost": 0,
+                                                        "p_value": 2 * 0.5 ** 38}]))
     return root
 
 
@@ -81,7 +84,8 @@ def test_report_draws_every_plot_and_links_them(run_dir):
     assert "<table>" in page and "<td>sft</td>" in page
     lo, hi = _wilson(38, 60)
     assert numbers["mcq"]["sft"]["ci95"] == pytest.approx([lo, hi], abs=1e-9)
-    assert f"| sft | 0.633 | {lo:.2f}-{hi:.2f} |" in markdown and 0.50 < lo < hi < 0.76
+    assert f"| sft | 60 | 0.633 | {lo:.2f}-{hi:.2f} | 0.217 |" in markdown and 0.50 < lo < hi < 0.76
+    assert "| base | sft | 38 | 0 | 7.3e-12 |" in markdown  # 2 * 0.5**38, McNemar's exact p
     assert numbers["wall_time_s"]["rl"] == 12.0 and "training" not in json.loads((run_dir / "report.json").read_text())
 
 

@@ -9,7 +9,7 @@ from patho_r1.fixtures.synth import TISSUES, WorldConfig, generate_world, render
 
 def test_same_seed_same_bytes_and_other_seed_differs(tmp_path):
     cfg = WorldConfig(n_train_tiles=24, n_heldout_tiles=12, n_sft=10, n_rl=8, n_rl_heldout=6, n_embed_pairs=6,
-                      n_composed_per_task=3)
+                      n_composed_per_task=3, n_eval_tiles=12, n_eval_mcq=6)
     generate_world(tmp_path / "a", seed=7, config=cfg)
     generate_world(tmp_path / "b", seed=7, config=cfg)
     generate_world(tmp_path / "c", seed=8, config=cfg)
@@ -64,7 +64,9 @@ def test_every_dataset_kind_validates(world_dir, small_world_config):
     assert all(len(c.query.frames) == 3 for c in composed if c.task == "v2t")
     assert load_records(world_dir / "embed/text_pairs.jsonl", "embed_pair")
     rows = list(iter_vlmeval_tsv(world_dir / "eval/PathoSynth_MCQ.tsv"))
-    assert len(rows) == small_world_config.n_rl_heldout
+    assert len(rows) == small_world_config.n_eval_mcq
+    eval_images = {r.images[0] for r in rows}
+    assert len(eval_images) > 1  # fresh tiles: the eval split is rendered apart from training and held-out tiles
     assert all(r.answer in r.options for r in rows)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from patho_r1.checkpoint import Manifest, atomic_directory, write_manifest
+from patho_r1.checkpoint import Manifest, atomic_directory, lineage_digest, write_manifest
 from patho_r1.config import PhaseResult
 from patho_r1.data import EmbedPairRecord, load_image, load_records
 from patho_r1.embed.config import BootstrapConfig, EmbedPhaseConfig, StageConfig
@@ -186,7 +186,8 @@ def run_embed(cfg: EmbedPhaseConfig) -> PhaseResult:
                 wandb_log({"eval": results})
             with atomic_directory(out / "model") as tmp:
                 embedder.save_adapter(tmp)
+                parent = cfg.parent or cfg.model
                 write_manifest(tmp, Manifest(phase="embed", step=steps, recipe_hash=cfg.recipe_hash,
-                                             parent=cfg.parent or cfg.model, complete=True,
+                                             parent=parent, parents={parent: lineage_digest(parent)}, complete=True,
                                              extra={"base_model": cfg.model, "adapter": "embed"}))
     return PhaseResult(model_dir=out / "model", global_step=steps, metrics=metrics)

@@ -145,11 +145,12 @@ def worker_output(log_file: Path | None) -> Iterator[None]:
 
 
 class MetricsTail:
-    """Reads the rows a phase appends to its `metrics.jsonl` since the last call."""
+    """Reads the rows a phase appends to its `metrics.jsonl` since the last call (rows already there when it starts,
+    from an earlier attempt that is being resumed, are not this run's progress)."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.offset = 0
+        self.offset = path.stat().st_size if path.is_file() else 0
 
     def new_rows(self) -> list[dict]:
         if not self.path.is_file():

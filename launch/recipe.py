@@ -21,7 +21,7 @@ first); its `output_dir` to `{output}/NAME`.  Validation checks every phase and 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,11 +35,20 @@ from patho_r1.launch.phases import PHASES, get_phase
 
 
 class TinyModelSpec(StrictModel):
+    """Fields of `patho_r1.fixtures.tiny.TinySpec`; impossible shapes fail here, at recipe validation."""
+
     hidden_size: int = 128
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
-    seed: int = 0
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _buildable(self):
+        from patho_r1.fixtures.tiny import TinySpec
+
+        TinySpec(**self.model_dump())  # its checks raise ValueError with the field named first
+        return self
 
 
 class ModelSpec(StrictModel):
@@ -59,6 +68,8 @@ class SynthSpec(StrictModel):
             self.world_config()
         except TypeError as exc:
             raise ValueError(f"not a WorldConfig field ({exc})") from None
+        except ValueError as exc:
+            raise ValueError(str(exc).removeprefix("WorldConfig: ")) from None
         return self
 
     def world_config(self) -> WorldConfig:
@@ -110,7 +121,7 @@ class PhaseSpec(StrictModel):
 class Recipe(StrictModel):
     name: str
     output_root: str
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     model: ModelSpec
     data: DataSpec
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
@@ -158,6 +169,7 @@ class Plan:
     recipe_hash: str
     phases: list[PlannedPhase]
     source: str
+    warnings: list[str] = field(default_factory=list)  # valid, but probably not what was meant
 
     def phase(self, name: str) -> PlannedPhase:
         for p in self.phases:
@@ -176,6 +188,7 @@ class Plan:
             src = getattr(cfg, "model", None) or ", ".join(getattr(cfg, "checkpoints", {}) or [])
             lines.append(f"   {i}. {p.name} [{p.type}] {src} -> {p.final_dir}")
             lines.append(f"      resources: {p.resources.describe()}")
+        lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
@@ -218,6 +231,7 @@ def build_plan(raw: dict, source: str = "<recipe>") -> Plan:
     mapping = {"data": recipe.data_root, "output": recipe.output_root, "phase:base": recipe.base_model_path}
     previous_model = recipe.base_model_path
     phases: list[PlannedPhase] = []
+    warnings: list[str] = []
     for i, spec in enumerate(recipe.phases):
         where = f"phases[{i}] ({spec.name})"
         try:
@@ -265,9 +279,13 @@ def build_plan(raw: dict, source: str = "<recipe>") -> Plan:
         if phase_type.produces_model:
             previous_model = str(final_dir)
         phases.append(PlannedPhase(spec=spec, config=config, resources=resources, final_dir=final_dir))
+        save_steps, max_steps = getattr(config, "save_steps", None), getattr(config, "max_steps", -1)
+        if phase_type.hf_trainer and save_steps and 0 < max_steps < save_steps:
+            warnings.append(f"{where}: max_steps {max_steps} < save_steps {save_steps}: the phase writes no "
+                            "intermediate checkpoint, so a failure or a kill loses all of it")
     if errors:
         raise ConfigError(f"{source}: {len(errors)} invalid field(s)\n  " + "\n  ".join(errors))
-    return Plan(recipe=recipe, recipe_hash=recipe_hash, phases=phases, source=source)
+    return Plan(recipe=recipe, recipe_hash=recipe_hash, phases=phases, source=source, warnings=warnings)
 
 
 def load_plan(path: str | Path) -> Plan:

@@ -53,15 +53,21 @@ def _cmd_score(args) -> int:
         columns: dict[str, list] = {}
         if needs_gold:
             for i, row in enumerate(rows, start=1):
-                if row.get("answer") is None and row.get("solution") is None:
-                    raise DataError(path, i, "answer", "missing (the accuracy reward needs the gold answer)")
+                gold = row.get("answer", row.get("solution"))
+                if gold is None or (isinstance(gold, str) and not gold.strip()):
+                    raise DataError(path, i, "answer", "missing or empty (the accuracy reward needs the gold answer)")
+                if not isinstance(gold, (str, int, float)) or isinstance(gold, bool):
+                    raise DataError(path, i, "answer", f"a gold answer is a string or a number, not a "
+                                    f"{type(gold).__name__}")
             columns["answer"] = [r.get("answer", r.get("solution")) for r in rows]
             if any("answer_type" in r for r in rows):
                 columns["answer_type"] = [r.get("answer_type") for r in rows]
         if "soft_overlong" in reward_set.names:
             for i, row in enumerate(rows, start=1):
-                if not isinstance(row.get("completion_length"), int):
-                    raise DataError(path, i, "completion_length", "missing or not an integer (soft_overlong needs it)")
+                length = row.get("completion_length")
+                if not isinstance(length, int) or isinstance(length, bool) or length < 0:
+                    raise DataError(path, i, "completion_length", "missing, negative or not an integer "
+                                    "(soft_overlong needs the completion's token count)")
             columns["completion_length"] = [r["completion_length"] for r in rows]
         scored = reward_set.score([r["completion"] for r in rows], **columns)
     finally:

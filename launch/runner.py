@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from patho_r1.checkpoint import Manifest, is_complete, read_manifest, write_manifest
+from patho_r1.checkpoint import Manifest, checkpoint_problem, lineage_digest, read_manifest, write_manifest
 from patho_r1.errors import ConfigError, PathoError
 from patho_r1.launch.console import RunConsole, driver_logging, route_ray_logging_to_file
 from patho_r1.launch.phases import get_phase
@@ -141,7 +141,7 @@ def _root_cause(exc: BaseException) -> BaseException:
     return getattr(exc, "cause", None) or exc
 
 
-def run_training_phase(plan: Plan, phase: PlannedPhase, verbose: bool = False) -> dict:
+def run_training_phase(plan: Plan, phase: PlannedPhase, verbose: bool = False, resume: bool = False) -> dict:
     """One training phase on Ray Train workers (TorchTrainer: process group, placement group, restarts)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -155,7 +155,8 @@ def run_training_phase(plan: Plan, phase: PlannedPhase, verbose: bool = False) -
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"phase_type": phase.type, "config": phase.config.model_dump(mode="json"),
-                           "env": _worker_env(plan), "report": False, "log_file": _log_file(plan, phase, verbose)},
+                           "env": _worker_env(plan), "report": False, "log_file": _log_file(plan, phase, verbose),
+                           "resume": resume, "started": time.time()},
         scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
                                      resources_per_worker=per_worker, placement_strategy=res.placement_strategy),
         run_config=RunConfig(name=f"{plan.recipe.name}-{phase.name}",
@@ -191,7 +192,9 @@ def run_task_phase(plan: Plan, phase: PlannedPhase, verbose: bool = False) -> di
         cause = _root_cause(exc)
         raise PhaseFailed(f"phase {phase.name!r} ({phase.type}) failed: {type(cause).__name__}: {cause}"
                           f"{_see_log(plan, phase, verbose)}") from exc
+    inputs = getattr(phase.config, "checkpoints", {}) or {}
     write_manifest(phase.final_dir, Manifest(phase=phase.type, recipe_hash=plan.recipe_hash, complete=True,
+                                             parents={p: lineage_digest(p) for p in inputs.values()},
                                              extra=_json_safe(out["metrics"])))
     return out["metrics"]
 
@@ -234,10 +237,28 @@ def run_recipe(plan: Plan, *, phases: list[str] | None = None, resume: bool = Fa
     """Run the selected phases in order; write the report.  The console shows one line per phase start and end and
     the live progress between them; everything else goes to `OUTPUT_ROOT/logs/` (all of it on the console with
     `verbose`)."""
+    from filelock import FileLock, Timeout
+
     selected = select_phases(plan, phases)
     root = Path(plan.recipe.output_root)
     root.mkdir(parents=True, exist_ok=True)
     console = console or RunConsole(verbose=verbose)
+    lock = FileLock(root / ".patho-r1.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ConfigError(f"{root}: another patho-r1 run is using this output folder (it holds {lock.lock_file}); "
+                          "wait for it, or give this run another output_root") from None
+    try:
+        return _run_locked(plan, selected, root, resume, verbose, console)
+    finally:
+        lock.release()
+
+
+def _run_locked(plan: Plan, selected: list[PlannedPhase], root: Path, resume: bool, verbose: bool,
+                console: RunConsole) -> list[PhaseOutcome]:
+    for warning in plan.warnings:
+        console.line(f"[run] warning: {warning}")
     with driver_logging(root / LOG_DIR, verbose) as log_path:
         state = _load_state(plan)
         state.update(recipe=plan.recipe.name, recipe_hash=plan.recipe_hash)
@@ -274,8 +295,15 @@ def run_recipe(plan: Plan, *, phases: list[str] | None = None, resume: bool = Fa
 def _run_one(plan: Plan, phase: PlannedPhase, position: str, state: dict, resume: bool, verbose: bool,
              console: RunConsole) -> PhaseOutcome:
     out_dir = str(getattr(phase.config, "output_dir", Path(plan.recipe.output_root) / phase.name))
-    if resume and is_complete(phase.final_dir):
-        manifest = read_manifest(phase.final_dir)
+    manifest = read_manifest(phase.final_dir) if resume else None
+    finished = manifest is not None and manifest.complete
+    why_redo, fresh = _why_redo(phase, manifest) if finished else (None, False)
+    phase_dir = Path(plan.recipe.output_root) / phase.name
+    if why_redo:
+        console.line(f"[run] {position} {phase.name}: done before, but {why_redo}; running it again")
+        if fresh and phase_dir.exists():  # new inputs: its checkpoints belong to the old ones
+            console.line(f"[run] previous {phase.name} output moved to {_move_aside(phase_dir)}")
+    elif finished:
         if manifest.recipe_hash != plan.recipe_hash:
             console.line(f"[run] note: {phase.name} was completed by a different version of the recipe "
                          f"({manifest.recipe_hash} != {plan.recipe_hash}); keeping it")
@@ -283,7 +311,6 @@ def _run_one(plan: Plan, phase: PlannedPhase, position: str, state: dict, resume
         prior = state["phases"].get(phase.name, {})
         return PhaseOutcome(phase.name, phase.type, "skipped", prior.get("seconds", 0.0), prior.get("metrics", {}),
                             out_dir)
-    phase_dir = Path(plan.recipe.output_root) / phase.name
     if not resume and phase_dir.exists():
         console.line(f"[run] previous {phase.name} output moved to {_move_aside(phase_dir)}")
     phase_type = get_phase(phase.type)
@@ -299,7 +326,7 @@ def _run_one(plan: Plan, phase: PlannedPhase, position: str, state: dict, resume
     try:
         with console.phase_progress(phase.name, metrics_file, phase_type.headline):
             if phase_type.ray_train:
-                metrics = run_training_phase(plan, phase, verbose)
+                metrics = run_training_phase(plan, phase, verbose, resume)
             else:
                 metrics = run_task_phase(plan, phase, verbose)
     except PhaseFailed as exc:
@@ -309,6 +336,20 @@ def _run_one(plan: Plan, phase: PlannedPhase, position: str, state: dict, resume
     seconds = time.time() - t0
     console.line(f"[run] {phase.name} done in {seconds:.1f}s  {phase_headline(out_dir, metrics)}".rstrip())
     return PhaseOutcome(phase.name, phase.type, "done", seconds, _json_safe(metrics), out_dir)
+
+
+def _why_redo(phase: PlannedPhase, manifest: Manifest) -> tuple[str | None, bool]:
+    """Whether a finished phase must run again on --resume: (why, or None to keep it; whether from scratch).
+
+    A damaged final output is redone from the phase's own intermediate checkpoints; a phase whose input changed
+    (an upstream phase was re-run) is stale and starts over, so that no result built on an old model survives."""
+    problem = checkpoint_problem(phase.final_dir)
+    if problem:
+        return f"its output is damaged ({problem})", False
+    for parent, digest in manifest.parents.items():
+        if digest is not None and lineage_digest(parent) != digest:
+            return f"its input {parent} changed since it ran", True
+    return None, False
 
 
 def _keep_ray_logs(dest: Path) -> None:

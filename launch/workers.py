@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from transformers import TrainerCallback
@@ -40,11 +41,22 @@ class _RayProgress(TrainerCallback):
                                                             if isinstance(v, (int, float))}})
 
 
+def should_resume(config: dict[str, Any], asked: bool, started: float) -> bool:
+    """Resume when asked, or when the newest checkpoint is this run's own (written since the phase started)."""
+    from patho_r1.training import latest_checkpoint
+
+    if asked:
+        return True
+    newest = latest_checkpoint(SimpleNamespace(output_dir=config["output_dir"]))
+    return newest is not None and (Path(newest) / "trainer_state.json").stat().st_mtime >= started
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry point: Ray has set RANK/WORLD_SIZE/MASTER_ADDR and the process group; HF Trainer joins it.
 
-    Every (re)start of an HF-Trainer phase resumes from the phase's newest intermediate checkpoint, so a worker
-    restarted by Ray's FailureConfig continues instead of starting over.
+    An HF-Trainer phase resumes from its newest intermediate checkpoint when the user asked (`--resume`), or when
+    that checkpoint was written by this very run: Ray's FailureConfig restarted the worker group, which continues
+    instead of starting over.  A fresh run never picks up a stale checkpoint left in its output folder.
     """
     import ray.train
 
@@ -53,7 +65,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     config = dict(loop_config["config"])
     phase = get_phase(loop_config["phase_type"])
     if phase.hf_trainer:
-        config["resume"] = True
+        config["resume"] = should_resume(config, loop_config.get("resume", False), loop_config.get("started", 0.0))
     log_file = loop_config.get("log_file")
     rank = ray.train.get_context().get_world_rank()
     with worker_output(Path(log_file.format(rank=rank)) if log_file else None):

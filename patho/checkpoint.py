@@ -31,6 +31,10 @@ class Manifest(BaseModel):
     created: float = Field(default_factory=time.time)
     metrics: dict[str, float] = Field(default_factory=dict)
     extra: dict = Field(default_factory=dict)
+    # sha256 of each weight file, recorded when the directory is sealed; checked before a resume trusts it
+    files: dict[str, str] = Field(default_factory=dict)
+    # the checkpoints this one was made from, with the digest each had then: a changed parent makes this one stale
+    parents: dict[str, str | None] = Field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -58,7 +62,68 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
         raise
 
 
-def write_manifest(directory: str | Path, manifest: Manifest) -> Path:
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+
+
+def file_digests(directory: str | Path) -> dict[str, str]:
+    """sha256 of every weight file in a checkpoint directory (relative name -> hex digest)."""
+    directory = Path(directory)
+    out = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and path.suffix in WEIGHT_SUFFIXES:
+            h = hashlib.sha256()
+            with path.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(block)
+            out[path.relative_to(directory).as_posix()] = h.hexdigest()
+    return out
+
+
+def lineage_digest(directory: str | Path) -> str | None:
+    """One digest for what a checkpoint holds (its manifest's file digests); None without a manifest (a hub id,
+    the tiny base model)."""
+    manifest = read_manifest(directory) if Path(directory).is_dir() else None
+    if manifest is None or not manifest.files:
+        return None
+    return config_hash(manifest.files)
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file is not whole (its header must parse and its size match the header), or None."""
+    try:
+        with path.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError) as exc:
+        return f"{path.name}: unreadable header ({type(exc).__name__})"
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    size = path.stat().st_size
+    if size != 8 + n + end:
+        return f"{path.name}: {size} bytes, but its header describes {8 + n + end} (truncated or overwritten)"
+    return None
+
+
+def checkpoint_problem(directory: str | Path) -> str | None:
+    """Why a checkpoint directory cannot be trusted, or None: every safetensors file whole, and every file the
+    manifest recorded present with its recorded digest."""
+    directory = Path(directory)
+    for path in sorted(directory.rglob("*.safetensors")):
+        problem = safetensors_problem(path)
+        if problem:
+            return problem
+    manifest = read_manifest(directory)
+    if manifest is not None and manifest.files:
+        now = file_digests(directory)
+        for name, digest in manifest.files.items():
+            if now.get(name) != digest:
+                return f"{name}: {'missing' if name not in now else 'changed since the phase completed'}"
+    return None
+
+
+def write_manifest(directory: str | Path, manifest: Manifest, *, seal: bool = True) -> Path:
+    """Write the manifest; `seal` first records the digest of every weight file beside it."""
+    if seal and not manifest.files:
+        manifest = manifest.model_copy(update={"files": file_digests(directory)})
     path = Path(directory) / MANIFEST_NAME
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(manifest.model_dump_json(indent=2) + "\n")
@@ -74,8 +139,9 @@ def read_manifest(directory: str | Path) -> Manifest | None:
 
 
 def is_complete(directory: str | Path) -> bool:
+    """Marked complete, and still whole (see `checkpoint_problem`)."""
     manifest = read_manifest(directory)
-    return manifest is not None and manifest.complete
+    return manifest is not None and manifest.complete and checkpoint_problem(directory) is None
 
 
 def save_checkpoint(model, processor, directory: str | Path, manifest: Manifest) -> Path:

@@ -67,7 +67,7 @@ class PhaseConfig(StrictModel):
 
     model: str | None = Field(None, description="hub id or local save_pretrained directory")
     output_dir: str
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     dtype: Dtype = "auto"
     use_cpu: bool | None = Field(None, description="None: the GPU when one is visible, else the CPU")
     wandb: WandbConfig = Field(default_factory=WandbConfig)
@@ -122,7 +122,7 @@ class TrainConfig(PhaseConfig):
     per_device_train_batch_size: int = Field(1, gt=0)
     gradient_accumulation_steps: int = Field(1, gt=0)
     num_train_epochs: float = Field(1.0, gt=0)
-    max_steps: int = Field(-1, description="> 0 overrides epochs")
+    max_steps: int = Field(-1, description="> 0 overrides epochs; -1: train num_train_epochs")
     max_length: int | None = Field(2048, gt=0)
     attn_implementation: str | None = None
     gradient_checkpointing: bool = False
@@ -141,6 +141,8 @@ class TrainConfig(PhaseConfig):
 
     @model_validator(mode="after")
     def _check_fields(self):
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps: {self.max_steps} trains nothing; give a step count > 0, or -1 for epochs")
         if self.merge_lora and self.lora is None:
             raise ValueError("merge_lora: set only together with lora")
         if self.trl:

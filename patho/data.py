@@ -23,8 +23,11 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
+import difflib
+import functools
 import io
 import json
+import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +38,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from patho_r1.errors import DataError
 from patho_r1.rewards.parsing import OPTION_LETTERS
+
+logger = logging.getLogger(__name__)
 
 AnswerType = Literal["mcq", "numeric", "expression", "yesno", "open"]
 ImageRef = str | bytes | dict
@@ -92,6 +97,8 @@ class ConversationRecord(_Record):
         for i, m in enumerate(self.messages):
             if m.role == "assistant" and not m.text().strip():
                 raise ValueError(f"messages.{i}: empty assistant turn")
+            if m.role == "user" and not m.text().strip() and not m.n_images():
+                raise ValueError(f"messages.{i}: empty user turn (no text and no image)")
         n = sum(m.n_images() for m in self.messages)
         if n and n != len(self.images):
             raise ValueError(f"images: the messages hold {n} image placeholders but {len(self.images)} images are "
@@ -101,7 +108,7 @@ class ConversationRecord(_Record):
 
 class MCQRecord(_Record):
     question: str
-    answer: str
+    answer: str = Field(..., min_length=1, description="the gold: an option letter, yes/no, a number or a text")
     options: dict[str, str] = Field(default_factory=dict)
     answer_type: AnswerType = "mcq"
     images: list[ImageRef] = Field(default_factory=list)
@@ -120,6 +127,13 @@ class MCQRecord(_Record):
             raise ValueError(f"options: keys must be consecutive letters from A, got {letters}")
         if self.answer not in self.options:
             raise ValueError(f"answer: {self.answer!r} is not among the options {letters}")
+        texts = [v.strip().lower() for v in self.options.values()]
+        blank = [k for k, v in self.options.items() if not v.strip()]
+        if blank:
+            raise ValueError(f"options.{blank[0]}: empty option text")
+        if len(set(texts)) != len(texts):
+            dup = next(k for k, v in self.options.items() if texts.count(v.strip().lower()) > 1)
+            raise ValueError(f"options.{dup}: the same text as another option ({self.options[dup]!r})")
         return self
 
     def prompt_text(self) -> str:
@@ -214,6 +228,13 @@ def load_image(ref: ImageRef, base_dir: str | Path | None = None) -> Image.Image
     return _open_image(_resolve_ref(ref, base_dir), full=True)
 
 
+def image_feature_value(ref: ImageRef, base_dir: str | Path | None = None) -> str | dict:
+    """An image reference in the form `datasets.Image` reads: a path string, or `{"bytes": ..., "path": None}` for
+    base64, data URIs, raw bytes and HF dicts (`datasets` takes every string for a file name)."""
+    source = _resolve_ref(ref, base_dir)
+    return str(source) if isinstance(source, Path) else {"bytes": source, "path": None}
+
+
 def _b64decode(s: str) -> bytes:
     try:
         return base64.b64decode(s, validate=True)
@@ -267,6 +288,8 @@ def parse_record(raw: Any, kind: str, *, path: str | Path, row: int, base_dir: P
             field, _, msg = msg.partition(": ")
         more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
         raise DataError(path, row, field, msg + more) from None
+    for key in raw.keys() - cls.model_fields.keys():
+        _warn_near_miss(str(path), key, tuple(cls.model_fields))
     if check_images:
         base = base_dir or Path(path).parent
         for field, refs in _image_fields(record):
@@ -278,9 +301,30 @@ def parse_record(raw: Any, kind: str, *, path: str | Path, row: int, base_dir: P
     return record
 
 
+def decode_utf8(raw: bytes, path: Path, lineno: int, offset: int) -> str:
+    """One line's text, or a DataError naming the file, the line and the byte offset of the first bad byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(path, lineno, None, f"not UTF-8: byte 0x{raw[exc.start]:02x} at byte offset "
+                        f"{offset + exc.start} of the file") from None
+
+
+@functools.lru_cache(maxsize=1024)
+def _warn_near_miss(path: str, key: str, known: tuple[str, ...]) -> None:
+    """Records keep extra keys (datasets carry their own), but a key one typo away from a field is almost surely a
+    typo, and the field it meant is then missing or defaulted: say so, once per file and key."""
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+    if close:
+        logger.warning("%s: unknown field %r kept as an extra; did you mean %r?", path, key, close[0])
+
+
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    with path.open("r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        offset = 0
+        for lineno, raw in enumerate(fh, start=1):
+            line = decode_utf8(raw, path, lineno, offset)
+            offset += len(raw)
             if not line.strip():
                 continue
             try:
@@ -344,12 +388,26 @@ def iter_vlmeval_tsv(path: str | Path) -> Iterator[MCQRecord]:
     """
     path = Path(path)
     csv.field_size_limit(sys.maxsize)  # base64 images exceed csv's default 128 KiB field limit
-    with path.open("r", encoding="utf-8", newline="") as fh:
+    with path.open("r", encoding="utf-8", errors="strict", newline="") as fh:
         reader = csv.DictReader(fh, delimiter="\t")
-        missing = {"index", "question", "answer"} - set(reader.fieldnames or [])
+        try:
+            missing = {"index", "question", "answer"} - set(reader.fieldnames or [])
+        except UnicodeDecodeError:
+            _raise_not_utf8(path)
         if missing:
             raise DataError(path, 1, sorted(missing)[0], "missing column in TSV header")
-        for row_no, row in enumerate(reader, start=2):
+        rows = enumerate(reader, start=2)
+        while True:
+            try:
+                row_no, row = next(rows)
+            except StopIteration:
+                return
+            except UnicodeDecodeError:
+                _raise_not_utf8(path)
+            if None in row or any(v is None for v in row.values()):
+                n_given = len([v for v in row.values() if v is not None]) + len(row.get(None) or [])
+                raise DataError(path, row_no, None, f"{n_given} fields, but the header has "
+                                f"{len(reader.fieldnames)} columns")
             options = {k: row[k] for k in OPTION_LETTERS if row.get(k) not in (None, "", "nan")}
             answer = (row.get("answer") or "").strip()
             if options:
@@ -362,6 +420,16 @@ def iter_vlmeval_tsv(path: str | Path) -> Iterator[MCQRecord]:
                    "answer_type": answer_type, "category": row.get("category") or None,
                    "images": [row["image"]] if row.get("image") else []}
             yield parse_record(raw, "mcq", path=path, row=row_no, base_dir=path.parent)
+
+
+def _raise_not_utf8(path: Path):
+    """Find the first bad byte of a text file and raise a DataError naming its line and offset."""
+    offset = 0
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            decode_utf8(raw, path, lineno, offset)
+            offset += len(raw)
+    raise DataError(path, None, None, "not UTF-8")
 
 
 def validate_file(source: str | Path, kind: str) -> int:

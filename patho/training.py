@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from patho_r1.checkpoint import Manifest, save_checkpoint
+from patho_r1.checkpoint import Manifest, checkpoint_problem, lineage_digest, save_checkpoint
 from patho_r1.config import PhaseConfig, TrainConfig, WandbConfig
 
 logger = logging.getLogger(__name__)
@@ -259,7 +259,8 @@ _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 def latest_checkpoint(cfg: TrainConfig) -> str | None:
-    """Newest intermediate checkpoint that was fully written (HF writes trainer_state.json last)."""
+    """Newest intermediate checkpoint that is whole: fully written (HF writes trainer_state.json last), with every
+    safetensors file matching its header.  A damaged newer one is skipped, and the log says which and why."""
     root = Path(cfg.output_dir) / CHECKPOINTS_SUBDIR
     if not root.is_dir():
         return None
@@ -268,7 +269,12 @@ def latest_checkpoint(cfg: TrainConfig) -> str | None:
         m = _CHECKPOINT_RE.match(d.name)
         if m and (d / "trainer_state.json").is_file():
             found.append((int(m.group(1)), d))
-    return str(max(found)[1]) if found else None
+    for _, d in sorted(found, reverse=True):
+        problem = checkpoint_problem(d)
+        if problem is None:
+            return str(d)
+        logger.warning("checkpoint %s is damaged (%s); trying an older one", d, problem)
+    return None
 
 
 def finalize(trainer, processor, cfg: TrainConfig, phase: str, metrics: dict[str, float] | None = None) -> Path:
@@ -288,8 +294,9 @@ def finalize(trainer, processor, cfg: TrainConfig, phase: str, metrics: dict[str
         # precision they compute in (vLLM reads the saved dtype), as Hugging Face checkpoints are.
         model = model.to(getattr(torch, compute))
         extra["saved_dtype"] = compute
+    parent = cfg.parent or cfg.model
     manifest = Manifest(phase=phase, step=int(trainer.state.global_step), recipe_hash=cfg.recipe_hash,
-                        parent=cfg.parent or cfg.model, complete=True,
+                        parent=parent, parents={parent: lineage_digest(parent)}, complete=True,
                         metrics={k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))},
                         extra=extra)
     if trainer.args.should_save:

@@ -6,7 +6,8 @@ import logging
 
 from datasets import Dataset, Image, Sequence
 
-from patho_r1.data import MCQRecord, iter_records
+from patho_r1.data import MCQRecord, image_feature_value, iter_records
+from patho_r1.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +43,13 @@ def build_rl_dataset(source: str, system_prompt: str | None, processor=None,
                 > max_prompt_length:
             dropped += 1
             continue
-        rows.append({"prompt": mcq_prompt(rec, system_prompt), "images": list(rec.images), "answer": rec.answer,
+        rows.append({"prompt": mcq_prompt(rec, system_prompt), "images": [image_feature_value(r) for r in rec.images],
+                     "answer": rec.answer,
                      "answer_type": rec.answer_type, "category": rec.category or "", "id": rec.id or ""})
     if dropped:
         logger.warning("%s: dropped %d prompts longer than max_prompt_length=%d", source, dropped, max_prompt_length)
     if not rows:
-        raise ValueError(f"{source}: no usable prompts (dropped {dropped} as too long)")
+        raise DataError(source, None, None, f"no usable prompts: the file has {dropped} rows and all of them were "
+                        f"longer than max_prompt_length={max_prompt_length}" if dropped else "no rows to train on")
     ds = Dataset.from_list(rows)
     return ds.cast_column("images", Sequence(Image()))  # decoded to PIL lazily, per row access

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from datasets import Dataset, IterableDataset
 
 from patho_r1.data import CaptionRecord, ConversationRecord, iter_records
+from patho_r1.errors import DataError
 
 
 def caption_rows(source: str, instruction: str) -> Iterator[dict]:
@@ -36,4 +37,7 @@ def to_dataset(rows_fn, *, streaming: bool = False, **kwargs) -> Dataset | Itera
     """
     if streaming:
         return IterableDataset.from_generator(rows_fn, gen_kwargs=kwargs)
-    return Dataset.from_list(list(rows_fn(**kwargs)))
+    rows = list(rows_fn(**kwargs))
+    if not rows:  # TRL would stop at its first batch with a bare StopIteration
+        raise DataError(kwargs.get("source", "<data>"), None, None, "no rows to train on")
+    return Dataset.from_list(rows)

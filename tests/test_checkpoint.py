@@ -25,3 +25,59 @@ def test_manifest_round_trip_and_hash(tmp_path):
     write_manifest(tmp_path, m)
     assert read_manifest(tmp_path) == m and not is_complete(tmp_path)
     assert config_hash({"a": 1, "b": 2}) == config_hash({"b": 2, "a": 1}) != config_hash({"a": 2})
+
+
+def _weights(directory, value: float, name="model.safetensors"):
+    import torch
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({"w": torch.full((64, 64), value)}, str(directory / name))
+    return directory / name
+
+
+def test_a_truncated_checkpoint_is_skipped_for_the_newest_intact_one(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from patho_r1.training import latest_checkpoint
+
+    for step in (5, 10):
+        _weights(tmp_path / f"checkpoints/checkpoint-{step}", float(step))
+        (tmp_path / f"checkpoints/checkpoint-{step}/trainer_state.json").write_text("{}")
+    newest = tmp_path / "checkpoints/checkpoint-10/model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:-100])  # a write cut short
+    with caplog.at_level("WARNING"):
+        found = latest_checkpoint(SimpleNamespace(output_dir=str(tmp_path)))
+    assert found == str(tmp_path / "checkpoints/checkpoint-5")
+    assert "checkpoint-10 is damaged (model.safetensors:" in caplog.text and "truncated" in caplog.text
+
+
+def test_a_sealed_final_model_that_changed_is_no_longer_complete(tmp_path):
+    from patho_r1.checkpoint import checkpoint_problem
+
+    path = _weights(tmp_path, 1.0)
+    write_manifest(tmp_path, Manifest(phase="sft", complete=True))
+    assert read_manifest(tmp_path).files.keys() == {"model.safetensors"} and is_complete(tmp_path)
+    _weights(tmp_path, 2.0)  # same size, other bytes
+    assert "model.safetensors: changed since the phase completed" in checkpoint_problem(tmp_path)
+    assert not is_complete(tmp_path)
+    path.unlink()
+    assert "model.safetensors: missing" in checkpoint_problem(tmp_path)
+
+
+def test_a_phase_built_on_a_changed_parent_is_stale(tmp_path):
+    from patho_r1.checkpoint import lineage_digest
+    from patho_r1.launch.recipe import PlannedPhase
+    from patho_r1.launch.runner import _why_redo
+
+    parent, child = tmp_path / "rl/model", tmp_path / "eval"
+    _weights(parent, 1.0)
+    write_manifest(parent, Manifest(phase="rl", complete=True))
+    child.mkdir()
+    write_manifest(child, Manifest(phase="eval", complete=True, parents={str(parent): lineage_digest(parent)}))
+    phase = PlannedPhase(spec=None, config=None, resources=None, final_dir=child)
+    assert _why_redo(phase, read_manifest(child)) == (None, False)
+    _weights(parent, 3.0)  # RL ran again
+    write_manifest(parent, Manifest(phase="rl", complete=True))
+    why, fresh = _why_redo(phase, read_manifest(child))
+    assert f"its input {parent} changed since it ran" == why and fresh

@@ -59,6 +59,12 @@ def folder(tmp_path):
          1, "images", "1 image placeholders but 0 images"),
         ("embed_pair", [{"query": {"text": " "}, "positive": {"text": "t"}}], 1, "query",
          "needs text, images or frames"),
+        ("mcq", [_mcq(options={"A": "x", "B": " ", "C": "z"})], 1, "options.B", "empty option text"),
+        ("mcq", [_mcq(options={"A": "glands", "B": "Glands", "C": "z"})], 1, "options.A", "same text as another"),
+        ("mcq", [_mcq(answer="", answer_type="open", options={})], 1, "answer", "at least 1 character"),
+        ("mcq", [_mcq(answer=["B"])], 1, "answer", "valid string"),
+        ("conversation", [{"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "a"}]}],
+         1, "messages.0", "empty user turn"),
     ],
 )
 def test_bad_input_names_file_row_and_field(folder, kind, rows, row, field, message):
@@ -152,3 +158,29 @@ def test_vlmeval_tsv_reading(tmp_path):
     assert second.answer_type == "yesno"
     with pytest.raises(DataError, match=r"X.tsv:4: field 'answer'"):
         next(rows)
+
+
+def test_non_utf8_bytes_are_located_by_line_and_byte_offset(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b'{"caption": "ok", "images": ["t.png"]}\n{"caption": "caf\xe9", "images": ["t.png"]}\n')
+    with pytest.raises(DataError, match=r"data.jsonl:2: not UTF-8: byte 0xe9 at byte offset 55 of the file"):
+        load_records(path, "caption", check_images=False)
+    tsv = tmp_path / "bench.tsv"
+    tsv.write_bytes(b"index\tquestion\tA\tB\tanswer\n1\tq\tx\ty\tA\n2\tq\xff\tx\ty\tA\n")
+    with pytest.raises(DataError, match=r"bench.tsv:3: not UTF-8: byte 0xff at byte offset 39"):
+        list(iter_vlmeval_tsv(tsv))
+
+
+def test_a_short_tsv_row_is_an_error_not_a_half_record(tmp_path):
+    tsv = tmp_path / "bench.tsv"
+    tsv.write_text("index\tquestion\tA\tB\tC\tD\tanswer\tcategory\n1\tq\tx\n")
+    with pytest.raises(DataError, match=r"bench.tsv:2: 3 fields, but the header has 8 columns"):
+        list(iter_vlmeval_tsv(tsv))
+
+
+def test_a_field_one_typo_away_is_warned_about(folder, caplog):
+    path = _jsonl(folder / "data.jsonl", [{**_mcq(), "categroy": "glands", "source": "book"}])
+    with caplog.at_level("WARNING"):
+        load_records(path, "mcq")
+    assert "unknown field 'categroy' kept as an extra; did you mean 'category'?" in caplog.text
+    assert "'source'" not in caplog.text  # a legitimate extra key, far from every field, is not noise

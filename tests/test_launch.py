@@ -229,3 +229,58 @@ def test_failed_phase_is_retried_then_reported_with_its_cause(tmp_path, monkeypa
     assert "Traceback" in worker_log and "missing.jsonl" in worker_log  # both attempts, in full
     state = json.loads((tmp_path / "out/run_state.json").read_text())
     assert state["phases"]["sft"]["status"] == "failed"
+
+
+def test_impossible_numbers_fail_at_recipe_validation(tmp_path):
+    raw = _recipe(tmp_path, [{"name": "sft", "type": "sft", "config": {"data": "{data}/sft/train.jsonl",
+                                                                       "max_steps": 0}}], seed=-1)
+    raw["model"]["tiny"] = {"hidden_size": 96, "num_attention_heads": 4}
+    raw["data"]["synth"]["n_sft"] = -5
+    with pytest.raises(ConfigError) as info:
+        build_plan(raw)
+    text = str(info.value)
+    for needle in ("seed: Input should be greater than or equal to 0", "head_dim = hidden_size / num_attention_heads",
+                   "counts must be >= 0 (n_sft", ):
+        assert needle in text, (needle, text)
+    raw.update(seed=0)
+    raw["model"]["tiny"] = {}
+    raw["data"]["synth"]["n_sft"] = 5
+    with pytest.raises(ConfigError, match=r"max_steps: 0 trains nothing"):
+        build_plan(raw)
+
+
+def test_a_fresh_run_never_resumes_a_stale_checkpoint(tmp_path):
+    import time as clock
+
+    from patho_r1.launch.workers import should_resume
+
+    stale = tmp_path / "sft/checkpoints/checkpoint-5"
+    stale.mkdir(parents=True)
+    (stale / "trainer_state.json").write_text("{}")
+    config = {"output_dir": str(tmp_path / "sft")}
+    started = clock.time() + 1.0  # the checkpoint predates this run
+    assert should_resume(config, asked=False, started=started) is False
+    assert should_resume(config, asked=True, started=started) is True  # --resume
+    assert should_resume(config, asked=False, started=0.0) is True  # written by this run: Ray restarted the workers
+    assert should_resume({"output_dir": str(tmp_path / "none")}, asked=False, started=0.0) is False
+
+
+def test_two_runs_cannot_share_an_output_folder(tmp_path):
+    from filelock import FileLock
+
+    from patho_r1.launch.runner import run_recipe
+
+    plan = build_plan(_recipe(tmp_path, [{"name": "a", "type": "cpt", "config": {"data": "{data}/cpt/train.jsonl"}}]))
+    Path(plan.recipe.output_root).mkdir(parents=True)
+    with FileLock(Path(plan.recipe.output_root) / ".patho-r1.lock"):
+        with pytest.raises(ConfigError, match="another patho-r1 run is using this output folder"):
+            run_recipe(plan)
+
+
+def test_a_phase_that_never_checkpoints_is_warned_about(tmp_path, capsys):
+    plan = build_plan(_recipe(tmp_path, [{"name": "rl", "type": "rl",
+                                          "config": {"data": "{data}/rl/train.jsonl", "max_steps": 40,
+                                                     "per_device_train_batch_size": 8,
+                                                     "save_steps": 100}}]))
+    assert len(plan.warnings) == 1 and "max_steps 40 < save_steps 100" in plan.warnings[0]
+    assert "warning: phases[0] (rl)" in plan.describe()

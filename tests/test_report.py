@@ -176,3 +176,12 @@ except RuntimeError:
     text = log.read_text()
     for needle in ("from python", "from C", "from a library", "deprecated thing", "RuntimeError: worker broke"):
         assert needle in text, needle
+
+
+def test_metrics_tail_skips_rows_of_an_earlier_attempt(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 40}\n')  # the attempt being resumed
+    tail = MetricsTail(path)
+    with path.open("a") as fh:
+        fh.write('{"step": 41}\n')
+    assert tail.new_rows() == [{"step": 41}]

@@ -151,3 +151,56 @@ def test_bad_reward_specs_fail_at_validation_before_any_model_loads(world_dir, t
                                                             {"name": "os:system", "weight": 1.0}]})
     text = str(info.value)
     assert "rewards.1.name: unknown reward 'acuracy'" in text and "'mcq_mod'" in text and "os:system" in text
+
+
+def _image_forms(world_dir):
+    import base64
+
+    path = world_dir / "images/tile_000000.png"
+    raw = path.read_bytes()
+    b64 = base64.b64encode(raw).decode()
+    return {"path": str(path), "base64": b64, "data_uri": "data:image/png;base64," + b64,
+            "hf_dict": {"bytes": raw, "path": None}}
+
+
+@pytest.mark.parametrize("form", ["path", "base64", "data_uri", "hf_dict"])
+def test_every_image_form_reaches_the_rl_and_sft_datasets(world_dir, tmp_path, form):
+    """Base64 in RL data once failed with "File name too long": `datasets.Image` reads every string as a path."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from patho_r1.sft.data import conversation_rows, to_dataset
+
+    ref = _image_forms(world_dir)[form]
+    mcq = {"question": "Which?", "options": {"A": "x", "B": "y"}, "answer": "A", "images": [ref]}
+    conversation = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]},
+                                 {"role": "assistant", "content": "<think>t</think><answer>A</answer>"}],
+                    "images": [ref]}
+    if form == "hf_dict":  # bytes do not go into JSON; HF exports carry them in Parquet
+        rl_file, sft_file = tmp_path / "rl.parquet", None
+        pq.write_table(pa.Table.from_pylist([mcq]), rl_file)
+    else:
+        rl_file, sft_file = tmp_path / "rl.jsonl", tmp_path / "sft.jsonl"
+        rl_file.write_text(json.dumps(mcq) + "\n")
+        sft_file.write_text(json.dumps(conversation) + "\n")
+    rows = build_rl_dataset(str(rl_file), "SYSTEM")
+    assert rows[0]["images"][0].size == (56, 56)
+    if sft_file is not None:
+        sft = to_dataset(conversation_rows, source=str(sft_file))
+        from patho_r1.data import load_image
+
+        assert load_image(sft[0]["images"][0]).size == (56, 56)
+
+
+def test_an_empty_training_file_is_a_clear_error(tmp_path):
+    from patho_r1.errors import DataError
+    from patho_r1.sft.data import conversation_rows, to_dataset
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match="empty.jsonl: no rows to train on"):
+        to_dataset(conversation_rows, source=str(empty))
+    with pytest.raises(DataError, match="empty.jsonl: no rows to train on"):
+        build_rl_dataset(str(empty), "SYSTEM")

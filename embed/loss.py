@@ -59,6 +59,22 @@ def _gather_plain(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def average_gradients(params) -> None:
+    """Average each parameter's gradient over the ranks (no-op on one process).
+
+    Every rank computes the same global loss from the gathered embeddings, and `gather_with_grad`'s backward sums the
+    ranks' gradients into each rank's own embeddings, so a rank's parameter gradient is world x its share of the
+    global one.  Summing over ranks and dividing by the world size gives exactly the gradient that one process
+    holding the whole global batch would compute (`tests/test_embed.py` checks it on two gloo ranks)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    world = dist.get_world_size()
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
 class RandState:
     """Captures the CPU (and current CUDA device) RNG state so a forward pass can be replayed exactly."""
 

@@ -23,7 +23,7 @@ from patho_r1.checkpoint import Manifest, atomic_directory, lineage_digest, writ
 from patho_r1.config import PhaseResult
 from patho_r1.data import EmbedPairRecord, load_image, load_records
 from patho_r1.embed.config import BootstrapConfig, EmbedPhaseConfig, StageConfig
-from patho_r1.embed.loss import grad_cache_step, info_nce
+from patho_r1.embed.loss import average_gradients, grad_cache_step, info_nce
 from patho_r1.embed.model import Embedder, EmbedInput
 from patho_r1.stain import hed_jitter
 from patho_r1.training import wandb_run
@@ -106,11 +106,7 @@ def train_stage(embedder: Embedder, stage: StageConfig, name: str, cfg: EmbedPha
         else:
             loss = loss_fn(embedder(queries), embedder(positives))
             loss.backward()
-        if world > 1:  # DDP is not wrapping the model (two-pass steps), so average gradients by hand
-            for p in params:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
+        average_gradients(params)  # DDP is not wrapping the model (GradCache's two passes), so by hand
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()

@@ -26,6 +26,14 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
+def _step_plot(ax, ylabel: str, title: str) -> None:
+    """Axis labels, title and legend of a metric-over-steps plot."""
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+
+
 def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
     points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and "step" in r]
     return [p[0] for p in points], [p[1] for p in points]
@@ -59,10 +67,7 @@ def rl_rewards(rows: list[dict], path: Path, title: str = "rl") -> Path | None:
     for key in keys:
         ax.plot(*_series(rows, key), marker=".", label=key.removeprefix("rewards/").removesuffix("/mean"))
     ax.plot(*_series(rows, "reward"), marker="o", color="black", linewidth=2, label="total (weighted)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("reward")
-    ax.set_title(f"{title}: rewards")
-    ax.legend(fontsize=8)
+    _step_plot(ax, "reward", f"{title}: rewards")
     return _save(fig, path)
 
 
@@ -74,10 +79,7 @@ def completion_length(rows: list[dict], path: Path, title: str = "rl") -> Path |
     ax.plot(xs, mean, marker=".", label="mean")
     for key, style in (("completions/min_length", ":"), ("completions/max_length", "--")):
         ax.plot(*_series(rows, key), linestyle=style, label=key.split("/")[1].replace("_length", ""))
-    ax.set_xlabel("step")
-    ax.set_ylabel("tokens")
-    ax.set_title(f"{title}: completion length")
-    ax.legend(fontsize=8)
+    _step_plot(ax, "tokens", f"{title}: completion length")
     return _save(fig, path)
 
 
@@ -107,13 +109,13 @@ def wilson_interval(correct: int, n: int, confidence: float = 0.95) -> tuple[flo
 
 
 def accuracy(summary: dict[str, dict], path: Path) -> Path | None:
-    """Held-out MCQ accuracy per checkpoint with its 95% Wilson interval, beside the wrong-image control (the same
-    items with the images shuffled), and the image-blind chance line."""
+    """Held-out MCQ accuracy per checkpoint with its 95% Wilson interval (`ci95`, as the report computed it), beside
+    the wrong-image control (the same items with the images shuffled), and the image-blind chance line."""
     if not summary:
         return None
     labels = list(summary)
     acc = [summary[k]["accuracy"] for k in labels]
-    intervals = [wilson_interval(round(summary[k]["accuracy"] * summary[k]["n"]), summary[k]["n"]) for k in labels]
+    intervals = [summary[k]["ci95"] for k in labels]
     low = [a - lo for a, (lo, _) in zip(acc, intervals, strict=True)]
     high = [hi - a for a, (_, hi) in zip(acc, intervals, strict=True)]
     fig, ax = _figure(1.4 * len(labels) + 2, 3.2)

@@ -17,19 +17,15 @@ import html
 import json
 from pathlib import Path
 
+from patho_r1.data import iter_raw_rows
 from patho_r1.launch import plots
 
 STATE_FILE = "run_state.json"
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            rows.append(json.loads(line))
-    return rows
+    """A phase's logged rows (none when it logged nothing); a bad line is a DataError naming file and line."""
+    return [row for _, row in iter_raw_rows(path)] if path.is_file() else []
 
 
 def collect(run_dir: str | Path) -> dict:

@@ -204,9 +204,8 @@ def run_task_phase(plan: Plan, phase: PlannedPhase, verbose: bool = False) -> di
 # ----------------------------------------------------------------------------------------------------------------------
 
 def _see_log(plan: Plan, phase: PlannedPhase, verbose: bool) -> str:
-    if verbose:
-        return ""
-    return f"\n  full log: {_log_file(plan, phase, verbose, rank='*')}"
+    path = _log_file(plan, phase, verbose, rank="*")
+    return f"\n  full log: {path}" if path else ""
 
 
 def _load_state(plan: Plan) -> dict:

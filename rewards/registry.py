@@ -97,23 +97,27 @@ class RewardRegistry:
 
     def check(self, name: str, params: dict) -> None:
         """Fail as `build` would, without calling anything: unknown names, unknown or missing parameters."""
-        target, is_reward = self.resolve(name)
-        if is_reward:
-            if params:
-                raise TypeError(f"reward {name!r} is a reward function, not a factory: it takes no parameters "
-                                f"(got {', '.join(sorted(params))})")
-            return
-        try:
-            inspect.signature(target).bind(**params)
-        except TypeError as exc:
-            raise TypeError(f"reward {name!r}: {exc} (its parameters: {inspect.signature(target)})") from None
-        except ValueError:  # no signature to read (a C-level class): leave it to the call
-            pass
+        _check_params(name, *self.resolve(name), params)
 
     def build(self, name: str, **params) -> RewardFn:
-        self.check(name, params)
         target, is_reward = self.resolve(name)
+        _check_params(name, target, is_reward, params)
         return target if is_reward else _call_factory(target, params, name)
+
+
+def _check_params(name: str, target: Callable, is_reward: bool, params: dict) -> None:
+    """The spec's parameters against what `target` takes: none for a reward function, its signature for a factory."""
+    if is_reward:
+        if params:
+            raise TypeError(f"reward {name!r} is a reward function, not a factory: it takes no parameters "
+                            f"(got {', '.join(sorted(params))})")
+        return
+    try:
+        inspect.signature(target).bind(**params)
+    except TypeError as exc:
+        raise TypeError(f"reward {name!r}: {exc} (its parameters: {inspect.signature(target)})") from None
+    except ValueError:  # no signature to read (a C-level class): leave it to the call
+        pass
 
 
 def _load_entry_point(name: str):

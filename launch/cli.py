@@ -13,10 +13,12 @@ import json
 import logging
 import sys
 
+from patho_r1.curate import cli as curate_cli
 from patho_r1.embed import cli as embed_cli
 from patho_r1.errors import PathoError
 from patho_r1.eval import cli as eval_cli
 from patho_r1.launch import rewards_cli
+from patho_r1.launch.curate_phase import model_encoder
 from patho_r1.rl import cli as rl_cli
 from patho_r1.sft import cli as sft_cli
 
@@ -138,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     _register_run(sub)
     for register in (rewards_cli.register, sft_cli.register, rl_cli.register, embed_cli.register, eval_cli.register):
         register(sub)
+    curate_cli.register(sub, model_encoder=model_encoder)
     return parser
 
 

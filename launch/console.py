@@ -178,7 +178,9 @@ def format_metrics(row: dict, keys: tuple[str, ...]) -> str:
 
 class _RateColumn(ProgressColumn):
     def render(self, task) -> Text:
-        return Text(f"{task.speed:.2f} step/s" if task.speed else "")
+        unit = task.fields.get("unit", "step")
+        return Text((f"{task.speed:,.0f} {unit}/s" if task.speed > 100 else f"{task.speed:.2f} {unit}/s")
+                    if task.speed else "")
 
 
 def _clock(seconds: float) -> str:
@@ -209,12 +211,12 @@ class RunConsole:
             progress = Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                                 TextColumn("{task.fields[metrics]}"), console=self.console, transient=True)
-            task = progress.add_task(name, total=None, metrics="")
+            task = progress.add_task(name, total=None, metrics="", unit="step")
 
             def update(row: dict) -> None:
                 progress.update(task, completed=row["step"], total=row.get("total") or None,
                                 description=f"{name}{':' + row['stage'] if row.get('stage') else ''}",
-                                metrics=format_metrics(row, headline))
+                                metrics=format_metrics(row, headline), unit=row.get("unit", "step"))
             context = progress
         else:
             reported: set[tuple] = set()
@@ -234,7 +236,8 @@ class RunConsole:
                     rate = step / max(row.get("time") or 0.0, 1e-3)
                 eta = (total - step) / rate if rate > 0 else 0.0
                 stage = f":{row['stage']}" if row.get("stage") else ""
-                self.line(f"  {name}{stage} step {step}/{total} ({100 * step // total}%) {rate:.2f} step/s "
+                unit = row.get("unit", "step")
+                self.line(f"  {name}{stage} {unit} {step}/{total} ({100 * step // total}%) {rate:.2f} {unit}/s "
                           f"ETA {_clock(eta)}  {format_metrics(row, headline)}")
             context = contextlib.nullcontext()
 

@@ -26,6 +26,7 @@ class PhaseType:
     # resumes from its newest intermediate checkpoint when Ray restarts it
     writes_checkpoint: bool = False  # its final output is a checkpoint in OUTPUT_DIR/model, named by {phase:NAME}
     produces_model: bool = False  # that checkpoint is the next phase's default `model` (embed's adapter is not)
+    uses_model: bool = True  # reads a model (the recipe's base or an earlier phase's); curate does not
     headline: tuple[str, ...] = ("loss",)  # the metrics.jsonl keys the console shows beside the progress bar
     summary: str = ""
 
@@ -75,3 +76,6 @@ register_phase(PhaseType(
 register_phase(PhaseType(
     "eval", "patho_r1.eval.phase:EvalPhaseConfig", "patho_r1.eval.phase:run_eval", ray_train=False, headline=(),
     summary="score checkpoints on an MCQ set"))
+register_phase(PhaseType(
+    "curate", "patho_r1.curate.config:CuratePhaseConfig", "patho_r1.launch.curate_phase:run_curate", ray_train=False,
+    uses_model=False, headline=(), summary="the data engine: import, dedup, decontaminate, tag, cluster"))

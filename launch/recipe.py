@@ -258,7 +258,7 @@ def build_plan(raw: dict, source: str = "<recipe>") -> Plan:
                 else:
                     errors.append(f"{where}.config.checkpoints: {label!r} is not 'base' or an earlier phase")
             data["checkpoints"] = resolved
-        elif ckpts is None:
+        elif ckpts is None and phase_type.uses_model:
             data.setdefault("model", previous_model)
         data.setdefault("output_dir", str(out_dir))
         data.setdefault("seed", recipe.seed)

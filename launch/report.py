@@ -36,7 +36,7 @@ def collect(run_dir: str | Path) -> dict:
         raise FileNotFoundError(f"{run_dir}: no {STATE_FILE}; is this a `patho-r1 run` output folder?")
     state = json.loads(state_file.read_text())
     report: dict = {"recipe": state.get("recipe", run_dir.name), "recipe_hash": state.get("recipe_hash"),
-                    "mcq": {}, "paired": [], "retrieval": {}, "wall_time_s": {}, "training": {}}
+                    "mcq": {}, "paired": [], "retrieval": {}, "curate": {}, "wall_time_s": {}, "training": {}}
     for name, entry in state["phases"].items():
         out = Path(entry.get("output_dir") or run_dir / name)
         report["wall_time_s"][name] = round(float(entry.get("seconds", 0.0)), 1)
@@ -51,7 +51,58 @@ def collect(run_dir: str | Path) -> dict:
                 report["paired"] += json.loads((out / "paired.json").read_text())
         if (out / "eval" / "metrics.json").is_file():
             report["retrieval"][name] = json.loads((out / "eval" / "metrics.json").read_text())
+        stages = curate_stages(out)
+        if stages:
+            report["curate"][name] = stages
     return report
+
+
+def curate_stages(out: Path) -> list[dict]:
+    """The manifests of a curate phase's stage folders (`NN-<stage>/manifest.json`), in order."""
+    found = []
+    for path in sorted(out.glob("[0-9][0-9]-*/manifest.json")) if out.is_dir() else []:
+        manifest = json.loads(path.read_text())
+        found.append({"folder": path.parent.name, "stage": manifest["stage"], "seconds": manifest.get("seconds", 0),
+                      "counts": manifest.get("counts", {})})
+    return found
+
+
+def _curate_markdown(name: str, stages: list[dict]) -> list[str]:
+    lines = [f"## Data engine ({name})", "", "| stage | rows out | rejected | removed | engine | rows/s | seconds |",
+             "|---|---|---|---|---|---|---|"]
+    for st in stages:
+        c = st["counts"]
+        lines.append(f"| {st['folder']} | {sum(c.get('kinds', {}).values())} | {c.get('rows.rejects', 0)} | "
+                     f"{c.get('rows.removed', 0)} | {c.get('engine', '')} | {c.get('rows_per_s', 0):,.0f} | "
+                     f"{st['seconds']:.1f} |")
+    removed = [(st["folder"], reason, n) for st in stages for reason, n in st["counts"].get("removed", {}).items()]
+    if removed:
+        lines += ["", "What was removed, and why (each row is listed in the stage's removed.jsonl):", "",
+                  "| stage | reason | rows |", "|---|---|---|"]
+        lines += [f"| {folder} | {reason} | {n} |" for folder, reason, n in removed]
+    for st in stages:
+        c = st["counts"]
+        if st["stage"] == "tag" and c.get("holdout"):
+            h = c["holdout"]
+            lines += ["", f"Subfield tagging: held-out accuracy {h['accuracy']:.3f} on {h['n']} hand labels "
+                      f"({c.get('hand_labels', 0)} hand labels, {sum(c.get('weak_labels', {}).values())} keyword "
+                      f"labels; {c.get('review', 0)} least confident rows in review.csv)", "",
+                      "| subfield | precision | recall | support | rows tagged |", "|---|---|---|---|---|"]
+            lines += [f"| {k} | {v['precision']:.3f} | {v['recall']:.3f} | {v['support']} | "
+                      f"{c.get('subfields', {}).get(k, 0)} |" for k, v in h["per_class"].items()]
+        if st["stage"] == "cluster":
+            ari = c.get("adjusted_rand_index")
+            lines += ["", f"Difficulty levels (K-means per subfield, ordered by {c.get('criterion')})"
+                      + (f"; adjusted Rand index against the hidden difficulty {ari:.3f}, levels agreeing "
+                         f"{c.get('level_agreement', float('nan')):.3f}" if ari is not None else ""), "",
+                      "| subfield | rows | silhouette | easy | medium | hard |", "|---|---|---|---|---|---|"]
+            for sub, r in c.get("subfields", {}).items():
+                levels = r.get("levels", {})
+                cells = [f"{levels[lv]['size']} ({levels[lv].get(c.get('criterion'), 0):.3f})" if lv in levels
+                         else "" for lv in ("easy", "medium", "hard")]
+                lines.append(f"| {sub} | {r['rows']} | {r.get('silhouette', float('nan')):.3f} | "
+                             + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def draw(report: dict, plot_dir: Path) -> dict[str, Path]:
@@ -101,6 +152,8 @@ def render_markdown(report: dict, figures: dict[str, Path] | None = None, root: 
             lines.append(f"| {task} | {m['recall@1']:.3f} | {m['recall@5']:.3f} | {m['chance@1']:.3f} | "
                          f"{m['recall@1'] / m['chance@1']:.1f}x | {m.get('simple_add_recall@1', float('nan')):.3f} |")
         lines.append("")
+    for name, stages in report.get("curate", {}).items():
+        lines += _curate_markdown(name, stages)
     lines += ["## Wall time", "", "| phase | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in report["wall_time_s"].items()]
     if figures:
@@ -155,6 +208,13 @@ def phase_headline(out_dir: str | Path, metrics: dict) -> str:
     if (out / "eval" / "metrics.json").is_file():
         tasks = json.loads((out / "eval" / "metrics.json").read_text()).get("tasks", {})
         parts.append("R@1 " + " ".join(f"{task}={m['recall@1']:.2f}" for task, m in tasks.items()))
+    stages = curate_stages(out)
+    if stages:
+        rows = [sum(st["counts"].get("kinds", {}).values()) for st in stages]
+        parts.append("rows " + " -> ".join(f"{st['stage']} {n}" for st, n in zip(stages, rows, strict=True)))
+        ari = stages[-1]["counts"].get("adjusted_rand_index")
+        if ari is not None:
+            parts.append(f"difficulty ARI={ari:.2f}")
     return "  ".join(parts)
 
 

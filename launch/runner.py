@@ -48,7 +48,7 @@ class PhaseOutcome:
 def prepare_inputs(plan: Plan) -> None:
     """Build the tiny base model and generate the synthetic world when the recipe asks for them (idempotent)."""
     recipe = plan.recipe
-    if recipe.model.base == "tiny":
+    if recipe.model.base == "tiny" and any(get_phase(p.type).uses_model for p in plan.phases):
         from patho_r1.fixtures.tiny import TinySpec, build_tiny_model
 
         base = Path(recipe.base_model_path)
@@ -320,7 +320,7 @@ def _run_one(plan: Plan, phase: PlannedPhase, position: str, state: dict, resume
         checkpoint = latest_checkpoint(phase.config)
         resumed = f", resuming from {Path(checkpoint).name}" if checkpoint else ""
     console.line(f"[run] {position} {phase.name} [{phase.type}] on {phase.resources.describe()}{resumed}")
-    metrics_file = Path(out_dir) / "metrics.jsonl" if phase_type.ray_train else None
+    metrics_file = Path(out_dir) / "metrics.jsonl"  # training steps, or a curate stage's rows
     t0 = time.time()
     try:
         with console.phase_progress(phase.name, metrics_file, phase_type.headline):

@@ -19,6 +19,9 @@ class DataError(PathoError, ValueError):
         what = f"field '{field}': " if field else ""
         super().__init__(f"{where}: {what}{message}")
 
+    def __reduce__(self):  # picklable with its fields, so it crosses process and Ray task boundaries whole
+        return DataError, (self.path, self.row, self.field, self.message)
+
 
 class ConfigError(PathoError, ValueError):
     """A bad config or recipe; the message lists every bad field, with its location."""

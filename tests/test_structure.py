@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # may not import each other; only the top floor imports the fixtures.
 FOLDERS = {"rewards": ("patho_r1.rewards", 0), "patho": ("patho_r1", 1), "fixtures": ("patho_r1.fixtures", 1),
            "sft": ("patho_r1.sft", 2), "rl": ("patho_r1.rl", 2), "embed": ("patho_r1.embed", 2),
-           "eval": ("patho_r1.eval", 2), "launch": ("patho_r1.launch", 3)}
+           "eval": ("patho_r1.eval", 2), "curate": ("patho_r1.curate", 2), "launch": ("patho_r1.launch", 3)}
 PACKAGE_FLOOR = {pkg: floor for pkg, floor in FOLDERS.values()}
 
 
@@ -97,7 +97,8 @@ def test_the_wheel_holds_only_the_patho_r1_package(tmp_path):
 
 
 def test_no_old_top_level_name_is_importable_outside_the_repo(tmp_path):
-    code = ("import importlib.util, sys; names = ['rl', 'sft', 'rewards', 'embed', 'launch', 'patho', 'fixtures'];"
+    code = ("import importlib.util, sys; "
+            "names = ['rl', 'sft', 'rewards', 'embed', 'launch', 'patho', 'fixtures', 'curate'];"
             "found = [n for n in names if importlib.util.find_spec(n)]; print(found); sys.exit(1 if found else 0)")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr

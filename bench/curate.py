@@ -1,0 +1,150 @@
+"""Data-engine benchmarks, measured in one run.
+
+    python bench/curate.py [--rows 100000 1000000] [--images 20000] [--tag-rows 100000]
+
+Writes a Quilt-1M-style export of synthetic caption rows (every caption and every image file its own; the pixels
+drawn from a pool of `--images` rendered tiles), then prints for each size,
+each measured in a fresh process so that its peak resident memory is its own:
+(1) import + dedup rows per second and peak memory (the goals: >= 20k rows/s on 2 cores, memory flat in the row
+    count);
+(2) subfield tagging rows per second (features embedder, in process and on Ray Data);
+(3) the dedup against datasketch's own path (MinHash.update_batch per row, MinHashLSH.insert) on the same rows:
+    signatures and bucketing, ours / datasketch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def write_export(out: Path, n: int, n_images: int) -> Path:
+    from patho_r1.fixtures.raw import SUBFIELDS, caption, render
+    from patho_r1.fixtures.synth import png_bytes
+
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    pool = [png_bytes(render(SUBFIELDS[i % 6], i % 6, i % 3, rng, 32)) for i in range(n_images)]
+    with (out / "quilt_1M_lookup.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["Unnamed: 0", "caption", "image_path", "subset", "split"])
+        for i in range(n):
+            # A distinct file per row: a pool tile plus 8 bytes after its IEND chunk (PNG readers ignore them),
+            # so every row has its own sha256, as in a real corpus, without rendering a million tiles.
+            name = f"{i // 10000:03d}/r{i}.png"
+            if i % 10000 == 0:
+                (out / "images" / name).parent.mkdir(exist_ok=True)
+            (out / "images" / name).write_bytes(pool[i % n_images] + i.to_bytes(8, "little"))
+            w.writerow([i, caption(SUBFIELDS[i % 6], i % 6, i % 3, rng, case=i), name, "quilt", "train"])
+    return out / "quilt_1M_lookup.csv"
+
+
+def _child(task: str, src: str, work: str, engine: str) -> None:
+    """One measurement in its own process: prints a JSON line with seconds and peak RSS."""
+    import resource
+
+    from patho_r1.curate.config import DedupStage, ImportStage, TagStage
+    from patho_r1.curate.pipeline import run_stage
+
+    work_dir = Path(work)
+    t0 = time.perf_counter()
+    if task == "import+dedup":
+        run_stage(ImportStage(sources=[{"format": "quilt-1m", "path": src}]), None, work_dir / "import")
+        t1 = time.perf_counter()
+        manifest = run_stage(DedupStage(engine=engine), work_dir / "import", work_dir / "dedup")
+        extra = {"import_s": t1 - t0, "dedup_s": time.perf_counter() - t1, "removed": manifest.counts["removed"]}
+    else:
+        manifest = run_stage(TagStage(seed=None, keyword_labels=True, review=0, engine=engine), Path(src),
+                             work_dir / f"tag-{engine}")
+        extra = {"subfields": manifest.counts["subfields"]}
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak, **extra}))
+
+
+def measure(task: str, src: Path, work: Path, engine: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", task, str(src), str(work), engine],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def versus_datasketch(import_dir: Path, n: int) -> tuple[float, float]:
+    """Rows per second for signatures + LSH bucketing: ours (batched, sorted bands) and datasketch's per-row API."""
+    from datasketch import MinHash, MinHashLSH
+
+    from patho_r1.curate.dedup import find_duplicates
+    from patho_r1.curate.minhash import band_keys, lsh_params, shingles, signatures
+
+    texts = []
+    with (import_dir / "caption.jsonl").open() as fh:
+        for line, _ in zip(fh, range(n), strict=False):
+            texts.append(json.loads(line)["caption"])
+    t0 = time.perf_counter()
+    sigs = signatures(texts, 64)
+    b, r = lsh_params(0.8, 64)
+    find_duplicates(sigs, band_keys(sigs, b, r), np.zeros(len(texts), np.uint64), np.ones(len(texts), bool), 0.8)
+    ours = len(texts) / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    lsh = MinHashLSH(threshold=0.8, num_perm=64)
+    for i, text in enumerate(texts):
+        m = MinHash(num_perm=64)
+        m.update_batch([s.encode() for s in shingles(text)])
+        lsh.insert(i, m, check_duplication=False)
+    theirs = len(texts) / (time.perf_counter() - t0)
+    return ours, theirs
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        _child(*sys.argv[2:6])
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--images", type=int, default=2_000, help="rendered tiles the image files draw on")
+    parser.add_argument("--tag-rows", type=int, default=100_000, help="rows for the tagging measurement")
+    parser.add_argument("--engine", default="auto", choices=["auto", "local", "ray"], help="for dedup and tagging")
+    parser.add_argument("--workdir", default=None)
+    args = parser.parse_args()
+    print(f"cores: {os.cpu_count()}; image pool: {args.images}")
+    base = Path(args.workdir or tempfile.mkdtemp(prefix="patho-curate-bench-"))
+    results = {}
+    for n in args.rows:
+        src = write_export(base / f"src-{n}", n, args.images)
+        r = measure("import+dedup", src, base / f"work-{n}", args.engine)
+        results[n] = r
+        print(f"{n:>9,} rows  import+dedup {n / r['seconds']:>9,.0f} rows/s  (import {n / r['import_s']:,.0f}, "
+              f"dedup {n / r['dedup_s']:,.0f})  peak RSS {r['peak_rss_mb']:,.0f} MB  removed {r['removed']}")
+    if len(results) > 1:
+        small, large = min(results), max(results)
+        ratio = results[large]["peak_rss_mb"] / results[small]["peak_rss_mb"]
+        print(f"peak memory {large:,} / {small:,} rows: {ratio:.2f}x for {large / small:.0f}x the rows")
+    smallest = min(results)
+    ours, theirs = versus_datasketch(base / f"work-{smallest}/import", min(smallest, 50_000))
+    print(f"signatures + LSH on {min(smallest, 50_000):,} captions: ours {ours:,.0f} rows/s, datasketch per row "
+          f"{theirs:,.0f} rows/s: {ours / theirs:.1f}x")
+    tag_src = base / "tag-src"
+    if not (tag_src / "caption.jsonl").exists():
+        write_export(base / "tag-raw", args.tag_rows, args.images)
+        from patho_r1.curate.config import ImportStage
+        from patho_r1.curate.pipeline import run_stage
+
+        run_stage(ImportStage(sources=[{"format": "quilt-1m", "path": str(base / "tag-raw/quilt_1M_lookup.csv")}]),
+                  None, tag_src)
+    for engine in ("local", "ray"):
+        r = measure("tag", tag_src, base, engine)
+        print(f"tag ({engine:5s}) {args.tag_rows:,} rows: {args.tag_rows / r['seconds']:,.0f} rows/s  peak RSS "
+              f"{r['peak_rss_mb']:,.0f} MB (driver)")
+    print(f"work folder: {base}")
+
+
+if __name__ == "__main__":
+    main()

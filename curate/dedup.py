@@ -1,0 +1,157 @@
+"""Stage 2a, dedup: exact image duplicates and near-duplicate texts, by MinHash LSH with buckets sorted on disk.
+
+    patho-r1 curate dedup curated/01-import --out curated/02-dedup
+
+What counts as a duplicate depends on the kind:
+- caption rows: the same image (sha256 of its bytes), or a near-duplicate caption (estimated Jaccard of word
+  3-gram shingles >= `threshold`) whatever the image: one caption repeated over many images teaches nothing new;
+- mcq and conversation rows: the same image *and* a near-duplicate text.  Questions such as "is this benign?"
+  recur over thousands of images in PathVQA, and each of those rows is real data.
+
+The algorithm, top to bottom:
+1. one pass over the rows computes each row's MinHash signature (`curate/minhash.py`, datasketch-identical),
+   its LSH band keys (salted with the image key for question kinds) and its image key; all three go to
+   memory-mapped files, so memory does not grow with the corpus;
+2. per band, the keys are sorted; rows sharing a key are candidates, kept when their signatures agree on at least
+   `threshold` of the permutations; equal image keys among caption rows are exact duplicates;
+3. the duplicate pairs are joined into groups (connected components); each group keeps its first row;
+4. a second pass writes the kept rows and, to `removed.jsonl`, every removed row with the row it duplicates, the
+   reason and the estimated similarity.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from patho_r1.curate.config import DedupStage
+from patho_r1.curate.engine import map_batches
+from patho_r1.curate.minhash import band_keys, jaccard, lsh_params, signatures
+from patho_r1.curate.progress import RowProgress
+from patho_r1.curate.rows import image_key, row_text
+from patho_r1.curate.store import StageWriter, iter_jsonl, relative_images, stage_files
+
+SAME_IMAGE, NEAR_TEXT = "same image", "near-duplicate text"
+
+
+@dataclass
+class DedupFeatures:
+    """One batch of JSONL lines -> signatures, band keys and image keys (picklable, for Ray Data workers)."""
+
+    kind: str
+    base: str
+    num_perm: int
+    shingle: int
+    bands: int
+    rows: int
+
+    def __call__(self, lines: list[str]) -> dict[str, np.ndarray]:
+        parsed = [json.loads(line) for line in lines]
+        sigs = signatures([row_text(self.kind, r) for r in parsed], self.num_perm, self.shingle)
+        images = np.array([image_key(r, Path(self.base)) for r in parsed], dtype=np.uint64)
+        salt = None if self.kind == "caption" else images
+        return {"sig": sigs, "bands": band_keys(sigs, self.bands, self.rows, salt), "image": images}
+
+
+def _components(n: int, edges: list[np.ndarray]) -> np.ndarray:
+    """The smallest row index of each row's duplicate group (a row alone is its own)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    if not edges:
+        return np.arange(n)
+    pairs = np.concatenate(edges)
+    graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    first = np.full(labels.max() + 1, n, dtype=np.int64)
+    np.minimum.at(first, labels, np.arange(n))
+    return first[labels]
+
+
+def _runs(sorted_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (in sorted order) of each run's head, and of the members that follow a head."""
+    same = sorted_keys[1:] == sorted_keys[:-1]
+    member = np.flatnonzero(same) + 1
+    heads = np.flatnonzero(np.r_[True, ~same])
+    head_of = heads[np.searchsorted(heads, member, side="right") - 1]
+    return head_of, member
+
+
+def find_duplicates(sigs: np.ndarray, bands: np.ndarray, images: np.ndarray, is_caption: np.ndarray,
+                    threshold: float, *, near_text: bool = True, exact_images: bool = True
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(representative index of every row, whether it was linked by an image match).  Arrays may be memmaps."""
+    n = len(images)
+    edges: list[np.ndarray] = []
+    by_image = np.zeros(n, dtype=bool)
+    if exact_images:
+        cap = np.flatnonzero(is_caption & (images != 0))
+        order = cap[np.argsort(images[cap], kind="stable")]
+        head, member = _runs(images[order])
+        if len(member):
+            edges.append(np.stack([order[head], order[member]], axis=1))
+            by_image[order[member]] = True
+    if near_text:
+        for band in range(bands.shape[1]):
+            keys = np.asarray(bands[:, band])
+            order = np.argsort(keys, kind="stable")
+            head, member = _runs(keys[order])
+            a, b = order[head], order[member]
+            ok = jaccard(np.asarray(sigs[a]), np.asarray(sigs[b])) >= threshold
+            if ok.any():
+                edges.append(np.stack([a[ok], b[ok]], axis=1))
+    return _components(n, edges), by_image
+
+
+def run_dedup(stage: DedupStage, parent: Path, out: Path, final: Path, writer: StageWriter,
+              progress: RowProgress, engine: str) -> dict:
+    files = stage_files(parent)
+    kinds = list(files)
+    bands_n, rows_n = lsh_params(stage.threshold, stage.num_perm)
+    n = int(progress.total or 0)
+    work = out / ".work"
+    work.mkdir()
+    sigs = np.lib.format.open_memmap(work / "sig.npy", "w+", np.uint32, (max(n, 1), stage.num_perm))
+    bands = np.lib.format.open_memmap(work / "bands.npy", "w+", np.uint64, (max(n, 1), bands_n))
+    images = np.zeros(n, dtype=np.uint64)
+    is_caption = np.zeros(n, dtype=bool)
+    at = 0
+    for kind in kinds:
+        fn = DedupFeatures(kind, str(parent), stage.num_perm, stage.shingle, bands_n, rows_n)
+        for batch in map_batches([files[kind]], fn, engine=engine):
+            m = len(batch["image"])
+            sigs[at:at + m], bands[at:at + m], images[at:at + m] = batch["sig"], batch["bands"], batch["image"]
+            is_caption[at:at + m] = kind == "caption"
+            at += m
+            progress.advance(m)
+    if at != n:
+        raise RuntimeError(f"dedup read {at} rows but the parent manifest counts {n}")
+    representative, by_image = find_duplicates(sigs[:n], bands[:n], images, is_caption, stage.threshold,
+                                               near_text=stage.near_text, exact_images=stage.exact_images)
+    wanted = set(np.unique(representative[representative != np.arange(n)]).tolist())
+    ids: dict[int, str] = {}
+    removed: Counter = Counter()
+    i = 0
+    for kind in kinds:
+        for row in iter_jsonl(files[kind]):
+            if i in wanted:
+                ids[i] = row.get("id")
+            rep = int(representative[i])
+            if rep == i:
+                writer.row(kind, relative_images(row, parent, final))
+            else:
+                reason = SAME_IMAGE if by_image[i] else NEAR_TEXT
+                removed[f"{kind}: {reason}"] += 1
+                writer.removed({"id": row.get("id"), "kind": kind, "reason": reason, "duplicate_of": ids.get(rep),
+                                "similarity": round(float(jaccard(sigs[i], sigs[rep])), 3),
+                                "source": row.get("source")})
+            i += 1
+    del sigs, bands
+    for path in work.iterdir():
+        path.unlink()
+    work.rmdir()
+    return {"bands": bands_n, "rows_per_band": rows_n, "removed": dict(removed), "kept": writer.kind_counts()}

@@ -1,0 +1,502 @@
+"""Readers for the public pathology corpora, each turning its on-disk format into our record kinds.
+
+Every format is a `SourceFormat`: `rows(src, opts)` streams raw rows with where they came from, and
+`convert(raw, where, opts)` turns one into a `Converted` (a kind, the record's fields, its image sources) or raises
+a `DataError` naming the file, row and field.  The importer decides what a bad row costs (`--on-error`).  Field
+layouts follow `../shared/notes/dataset-formats.md`; the sections are cited beside each reader.
+
+| format        | source                                              | kinds             |
+|---------------|-----------------------------------------------------|-------------------|
+| `pathvqa`     | HF parquet (`image{bytes,path}, question, answer`)  | mcq (yes/no, open)|
+| `pathmmu`     | `data.json` (`data[subset][split]`) + `images/`     | mcq               |
+| `quilt-vqa`   | HF parquet, or `quiltvqa_test_w_ans.json` + images  | mcq (yes/no, open)|
+| `quilt-1m`    | `quilt_1M_lookup.csv` + an image folder             | caption           |
+| `arch`        | `captions.json` (object keyed "0", "1", ...) + images | caption         |
+| `pmc-oa`      | `pmc_oa.jsonl` (`image, caption`) + `images/`       | caption           |
+| `vlmeval-tsv` | VLMEvalKit TSV, base64 images                       | mcq               |
+| `csv`/`jsonl` | any table, with `--columns ours=theirs,...`         | any one kind      |
+
+Adding a format is one `register_format` call; nothing else dispatches on the name.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from patho_r1.data import decode_utf8, iter_raw_rows
+from patho_r1.errors import DataError
+from patho_r1.rewards.parsing import OPTION_LETTERS
+
+ImageSource = bytes | str | Path  # encoded bytes, or a file path
+
+
+@dataclass
+class Converted:
+    kind: str  # caption | mcq | conversation
+    record: dict[str, Any]  # the record's fields, without images
+    images: list[ImageSource] = field(default_factory=list)
+
+
+@dataclass
+class ImportOptions:
+    images: Path | None = None  # where relative image names are looked up (formats with an image folder)
+    columns: dict[str, str] = field(default_factory=dict)  # generic csv/jsonl: our field -> their column
+    kind: str | None = None  # generic csv/jsonl: the kind every row is
+
+
+@dataclass(frozen=True)
+class SourceFormat:
+    name: str
+    rows: Callable[[Path, ImportOptions], Iterator[tuple[str, int, Any]]]  # (file label, 1-based row, raw)
+    convert: Callable[[Any, tuple[str, int], ImportOptions], Converted]
+    license: str | None = None  # the license the dataset card states, recorded unless --license overrides it
+    summary: str = ""
+
+
+FORMATS: dict[str, SourceFormat] = {}
+
+
+def register_format(fmt: SourceFormat) -> SourceFormat:
+    if fmt.name in FORMATS:
+        raise ValueError(f"import format {fmt.name!r} is already registered")
+    FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def get_format(name: str) -> SourceFormat:
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise KeyError(f"unknown import format {name!r}; known: {', '.join(FORMATS)}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Shared helpers
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _text(raw: dict, key: str, where: tuple[str, int], *, required: bool = True) -> str | None:
+    value = raw.get(key)
+    if value is None or (isinstance(value, float) and value != value):  # pandas writes missing cells as NaN
+        value = None
+    if value is not None and not isinstance(value, str):
+        value = str(value)
+    if required and (value is None or not value.strip()):
+        raise DataError(where[0], where[1], key, "missing" if value is None else "empty")
+    return value.strip() if value is not None else None
+
+
+def _image_file(name: str, base: str | Path | None, where: tuple[str, int], key: str, hint: str = "") -> str:
+    if not name:
+        raise DataError(where[0], where[1], key, "empty image name")
+    # os.path, not pathlib: this runs once per row, and pathlib's parsing was a third of the import's time
+    path = name if os.path.isabs(name) or base is None else os.path.join(base, name)
+    if not os.path.isfile(path):
+        raise DataError(where[0], where[1], key, f"image not found: {path}{hint}")
+    return path
+
+
+def _answer_kind(answer: str) -> str:
+    return "yesno" if answer.strip().lower() in ("yes", "no") else "open"
+
+
+def _files(src: Path, suffix: str) -> list[Path]:
+    if src.is_dir():
+        files = sorted(src.rglob(f"*{suffix}"))
+        if not files:
+            raise DataError(src, None, None, f"no {suffix} files in this folder")
+        return files
+    if not src.is_file():
+        raise DataError(src, None, None, "not found")
+    return [src]
+
+
+def _split_of(path: Path) -> str | None:
+    """The split a shard belongs to, from its name or folder (`test-00000-of-00001.parquet`, `validation/0000...`)."""
+    for part in (path.stem, *reversed(path.parent.parts)):
+        for split in ("train", "validation", "val", "test"):
+            if part == split or part.startswith(f"{split}-") or part.startswith(f"{split}_"):
+                return split
+    return None
+
+
+def _parquet_rows(src: Path, opts: ImportOptions) -> Iterator[tuple[str, int, Any]]:
+    import pyarrow.parquet as pq
+
+    for path in _files(src, ".parquet"):
+        row = 0
+        split = _split_of(path)
+        try:
+            batches = pq.ParquetFile(path).iter_batches(batch_size=512)
+        except Exception as exc:  # pyarrow raises ArrowInvalid and friends; the user needs the file, not the class
+            raise DataError(path, None, None, f"not a readable parquet file ({exc})") from None
+        for batch in batches:
+            for item in batch.to_pylist():
+                row += 1
+                yield str(path), row, {**item, "_split": split}
+
+
+def _json_file(path: Path) -> Any:
+    raw = path.read_bytes()
+    text = decode_utf8(raw, path, 1, 0) if b"\n" not in raw else None
+    if text is None:  # locate a bad byte by line
+        offset = 0
+        for lineno, line in enumerate(raw.splitlines(keepends=True), start=1):
+            decode_utf8(line, path, lineno, offset)
+            offset += len(line)
+        text = raw.decode("utf-8")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(path, exc.lineno, None, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, int, Any]]:
+    """Rows of a JSONL file through our loader (bad bytes and bad JSON are located by line)."""
+    return ((str(path), n, raw) for n, raw in iter_raw_rows(path))
+
+
+def _csv_rows(path: Path, delimiter: str = ",") -> Iterator[tuple[str, int, Any]]:
+    """Rows as dicts, numbered by their line in the file (the header is line 1); short rows are errors."""
+    csv.field_size_limit(sys.maxsize)  # base64 images exceed csv's 128 KiB default
+    if not path.is_file():
+        raise DataError(path, None, None, "not found")
+    with path.open("r", encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh, delimiter=delimiter)
+        try:
+            header = reader.fieldnames or []
+            for row in reader:
+                if None in row or any(v is None for v in row.values()):
+                    yield str(path), reader.line_num, DataError(
+                        path, reader.line_num, None, f"{sum(v is not None for v in row.values())} fields, but the "
+                        f"header has {len(header)} columns")
+                    continue
+                yield str(path), reader.line_num, row
+        except UnicodeDecodeError:
+            offset = 0
+            with path.open("rb") as raw:
+                for lineno, line in enumerate(raw, start=1):
+                    decode_utf8(line, path, lineno, offset)
+                    offset += len(line)
+            raise DataError(path, None, None, "not UTF-8") from None
+
+
+def _raise_if_error(raw: Any) -> None:
+    if isinstance(raw, DataError):
+        raise raw
+
+
+_OPTION = re.compile(r"^\s*\(?([A-Fa-f])\s*[\).:]\s*(.*)$", re.S)
+
+
+def _lettered(text: str) -> tuple[str, str] | None:
+    """`"A) text"`, `"(A) text"`, `"A. text"` -> ("A", "text").  PathMMU's own `split(')')[1]` cuts option texts
+    that contain `)`; this keeps them whole."""
+    m = _OPTION.match(text)
+    return (m.group(1).upper(), m.group(2).strip()) if m else None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# PathVQA (§1a) and Quilt-VQA (§3a): HF parquet with an Image column
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _hf_image(raw: dict, where: tuple[str, int], base: Path | None) -> ImageSource:
+    image = raw.get("image")
+    if isinstance(image, dict):
+        if image.get("bytes"):
+            return bytes(image["bytes"])
+        if image.get("path"):
+            return _image_file(image["path"], base, where, "image")
+    raise DataError(where[0], where[1], "image", "no image bytes and no path")
+
+
+def _convert_vqa(raw: dict, where: tuple[str, int], opts: ImportOptions, prefix: str) -> Converted:
+    _raise_if_error(raw)
+    question = _text(raw, "question", where)
+    answer = _text(raw, "answer", where)
+    declared = (raw.get("answer_type") or "").upper()
+    if declared == "CLOSED" and raw.get("yes_no_answer"):  # Quilt-VQA keeps the long answer beside yes/no
+        answer = _text(raw, "yes_no_answer", where)
+    record = {"id": f"{prefix}:{Path(where[0]).stem}:{where[1]}", "question": question, "answer": answer,
+              "answer_type": _answer_kind(answer), "split": raw.get("_split")}
+    if declared:
+        record["source_answer_type"] = declared
+    if raw.get("context"):
+        record["context"] = raw["context"]
+    return Converted("mcq", record, [_hf_image(raw, where, opts.images)])
+
+
+register_format(SourceFormat(
+    "pathvqa", _parquet_rows, lambda raw, where, opts: _convert_vqa(raw, where, opts, "pathvqa"), license="MIT",
+    summary="PathVQA, Hugging Face parquet (flaviagiammarino/path-vqa); closed = answer yes/no"))
+
+
+def _quilt_vqa_rows(src: Path, opts: ImportOptions) -> Iterator[tuple[str, int, Any]]:
+    if src.suffix == ".json":  # quiltvqa_test_w_ans.json: a list of LLaVA-style dicts
+        data = _json_file(src)
+        if not isinstance(data, list):
+            raise DataError(src, None, None, f"expected a JSON list of questions, got {type(data).__name__}")
+        for i, item in enumerate(data, start=1):
+            yield str(src), i, item
+    else:
+        yield from _parquet_rows(src, opts)
+
+
+def _convert_quilt_vqa(raw: Any, where: tuple[str, int], opts: ImportOptions) -> Converted:
+    _raise_if_error(raw)
+    if not isinstance(raw, dict):
+        raise DataError(where[0], where[1], None, f"expected an object, got {type(raw).__name__}")
+    if isinstance(raw.get("image"), str):  # the JSON release names an image file
+        raw = dict(raw)
+        if not raw.get("question"):
+            turns = raw.get("conversations") or raw.get("conversatons") or []
+            human = next((t.get("value") for t in turns if t.get("from") == "human"), None)
+            raw["question"] = raw.get("text") or (human or "").replace("<image>", "").strip() or None
+        raw["image"] = {"path": raw["image"]}
+    return _convert_vqa(raw, where, opts, "quilt-vqa")
+
+
+register_format(SourceFormat(
+    "quilt-vqa", _quilt_vqa_rows, _convert_quilt_vqa, license="CC BY-NC-ND 3.0",
+    summary="Quilt-VQA: HF parquet (wisdomik/Quilt_VQA) or quiltvqa_test_w_ans.json plus images"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# PathMMU (§2): data.json with data[subset][split] -> samples, images/ beside it
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _pathmmu_rows(src: Path, opts: ImportOptions) -> Iterator[tuple[str, int, Any]]:
+    path = src / "data.json" if src.is_dir() else src
+    if not path.is_file():
+        raise DataError(path, None, None, "not found (PathMMU ships data.json with an images/ folder)")
+    data = _json_file(path)
+    if not isinstance(data, dict):
+        raise DataError(path, None, None, "expected data[subset][split] -> list of questions")
+    for subset, splits in data.items():
+        if not isinstance(splits, dict):
+            raise DataError(path, None, subset, "expected an object of splits")
+        for split, samples in splits.items():
+            for i, sample in enumerate(samples, start=1):
+                yield f"{path}[{subset}][{split}]", i, {**sample, "_subset": subset, "_split": split}
+
+
+_PATHMMU_REBUILD = (" (PathMMU ships images only for PubMed and EduContent; SocialPath, Atlas and PathCLS must be "
+                    "rebuilt from their sources)")
+
+
+def _convert_pathmmu(raw: dict, where: tuple[str, int], opts: ImportOptions) -> Converted:
+    question = _text(raw, "question", where)
+    options_in = raw.get("options")
+    if not isinstance(options_in, list) or not options_in:
+        raise DataError(where[0], where[1], "options", "expected a list like ['A) text', ...]")
+    options = {}
+    for i, text in enumerate(options_in):
+        parsed = _lettered(str(text))
+        if parsed is None:
+            raise DataError(where[0], where[1], f"options[{i}]", f"not 'X) text': {text!r}")
+        options[parsed[0]] = parsed[1]
+    answer_raw = _text(raw, "answer", where)
+    parsed = _lettered(answer_raw) or ((answer_raw.upper(), "") if answer_raw.upper() in OPTION_LETTERS else None)
+    if parsed is None:
+        raise DataError(where[0], where[1], "answer", f"no option letter in {answer_raw!r}")
+    base = opts.images or Path(where[0].split("[", 1)[0]).parent / "images"
+    image = _image_file(_text(raw, "img", where), base, where, "img", _PATHMMU_REBUILD)
+    record = {"id": f"pathmmu:{raw['_subset']}:{raw['_split']}:{raw.get('No', where[1])}", "question": question,
+              "options": options, "answer": parsed[0], "answer_type": "mcq", "category": raw["_subset"],
+              "split": raw["_split"]}
+    if raw.get("explanation"):
+        record["explanation"] = raw["explanation"]
+    return Converted("mcq", record, [image])
+
+
+register_format(SourceFormat("pathmmu", _pathmmu_rows, _convert_pathmmu, license="CC BY-ND 4.0",
+                             summary="PathMMU data.json plus images/ (jamessyx/PathMMU)"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Quilt-1M (§3b): quilt_1M_lookup.csv + an image folder
+# ----------------------------------------------------------------------------------------------------------------------
+
+_QUILT_KEEP = ("subset", "split", "pathology", "magnification", "med_umls_ids")
+
+
+def _convert_quilt_1m(raw: dict, where: tuple[str, int], opts: ImportOptions) -> Converted:
+    _raise_if_error(raw)
+    caption = _text(raw, "caption", where)
+    base = opts.images or os.path.join(os.path.dirname(where[0]), "images")
+    image = _image_file(_text(raw, "image_path", where), base, where, "image_path")
+    record = {"id": f"quilt-1m:{raw.get('Unnamed: 0') or where[1]}", "caption": caption,
+              **{k: raw[k] for k in _QUILT_KEEP if raw.get(k) not in (None, "")}}
+    return Converted("caption", record, [image])
+
+
+register_format(SourceFormat(
+    "quilt-1m", lambda src, opts: _csv_rows(src), _convert_quilt_1m,
+    license="Quilt-1M terms: research use only, no redistribution",
+    summary="Quilt-1M quilt_1M_lookup.csv plus its image folder (--images, default: images/ beside the CSV)"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# ARCH (§5a): captions.json keyed "0", "1", ... with uuid and caption; images/<uuid>.<ext>
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _arch_rows(src: Path, opts: ImportOptions) -> Iterator[tuple[str, int, Any]]:
+    path = src / "captions.json" if src.is_dir() else src
+    if not path.is_file():
+        raise DataError(path, None, None, "not found (ARCH ships captions.json with an images/ folder)")
+    data = _json_file(path)
+    if not isinstance(data, dict):
+        raise DataError(path, None, None, 'expected an object keyed "0", "1", ...')
+    images = opts.images or path.parent / "images"
+    by_stem = {p.stem: p for p in images.iterdir() if p.is_file()} if images.is_dir() else {}
+    keys = sorted(data, key=lambda k: (0, int(k)) if str(k).isdigit() else (1, str(k)))
+    for n, key in enumerate(keys, start=1):
+        entry = data[key] if isinstance(data[key], dict) else {}
+        image = by_stem.get(str(entry.get("uuid")))
+        yield str(path), n, {**entry, "_key": key, "_image": str(image) if image else None, "_set": path.parent.name}
+
+
+def _convert_arch(raw: dict, where: tuple[str, int], opts: ImportOptions) -> Converted:
+    uuid = _text(raw, "uuid", where)
+    caption = _text(raw, "caption", where)
+    image = raw["_image"]
+    if image is None:
+        raise DataError(where[0], where[1], "uuid", f"no image named {uuid}.* in the images folder")
+    record = {"id": f"arch:{raw['_set']}:{raw['_key']}", "caption": caption, "arch_set": raw["_set"]}
+    for key in ("figure_id", "letter"):
+        if raw.get(key) not in (None, ""):
+            record[key] = raw[key]
+    return Converted("caption", record, [image])
+
+
+register_format(SourceFormat("arch", _arch_rows, _convert_arch, license="CC BY-NC-SA 4.0 (unverified)",
+                             summary="ARCH books_set/pubmed_set: captions.json plus images/"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# PMC-OA (§5b): pmc_oa.jsonl rows {image, caption}, images/ beside it
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _convert_pmc_oa(raw: Any, where: tuple[str, int], opts: ImportOptions) -> Converted:
+    if not isinstance(raw, dict):
+        raise DataError(where[0], where[1], None, f"expected an object, got {type(raw).__name__}")
+    caption = _text(raw, "caption", where)
+    base = opts.images or Path(where[0]).parent / "images"
+    image = _image_file(_text(raw, "image", where), base, where, "image")
+    record = {"id": f"pmc-oa:{Path(raw['image']).stem}", "caption": caption}
+    for key in ("pmcid", "url_name"):
+        if raw.get(key):
+            record[key] = raw[key]
+    return Converted("caption", record, [image])
+
+
+register_format(SourceFormat(
+    "pmc-oa", lambda src, opts: (r for f in _files(src, ".jsonl") for r in _jsonl_rows(f)), _convert_pmc_oa,
+    license=None, summary="PMC-OA pmc_oa.jsonl plus images/ (axiong/pmc_oa); license per article: pass --license"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# VLMEvalKit TSV (§4): index, image (base64, or <=64 chars naming another row's index), question, A-F, answer
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _tsv_rows(src: Path, opts: ImportOptions) -> Iterator[tuple[str, int, Any]]:
+    for path in _files(src, ".tsv"):
+        images_by_index: dict[str, str] = {}  # VLMEvalKit stores a repeated image once and names it by index
+        for label, row_no, raw in _csv_rows(path, delimiter="\t"):
+            if isinstance(raw, dict):
+                if row_no == 2:
+                    missing = {"index", "question", "answer"} - raw.keys()
+                    if missing:
+                        raise DataError(path, 1, sorted(missing)[0], "missing column in TSV header")
+                image = raw.get("image") or ""
+                if len(image) > 64:
+                    images_by_index[str(raw.get("index"))] = image
+                elif image.strip():  # a reference: resolved here, so each raw row is self-contained
+                    raw = {**raw, "image": images_by_index.get(image.strip()), "_image_ref": image.strip()}
+            yield label, row_no, raw
+
+
+def _convert_tsv(raw: Any, where: tuple[str, int], opts: ImportOptions) -> Converted:
+    import base64
+    import binascii
+
+    _raise_if_error(raw)
+    question = _text(raw, "question", where)
+    answer = _text(raw, "answer", where)
+    options = {k: raw[k].strip() for k in OPTION_LETTERS if (raw.get(k) or "").strip() not in ("", "nan")}
+    hint = _text(raw, "hint", where, required=False)
+    if hint and hint != "nan":
+        question = f"Hint: {hint}\n{question}"  # VLMEvalKit's MCQ prompt puts the hint before the question
+    image = raw.get("image") or ""
+    images: list[ImageSource] = []
+    if raw.get("_image_ref") and not image:  # a reference to another row's image that holds none
+        raise DataError(where[0], where[1], "image", f"names index {raw['_image_ref']!r}, which holds no image")
+    if image:
+        try:
+            images.append(base64.b64decode(image, validate=True))
+        except (binascii.Error, ValueError):
+            raise DataError(where[0], where[1], "image", "not valid base64") from None
+    elif raw.get("image_path"):
+        images.append(_image_file(raw["image_path"], opts.images or Path(where[0]).parent, where, "image_path"))
+    kind = "mcq" if options else _answer_kind(answer)
+    record = {"id": f"{Path(where[0]).stem}:{raw['index']}", "question": question, "answer": answer,
+              "options": options, "answer_type": kind}
+    for key in ("category", "l2-category", "split"):
+        if (raw.get(key) or "").strip():
+            record[key.replace("-", "_")] = raw[key]
+    return Converted("mcq", record, images)
+
+
+register_format(SourceFormat("vlmeval-tsv", _tsv_rows, _convert_tsv, license=None,
+                             summary="VLMEvalKit MCQ / short-QA TSV with base64 images"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Generic csv / jsonl with a column map
+# ----------------------------------------------------------------------------------------------------------------------
+
+_GENERIC_FIELDS = {"caption": ("caption",), "mcq": ("question", "answer"), "conversation": ("messages",)}
+
+
+def _convert_generic(raw: Any, where: tuple[str, int], opts: ImportOptions) -> Converted:
+    _raise_if_error(raw)
+    if not isinstance(raw, dict):
+        raise DataError(where[0], where[1], None, f"expected an object, got {type(raw).__name__}")
+    kind = opts.kind
+    record: dict[str, Any] = {}
+    mapped = {**{k: k for k in raw if not str(k).startswith("_")}, **opts.columns}
+    for ours, theirs in mapped.items():
+        if theirs in raw and ours != "images":
+            record[ours] = raw[theirs]
+    for required in _GENERIC_FIELDS[kind]:
+        if record.get(required) in (None, ""):
+            raise DataError(where[0], where[1], mapped.get(required, required), "missing")
+    images_value = raw.get(mapped.get("images", "images"))
+    if isinstance(images_value, str):
+        images_value = [images_value] if images_value.strip() else []
+    images: list[ImageSource] = []
+    for i, ref in enumerate(images_value or []):
+        base = opts.images or Path(where[0]).parent
+        images.append(_image_file(str(ref), base, where, f"{mapped.get('images', 'images')}[{i}]"))
+    if kind == "mcq" and isinstance(record.get("options"), str):  # a CSV cell holding JSON
+        try:
+            record["options"] = json.loads(record["options"])
+        except json.JSONDecodeError:
+            raise DataError(where[0], where[1], mapped.get("options", "options"), "not a JSON object") from None
+    record.setdefault("id", f"{Path(where[0]).stem}:{where[1]}")
+    record["id"] = str(record["id"])
+    return Converted(kind, record, images)
+
+
+register_format(SourceFormat("csv", lambda src, opts: (r for f in _files(src, ".csv") for r in _csv_rows(f)),
+                             _convert_generic, summary="any CSV; --kind and --columns ours=theirs,..."))
+register_format(SourceFormat("jsonl",
+                             lambda src, opts: (r for f in _files(src, ".jsonl") for r in _jsonl_rows(f)),
+                             _convert_generic, summary="any JSONL; --kind and --columns ours=theirs,..."))

@@ -1,0 +1,121 @@
+"""Run one curate stage, or a chain of them, with resume, atomic output folders and manifests.
+
+`run_stage(stage, parent, out)` is what `patho-r1 curate <stage>` calls; `run_chain(cfg)` is the `curate` phase.
+A stage whose folder holds a complete manifest with the same config hash over the same input digests is skipped
+(resume); anything else is written into a temporary sibling and swapped in by one rename.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from patho_r1.checkpoint import atomic_directory, config_hash
+from patho_r1.config import PhaseResult
+from patho_r1.curate.config import CuratePhaseConfig, ImportStage
+from patho_r1.curate.engine import choose_engine
+from patho_r1.curate.progress import RowProgress
+from patho_r1.curate.store import MANIFEST, StageManifest, StageWriter, input_digest, is_done, read_stage_manifest
+from patho_r1.errors import ConfigError
+
+
+def _stage_inputs(stage, parent: Path | None) -> dict[str, str]:
+    paths: list[str] = []
+    if parent is not None:
+        paths.append(str(parent))
+    if isinstance(stage, ImportStage):
+        for s in stage.sources:
+            paths += [s.path] + ([s.images] if s.images else [])
+    for name in ("against", "corrections"):
+        paths += list(getattr(stage, name, []) or [])
+    for name in ("seed", "truth"):
+        if getattr(stage, name, None):
+            paths.append(getattr(stage, name))
+    return {str(Path(p).resolve()): input_digest(p) for p in paths}
+
+
+def _parent_rows(parent: Path) -> int:
+    manifest = read_stage_manifest(parent)
+    if manifest is None or not manifest.complete:
+        raise ConfigError(f"{parent}: not a finished curate stage folder (no complete {MANIFEST}); run the stage "
+                          "before it first")
+    return int(sum(manifest.counts.get("kinds", {}).values()))
+
+
+def run_stage(stage, parent: Path | None, out: Path, *, engine: str | None = None, ray_threshold: int = 50_000,
+              seed: int = 0, show_progress: bool = False, metrics_file: Path | None = None,
+              model_encoder: Callable | None = None, resume: bool = True) -> StageManifest:
+    """Run one stage from `parent` (None for import) into `out`; returns its manifest."""
+    out = Path(out).resolve()
+    parent = Path(parent).resolve() if parent is not None else None
+    config = stage.model_dump(mode="json")
+    cfg_hash = config_hash({**config, "seed": seed})
+    inputs = _stage_inputs(stage, parent)
+    if resume and is_done(out, cfg_hash, inputs):
+        return read_stage_manifest(out)
+    n_rows = _parent_rows(parent) if parent is not None else 0
+    if isinstance(stage, ImportStage):
+        from patho_r1.curate.importer import estimate_total
+
+        total = estimate_total(stage)
+    else:
+        total = n_rows
+    chosen = choose_engine(engine or stage.engine, total or 0, ray_threshold)
+    progress = RowProgress(stage.stage, total, metrics_file=metrics_file, show=show_progress)
+    t0 = time.time()
+    with atomic_directory(out) as tmp:
+        writer = StageWriter(tmp)
+        try:
+            counts = _dispatch(stage, parent, tmp, out, writer, progress, chosen, n_rows, seed, model_encoder)
+        finally:
+            files = writer.close()
+            seconds = progress.close()
+        manifest = StageManifest(stage=stage.stage, config=config, config_hash=cfg_hash, inputs=inputs,
+                                 parent=str(parent) if parent else None, files=files, seconds=round(seconds, 2),
+                                 counts={"kinds": writer.kind_counts(), "engine": chosen,
+                                         "rows_per_s": round(max(total or n_rows, 0) / max(time.time() - t0, 1e-9),
+                                                             1),
+                                         **{k: v for k, v in writer.counts.items() if k.startswith("rows.")},
+                                         **counts})
+        (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
+    return manifest
+
+
+def _dispatch(stage, parent, tmp, final, writer, progress, engine, n_rows, seed, model_encoder) -> dict:
+    if stage.stage == "import":
+        from patho_r1.curate.importer import import_sources
+
+        return {"sources": import_sources(stage, tmp, writer, progress, engine)}
+    if stage.stage == "dedup":
+        from patho_r1.curate.dedup import run_dedup
+
+        return run_dedup(stage, parent, tmp, final, writer, progress, engine)
+    if stage.stage == "decontaminate":
+        from patho_r1.curate.decontaminate import run_decontaminate
+
+        return run_decontaminate(stage, parent, tmp, final, writer, progress, engine)
+    if stage.stage == "tag":
+        from patho_r1.curate.tag import run_tag
+
+        return run_tag(stage, parent, tmp, final, writer, progress, engine, n_rows, seed, model_encoder)
+    from patho_r1.curate.cluster import run_cluster
+
+    return run_cluster(stage, parent, tmp, final, writer, progress, engine, n_rows, seed, model_encoder)
+
+
+def run_chain(cfg: CuratePhaseConfig, *, model_encoder: Callable | None = None, show_progress: bool = False,
+              ) -> PhaseResult:
+    """The `curate` phase: each stage reads the folder of the one before it."""
+    cfg.check_inputs()
+    out_root = Path(cfg.output_dir)
+    out_root.mkdir(parents=True, exist_ok=True)
+    metrics_file = out_root / "metrics.jsonl"
+    parent = Path(cfg.input) if cfg.input else None
+    summary = {}
+    for stage, out in zip(cfg.stages, cfg.stage_dirs(), strict=True):
+        manifest = run_stage(stage, parent, out, ray_threshold=cfg.ray_threshold, seed=cfg.seed,
+                             metrics_file=metrics_file, model_encoder=model_encoder, show_progress=show_progress)
+        summary[out.name] = manifest.counts
+        parent = out
+    return PhaseResult(model_dir=parent, metrics={"stages": summary, "final": str(parent)})

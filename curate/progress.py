@@ -1,0 +1,69 @@
+"""Row progress for the curate stages: a rich bar with rate and ETA on a terminal (the CLI), or throttled rows in a
+`metrics.jsonl` that the recipe runner's console follows (a `curate` phase), or both, or nothing (tests).
+
+A stage calls `progress.advance(n)`; it never prints.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+
+class RowProgress:
+    def __init__(self, stage: str, total: int | None = None, *, metrics_file: Path | None = None,
+                 show: bool = False, every_s: float = 0.5):
+        self.stage, self.total, self.done = stage, total, 0
+        self.metrics_file, self.every_s = metrics_file, every_s
+        self.t0 = self._last = time.monotonic()
+        self._bar = None
+        if show:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._bar = Progress(TextColumn(f"  {stage}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                                 TimeRemainingColumn(), transient=True)
+            self._task = self._bar.add_task(stage, total=total, rate="")
+            self._bar.start()
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self._last >= self.every_s:
+            self._last = now
+            self._emit(now)
+
+    def _emit(self, now: float) -> None:
+        rate = self.done / max(now - self.t0, 1e-9)
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.done, rate=f"{rate:,.0f} rows/s")
+        if self.metrics_file is not None:
+            row = {"stage": self.stage, "step": self.done, "total": self.total, "unit": "rows",
+                   "time": round(now - self.t0, 3)}
+            with self.metrics_file.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+    def close(self) -> float:
+        """Stop; returns the seconds the stage took."""
+        now = time.monotonic()
+        self._emit(now)
+        if self._bar is not None:
+            self._bar.stop()
+        return now - self.t0
+
+
+def count_lines(path: Path) -> int:
+    """Newlines in a file, counted in 1 MiB blocks (an ETA for a CSV or JSONL source before reading it)."""
+    n = 0
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            n += block.count(b"\n")
+    return n

@@ -1,0 +1,47 @@
+"""What the curate stages read off a stored row: its comparable text, its image digests, its image paths."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def row_text(kind: str, row: dict) -> str:
+    """The text a row is compared and embedded by: the caption; the question with its options; or every turn."""
+    if kind == "caption":
+        return row.get("caption", "")
+    if kind == "mcq":
+        return " ".join([row.get("question", ""), *(row.get("options") or {}).values()])
+    parts = []
+    for message in row.get("messages", []):
+        content = message.get("content")
+        if isinstance(content, str):
+            parts.append(content)
+        else:
+            parts.extend(p.get("text") or "" for p in content if p.get("type") == "text")
+    return " ".join(parts)
+
+
+def image_digest(ref: str, base: Path) -> str:
+    """The sha256 of an image's bytes: the file name in our content-addressed store, else hashed from the file."""
+    stem = Path(ref).stem
+    if _HEX64.match(stem):
+        return stem
+    path = Path(ref) if Path(ref).is_absolute() else base / ref
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def image_key(row: dict, base: Path) -> int:
+    """A 63-bit key of a row's image set (0 for none): equal keys mean the same images in the same order."""
+    refs = row.get("images") or []
+    if not refs:
+        return 0
+    joined = "|".join(image_digest(r, base) for r in refs if isinstance(r, str))
+    return int(hashlib.sha256(joined.encode()).hexdigest()[:16], 16) >> 1 or 1
+
+
+def image_paths(row: dict, base: Path) -> list[Path]:
+    return [Path(r) if Path(r).is_absolute() else base / r for r in row.get("images") or [] if isinstance(r, str)]

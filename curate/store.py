@@ -1,0 +1,201 @@
+"""A curated dataset folder: kind files, a content-addressed image store, rejects, and a manifest, written atomically.
+
+    DIR/caption.jsonl, DIR/mcq.jsonl, DIR/conversation.jsonl   whichever kinds the stage wrote
+    DIR/images/ab/<sha256>.<ext>                               each image once, under the sha256 of its bytes
+    DIR/rejects.jsonl                                          rows not taken, each with file, row, field and reason
+    DIR/removed.jsonl                                          (dedup, decontaminate) rows removed, and why
+    DIR/manifest.json                                          stage, config hash, inputs, counts, parent, digests
+
+Every stage writes into a temporary sibling folder that replaces DIR in one rename (`atomic_directory`), so a crash
+never leaves a half-written dataset under DIR.  Later stages do not copy images: their rows point into the import
+folder's store with paths relative to their own folder, so a chain of stage folders moves as one tree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from patho_r1.checkpoint import config_hash
+
+MANIFEST = "manifest.json"
+KINDS = ("caption", "mcq", "conversation")
+IMAGE_DIR = "images"
+
+# First bytes of the image formats pathology corpora ship; anything else is opened by PIL to learn its format.
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"), (b"II*\x00", "tif"), (b"MM\x00*", "tif"),
+          (b"GIF8", "gif"), (b"BM", "bmp"))
+
+
+class StageManifest(BaseModel):
+    stage: str
+    config: dict[str, Any] = Field(default_factory=dict)
+    config_hash: str
+    inputs: dict[str, str] = Field(default_factory=dict, description="input path -> digest")
+    parent: str | None = Field(None, description="the stage folder this one read")
+    counts: dict[str, Any] = Field(default_factory=dict)
+    files: dict[str, str] = Field(default_factory=dict, description="sha256 of each JSONL file written")
+    complete: bool = True
+    created: float = Field(default_factory=time.time)
+    seconds: float = 0.0
+
+    def output_digest(self) -> str:
+        """One digest of what this stage wrote: the next stage's input digest."""
+        return config_hash(self.files)
+
+
+def read_stage_manifest(directory: str | Path) -> StageManifest | None:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return None
+    return StageManifest.model_validate_json(path.read_text())
+
+
+def input_digest(path: str | Path) -> str:
+    """A cheap digest of an input: a stage folder's output digest, else a file's size, mtime and first and last MiB
+    (hashing a 36 GB image corpus on every run would cost more than the stage); a folder digests its files' names,
+    sizes and mtimes."""
+    path = Path(path)
+    manifest = read_stage_manifest(path) if path.is_dir() else None
+    if manifest is not None:
+        return manifest.output_digest()
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for p in files:
+        st = p.stat()
+        h.update(f"{p.relative_to(path) if path.is_dir() else p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        if not path.is_dir():
+            with p.open("rb") as fh:
+                h.update(fh.read(1 << 20))
+                if st.st_size > 2 << 20:
+                    fh.seek(-(1 << 20), os.SEEK_END)
+                    h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def is_done(directory: str | Path, cfg_hash: str, inputs: dict[str, str]) -> bool:
+    """A finished stage with this config over these inputs: resuming skips it."""
+    manifest = read_stage_manifest(directory)
+    return (manifest is not None and manifest.complete and manifest.config_hash == cfg_hash
+            and manifest.inputs == inputs)
+
+
+def image_extension(data: bytes) -> str:
+    for magic, ext in _MAGIC:
+        if data.startswith(magic):
+            return ext
+    return "img"
+
+
+class ImageStore:
+    """Images under `root/ab/<sha256>.<ext>`: identical bytes are stored once, however many rows and sources name
+    them.  Parallel workers may share a store: creation is exclusive, and two writers of one hash hold the same
+    bytes."""
+
+    def __init__(self, root: str | Path):
+        self.root = str(root)
+
+    def put(self, data: bytes) -> tuple[str, str]:
+        """Store `data`; returns (its path relative to the store's parent folder, its sha256)."""
+        digest = hashlib.sha256(data).hexdigest()
+        rel = f"{digest[:2]}/{digest}.{image_extension(data)}"
+        path = os.path.join(self.root, rel)
+        if not os.path.exists(path):  # os.path, not pathlib: once per row
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            # Written in place, not via a temporary name: the store lives in the stage's temporary folder, which
+            # only becomes the dataset once complete; exclusive creation lets one of two parallel writers win.
+            try:
+                with open(path, "xb") as fh:
+                    fh.write(data)
+            except FileExistsError:
+                pass
+        return f"{IMAGE_DIR}/{rel}", digest
+
+
+class _HashingWriter:
+    """A JSONL file written line by line, hashed as it is written (the manifest's digest costs no second read)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fh = path.open("w", encoding="utf-8")
+        self.sha = hashlib.sha256()
+        self.n = 0
+
+    def write(self, row: dict) -> None:
+        line = json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n"
+        self.fh.write(line)
+        self.sha.update(line.encode("utf-8"))
+        self.n += 1
+
+    def close(self) -> str:
+        self.fh.close()
+        return self.sha.hexdigest()
+
+
+class StageWriter:
+    """What one stage writes into its (temporary) folder: rows by kind, rejects, removals, counts."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._writers: dict[str, _HashingWriter] = {}
+        self.counts: Counter = Counter()
+
+    def _writer(self, name: str) -> _HashingWriter:
+        if name not in self._writers:
+            self._writers[name] = _HashingWriter(self.directory / f"{name}.jsonl")
+        return self._writers[name]
+
+    def row(self, kind: str, row: dict) -> None:
+        self._writer(kind).write(row)
+
+    def reject(self, path: str, row: int | None, field: str | None, reason: str, source: str | None = None) -> None:
+        self._writer("rejects").write({"file": path, "row": row, "field": field, "reason": reason, "source": source})
+
+    def removed(self, entry: dict) -> None:
+        self._writer("removed").write(entry)
+
+    def close(self) -> dict[str, str]:
+        """Close every file; returns name -> sha256 for the manifest, and the row count of each."""
+        files = {}
+        for name, writer in self._writers.items():
+            files[f"{name}.jsonl"] = writer.close()
+            self.counts[f"rows.{name}"] = writer.n
+        return files
+
+    def kind_counts(self) -> dict[str, int]:
+        return {k: self._writers[k].n for k in KINDS if k in self._writers}
+
+
+def stage_files(directory: str | Path) -> dict[str, Path]:
+    """The kind files a stage folder holds, by kind."""
+    directory = Path(directory)
+    return {k: directory / f"{k}.jsonl" for k in KINDS if (directory / f"{k}.jsonl").is_file()}
+
+
+def iter_jsonl(path: str | Path) -> Iterator[dict]:
+    """Rows of a JSONL file that this package wrote (already validated): plain json, no record parsing."""
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                yield json.loads(line)
+
+
+def relative_images(row: dict, src_dir: Path, dest_dir: Path) -> dict:
+    """A row read from `src_dir`, with its image paths rewritten relative to `dest_dir` (stage chaining)."""
+    if not row.get("images"):
+        return row
+    images = []
+    for ref in row["images"]:
+        if isinstance(ref, str) and not os.path.isabs(ref) and len(ref) < 4096:
+            ref = os.path.relpath(os.path.normpath(src_dir / ref), dest_dir)
+        images.append(ref)
+    return {**row, "images": images}

@@ -1,0 +1,281 @@
+"""The data engine: every public format imports with the right counts, bad rows are named or rejected with reasons,
+planted duplicates and benchmark items are all found, tagging and clustering are measured on the synthetic world,
+and stages resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import public_formats  # tests/ is on sys.path (pytest rootdir-relative import)
+import pytest
+
+from patho_r1.curate.config import CuratePhaseConfig, DedupStage, ImportStage, TagStage
+from patho_r1.curate.pipeline import run_chain, run_stage
+from patho_r1.curate.store import read_stage_manifest
+from patho_r1.data import validate_file
+from patho_r1.errors import DataError
+
+FORMAT_IMAGES = {"pathvqa": None, "quilt-vqa": None}
+
+
+def _import(fmt: str, src: Path, out: Path, on_error: str = "skip", **source):
+    stage = ImportStage(sources=[{"format": fmt, "path": str(src), **source}], on_error=on_error)
+    return run_stage(stage, None, out)
+
+
+@pytest.mark.parametrize("fmt", sorted(public_formats.WRITERS))
+def test_each_public_format_imports_with_the_right_counts_and_rejects_with_reasons(fmt, tmp_path):
+    src, expected = public_formats.WRITERS[fmt](tmp_path / "src")
+    manifest = _import(fmt, src, tmp_path / "out")
+    out = tmp_path / "out"
+    kinds = {k: v for k, v in expected.items() if k in ("caption", "mcq", "conversation")}
+    assert manifest.counts["kinds"] == kinds
+    source = manifest.counts["sources"][fmt]
+    assert source.get("rejected", 0) == expected["rejected"]
+    assert manifest.counts.get("rows.rejects", 0) == expected["rejected"]
+    for kind, n in kinds.items():  # every row passes `patho-r1 data validate`
+        assert validate_file(out / f"{kind}.jsonl", kind) == n
+    if expected["rejected"]:
+        rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+        assert all(r["file"] and r["row"] and r["reason"] for r in rejects)
+        assert all(r["source"] == fmt for r in rejects)
+    if "unique_images" in expected:  # each image stored once under its content hash
+        assert len(list((out / "images").rglob("*.*"))) == expected["unique_images"]
+    assert (out / "manifest.json").is_file() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_a_bad_row_stops_the_import_naming_file_row_and_field(tmp_path):
+    src, _ = public_formats.quilt_1m(tmp_path / "src")
+    with pytest.raises(DataError) as err:
+        _import("quilt-1m", src, tmp_path / "out", on_error="raise")
+    assert err.value.path == str(src) and err.value.row == 5 and err.value.field == "image_path"
+    assert "image not found" in str(err.value)
+    assert not (tmp_path / "out").exists()  # no half-written dataset
+
+    src, _ = public_formats.pathvqa(tmp_path / "pvqa")
+    with pytest.raises(DataError, match=r"test-00000-of-00001.parquet:2: field 'answer': empty"):
+        _import("pathvqa", src, tmp_path / "out2", on_error="raise")
+
+
+def test_pathmmu_keeps_option_text_with_parentheses_subsets_splits_and_says_why_an_image_is_missing(tmp_path):
+    src, _ = public_formats.pathmmu(tmp_path / "src")
+    _import("pathmmu", src, tmp_path / "out")
+    rows = [json.loads(line) for line in (tmp_path / "out/mcq.jsonl").read_text().splitlines()]
+    first = rows[0]
+    assert first["options"]["B"] == "Lymphoma (diffuse)"  # PathMMU's own split(')')[1] would give "Lymphoma ("
+    assert first["answer"] == "B" and first["category"] == "PubMed" and first["split"] == "val"
+    assert [r["answer"] for r in rows] == ["B", "D", "C"]
+    assert first["license"] == "CC BY-ND 4.0"
+    reject = json.loads((tmp_path / "out/rejects.jsonl").read_text())
+    assert reject["file"].endswith("data.json[SocialPath][test]") and reject["field"] == "img"
+    assert "SocialPath" in reject["reason"]
+
+
+def test_vlmeval_tsv_image_references_and_hints_and_pathvqa_closed_questions(tmp_path):
+    src, _ = public_formats.vlmeval_tsv(tmp_path / "src")
+    _import("vlmeval-tsv", src, tmp_path / "out", license="CC BY-ND 4.0")
+    rows = [json.loads(line) for line in (tmp_path / "out/mcq.jsonl").read_text().splitlines()]
+    assert rows[0]["images"] == rows[1]["images"]  # row 1 names row 0's image by its index
+    assert rows[1]["question"].startswith("Hint: Patient is 60.\n") and rows[1]["options"]["C"] == "Mucin"
+    assert rows[0]["license"] == "CC BY-ND 4.0"  # the command line's license
+
+    src, _ = public_formats.pathvqa(tmp_path / "pvqa")
+    _import("pathvqa", src, tmp_path / "pv")
+    rows = [json.loads(line) for line in (tmp_path / "pv/mcq.jsonl").read_text().splitlines()]
+    assert [(r["answer_type"], r["split"]) for r in rows] == [("open", "test"), ("yesno", "train"),
+                                                              ("open", "train"), ("yesno", "train")]
+
+
+def test_generic_csv_with_a_column_map(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img/a.png").write_bytes(public_formats.png(1))
+    (tmp_path / "t.csv").write_text("file,text,extra\na.png,A caption.,x\nb.png,Missing image.,y\n")
+    manifest = _import("csv", tmp_path / "t.csv", tmp_path / "out", kind="caption",
+                       columns={"caption": "text", "images": "file"}, images=str(tmp_path / "img"))
+    assert manifest.counts["kinds"] == {"caption": 1} and manifest.counts["rows.rejects"] == 1
+    row = json.loads((tmp_path / "out/caption.jsonl").read_text())
+    assert row["caption"] == "A caption." and row["extra"] == "x"
+
+
+def test_minhash_signatures_equal_datasketch_and_lsh_finds_what_datasketch_finds():
+    from datasketch import MinHash, MinHashLSH
+
+    from patho_r1.curate.dedup import find_duplicates
+    from patho_r1.curate.minhash import band_keys, lsh_params, shingles, signatures
+
+    rng = np.random.default_rng(0)
+    vocab = [f"w{i}" for i in range(300)]
+    texts = [" ".join(rng.choice(vocab, size=int(rng.integers(5, 30)))) for _ in range(200)]
+    texts += [t.rsplit(" ", 1)[0] + " changed" for t in texts[:40]]  # near duplicates of the first 40
+    sigs = signatures(texts, num_perm=64)
+    ours_minhash = []
+    for text, sig in zip(texts, sigs, strict=True):
+        m = MinHash(num_perm=64)
+        m.update_batch([s.encode() for s in shingles(text)])
+        assert np.array_equal(m.hashvalues, sig)
+        ours_minhash.append(m)
+    b, r = lsh_params(0.8, 64)
+    lsh = MinHashLSH(threshold=0.8, num_perm=64)
+    for i, m in enumerate(ours_minhash):
+        lsh.insert(i, m)
+    reference = set()
+    for i, m in enumerate(ours_minhash):
+        for j in lsh.query(m):
+            if j != i and m.jaccard(ours_minhash[j]) >= 0.8:
+                reference.add((min(i, j), max(i, j)))
+    n = len(texts)
+    rep, _ = find_duplicates(sigs, band_keys(sigs, b, r), np.zeros(n, np.uint64), np.ones(n, bool), 0.8)
+    ours = {(int(rep[i]), i) for i in range(n) if rep[i] != i}
+    assert reference and ours == reference
+
+
+@pytest.fixture(scope="module")
+def curated(tmp_path_factory):
+    """The synthetic world's raw Quilt-1M export through the whole chain."""
+    from patho_r1.fixtures.synth import WorldConfig, generate_world
+
+    root = tmp_path_factory.mktemp("curate_world")
+    generate_world(root, seed=3, config=WorldConfig(
+        n_train_tiles=12, n_heldout_tiles=6, n_sft=6, n_rl=6, n_rl_heldout=6, n_embed_pairs=6, n_composed_per_task=2,
+        n_eval_tiles=24, n_eval_mcq=24, n_raw_export=900))
+    cfg = CuratePhaseConfig(output_dir=str(root / "curated"), stages=[
+        {"stage": "import", "sources": [{"format": "quilt-1m", "path": str(root / "raw/quilt_1M_lookup.csv")}]},
+        {"stage": "dedup"},
+        {"stage": "decontaminate", "against": [str(root / "eval/PathoSynth_MCQ.tsv")]},
+        {"stage": "tag", "seed": str(root / "raw/subfield_seed.csv"), "review": 20},
+        {"stage": "cluster", "truth": str(root / "raw/truth.csv")}])
+    run_chain(cfg)
+    return root, cfg
+
+
+def test_every_planted_duplicate_and_benchmark_image_is_found(curated):
+    root, cfg = curated
+    truth = {r["id"]: r for r in csv.DictReader((root / "raw/truth.csv").open())}
+    dedup_dir, decon_dir = cfg.stage_dirs()[1:3]
+    removed = {}
+    for folder in (dedup_dir, decon_dir):
+        for line in (folder / "removed.jsonl").read_text().splitlines():
+            entry = json.loads(line)
+            removed[entry["id"]] = entry
+    planted = {k: v["planted"] for k, v in truth.items() if v["planted"]}
+    assert len(planted) == 12 + 12 + 8
+    missed = {k: why for k, why in planted.items() if k not in removed}
+    assert not missed
+    for k, why in planted.items():
+        reason = removed[k]["reason"]
+        if why.startswith("same image"):
+            assert reason == "same image"
+        elif why.startswith("near-duplicate"):
+            assert reason == "near-duplicate text" and removed[k]["similarity"] >= 0.8
+        else:
+            assert reason == ("benchmark image (re-encoded)" if "re-encoded" in why else "benchmark image (same bytes)")
+            assert removed[k]["benchmark"].endswith("PathoSynth_MCQ.tsv") and removed[k]["benchmark_id"]
+    false_positives = [k for k in removed if k not in planted]
+    assert len(false_positives) <= 0.02 * len(truth)  # unplanted removals are real near-duplicates, and rare
+
+
+def test_tagging_and_clustering_recover_the_hidden_labels(curated):
+    root, cfg = curated
+    tag_dir, cluster_dir = cfg.stage_dirs()[3:]
+    tag = read_stage_manifest(tag_dir).counts
+    assert tag["holdout"]["n"] >= 18 and tag["holdout"]["accuracy"] >= 0.8
+    truth = {r["id"]: r for r in csv.DictReader((root / "raw/truth.csv").open())}
+    rows = [json.loads(line) for line in (cluster_dir / "caption.jsonl").read_text().splitlines()]
+    tagged_right = np.mean([r["subfield"] == truth[r["id"]]["subfield"] for r in rows])
+    assert tagged_right >= 0.85
+    review = list(csv.DictReader((tag_dir / "review.csv").open()))
+    assert len(review) == 20 and all(float(r["confidence"]) <= 1 for r in review)
+    confidences = sorted(r["subfield_confidence"] for r in rows if r["subfield_source"] == "classifier")
+    assert float(review[-1]["confidence"]) <= confidences[20]  # the least confident are the ones sent for review
+    cluster = read_stage_manifest(cluster_dir).counts
+    assert cluster["adjusted_rand_index"] >= 0.25 and cluster["level_agreement"] >= 0.6
+    assert set(cluster["levels"]) == {"easy", "medium", "hard"}
+    sub = cluster["subfields"]["histopathology"]
+    values = [sub["levels"][lv]["term_density"] for lv in ("easy", "medium", "hard")]
+    assert values == sorted(values)  # ordered by the criterion
+
+
+def test_corrections_from_review_come_back_as_hand_labels(curated, tmp_path):
+    root, cfg = curated
+    parent, tag_dir = cfg.stage_dirs()[2], cfg.stage_dirs()[3]
+    review = list(csv.DictReader((tag_dir / "review.csv").open()))
+    corrected = tmp_path / "review.csv"
+    with corrected.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(review[0]))
+        w.writeheader()
+        for r in review[:5]:
+            w.writerow({**r, "subfield": "other"})  # the reviewer's verdict, whatever the classifier said
+    stage = TagStage(seed=str(root / "raw/subfield_seed.csv"), corrections=[str(corrected)], review=5)
+    manifest = run_stage(stage, parent, tmp_path / "tag2")
+    rows = {json.loads(line)["id"]: json.loads(line) for line in (tmp_path / "tag2/caption.jsonl").open()}
+    for r in review[:5]:
+        assert rows[r["id"]]["subfield"] == "other" and rows[r["id"]]["subfield_source"] == "hand"
+    assert manifest.counts["hand_labels"] == read_stage_manifest(tag_dir).counts["hand_labels"] + 5
+
+
+def test_a_finished_stage_is_skipped_and_a_changed_one_reruns(curated, tmp_path):
+    root, cfg = curated
+    import_dir, dedup_dir = cfg.stage_dirs()[:2]
+    before = read_stage_manifest(dedup_dir)
+    again = run_stage(DedupStage(), import_dir, dedup_dir)
+    assert again.created == before.created  # skipped: same config, same input
+    changed = run_stage(DedupStage(threshold=0.95), import_dir, tmp_path / "dedup")
+    assert changed.config_hash != before.config_hash
+    assert changed.counts["rows.removed"] <= before.counts["rows.removed"]
+
+
+def test_ray_data_engine_gives_the_same_rows_as_the_local_engine(curated, tmp_path):
+    _, cfg = curated
+    import_dir = cfg.stage_dirs()[0]
+    local = run_stage(DedupStage(engine="local"), import_dir, tmp_path / "local")
+    ray = run_stage(DedupStage(engine="ray"), import_dir, tmp_path / "ray")
+    assert ray.counts["engine"] == "ray" and local.counts["engine"] == "local"
+    assert ray.files == local.files  # byte-identical outputs
+    import ray as ray_module
+
+    ray_module.shutdown()
+
+
+def test_curate_phase_runs_from_a_recipe(tmp_path):
+    from patho_r1.launch.recipe import build_plan
+    from patho_r1.launch.report import collect
+    from patho_r1.launch.runner import run_recipe
+
+    raw = {"name": "c", "output_root": str(tmp_path / "run"), "model": {"base": "tiny"},
+           "data": {"synth": {"n_train_tiles": 6, "n_heldout_tiles": 6, "n_sft": 6, "n_rl": 6, "n_rl_heldout": 6,
+                              "n_embed_pairs": 6, "n_composed_per_task": 1, "n_eval_tiles": 12, "n_eval_mcq": 12,
+                              "n_raw_export": 120}},
+           "resources": {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 1}, "wandb": {"mode": "disabled"},
+           "phases": [{"name": "curate", "type": "curate", "config": {"stages": [
+               {"stage": "import", "sources": [{"format": "quilt-1m", "path": "{data}/raw/quilt_1M_lookup.csv"}]},
+               {"stage": "dedup"}, {"stage": "decontaminate", "against": ["{data}/eval/PathoSynth_MCQ.tsv"]}]}}]}
+    plan = build_plan(raw)
+    assert plan.phases[0].config.model is None  # curate reads no model, so none is built
+    run_recipe(plan)
+    assert not (tmp_path / "run/base-model").exists()
+    report = collect(tmp_path / "run")
+    stages = report["curate"]["curate"]
+    assert [s["stage"] for s in stages] == ["import", "dedup", "decontaminate"]
+    assert stages[2]["counts"]["removed"]  # the planted benchmark images
+    assert "What was removed, and why" in (tmp_path / "run/report.md").read_text()
+
+
+def test_cluster_with_our_embedding_head_through_the_top_floor_factory(tiny_model_dir, tmp_path):
+    """`--embedder patho`: the embed/ head, loaded by launch's factory where the stage runs."""
+    from patho_r1.curate.config import ClusterStage
+    from patho_r1.launch.curate_phase import model_encoder
+
+    src, _ = public_formats.arch(tmp_path / "src")
+    _import("arch", src, tmp_path / "import")
+    stage = ClusterStage(embedder={"kind": "patho", "model": str(tiny_model_dir), "batch_size": 4},
+                         criterion="caption_length")
+    manifest = run_stage(stage, tmp_path / "import", tmp_path / "cluster", model_encoder=model_encoder)
+    emb = np.load(tmp_path / "cluster/embeddings.npy")
+    assert emb.shape[0] == 10 and emb.shape[1] > 36  # the backbone's hidden size, not the features embedder's
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-4)
+    assert sum(manifest.counts["levels"].values()) == 10
+    with pytest.raises(ValueError, match="needs a model encoder"):
+        run_stage(stage, tmp_path / "import", tmp_path / "cluster2")

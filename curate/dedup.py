@@ -81,6 +81,19 @@ def _runs(sorted_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return head_of, member
 
 
+def release_pages(*arrays) -> None:
+    """Write back and drop the resident pages of memory-mapped arrays: they are file-backed, so dropping them loses
+    nothing, and the stage's resident memory stays flat instead of growing with the signature file."""
+    import mmap
+
+    for array in arrays:
+        handle = getattr(array, "_mmap", None) or getattr(getattr(array, "base", None), "_mmap", None)
+        if isinstance(array, np.memmap):
+            array.flush()
+        if isinstance(handle, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+            handle.madvise(mmap.MADV_DONTNEED)
+
+
 def find_duplicates(sigs: np.ndarray, bands: np.ndarray, images: np.ndarray, is_caption: np.ndarray,
                     threshold: float, *, near_text: bool = True, exact_images: bool = True
                     ) -> tuple[np.ndarray, np.ndarray]:
@@ -104,6 +117,7 @@ def find_duplicates(sigs: np.ndarray, bands: np.ndarray, images: np.ndarray, is_
             ok = jaccard(np.asarray(sigs[a]), np.asarray(sigs[b])) >= threshold
             if ok.any():
                 edges.append(np.stack([a[ok], b[ok]], axis=1))
+            release_pages(sigs, bands)
     return _components(n, edges), by_image
 
 
@@ -128,6 +142,8 @@ def run_dedup(stage: DedupStage, parent: Path, out: Path, final: Path, writer: S
             is_caption[at:at + m] = kind == "caption"
             at += m
             progress.advance(m)
+            if at % (1 << 18) < m:  # every ~256k rows
+                release_pages(sigs, bands)
     if at != n:
         raise RuntimeError(f"dedup read {at} rows but the parent manifest counts {n}")
     representative, by_image = find_duplicates(sigs[:n], bands[:n], images, is_caption, stage.threshold,
@@ -150,6 +166,8 @@ def run_dedup(stage: DedupStage, parent: Path, out: Path, final: Path, writer: S
                                 "similarity": round(float(jaccard(sigs[i], sigs[rep])), 3),
                                 "source": row.get("source")})
             i += 1
+            if i % (1 << 18) == 0:
+                release_pages(sigs)
     del sigs, bands
     for path in work.iterdir():
         path.unlink()

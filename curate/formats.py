@@ -21,17 +21,15 @@ Adding a format is one `register_format` call; nothing else dispatches on the na
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from patho_r1.data import decode_utf8, iter_raw_rows
+from patho_r1.data import iter_raw_rows, iter_table_rows, raise_not_utf8
 from patho_r1.errors import DataError
 from patho_r1.rewards.parsing import OPTION_LETTERS
 
@@ -145,13 +143,10 @@ def _parquet_rows(src: Path, opts: ImportOptions) -> Iterator[tuple[str, int, An
 
 def _json_file(path: Path) -> Any:
     raw = path.read_bytes()
-    text = decode_utf8(raw, path, 1, 0) if b"\n" not in raw else None
-    if text is None:  # locate a bad byte by line
-        offset = 0
-        for lineno, line in enumerate(raw.splitlines(keepends=True), start=1):
-            decode_utf8(line, path, lineno, offset)
-            offset += len(line)
+    try:
         text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise_not_utf8(path)
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
@@ -164,28 +159,8 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, int, Any]]:
 
 
 def _csv_rows(path: Path, delimiter: str = ",") -> Iterator[tuple[str, int, Any]]:
-    """Rows as dicts, numbered by their line in the file (the header is line 1); short rows are errors."""
-    csv.field_size_limit(sys.maxsize)  # base64 images exceed csv's 128 KiB default
-    if not path.is_file():
-        raise DataError(path, None, None, "not found")
-    with path.open("r", encoding="utf-8", newline="") as fh:
-        reader = csv.DictReader(fh, delimiter=delimiter)
-        try:
-            header = reader.fieldnames or []
-            for row in reader:
-                if None in row or any(v is None for v in row.values()):
-                    yield str(path), reader.line_num, DataError(
-                        path, reader.line_num, None, f"{sum(v is not None for v in row.values())} fields, but the "
-                        f"header has {len(header)} columns")
-                    continue
-                yield str(path), reader.line_num, row
-        except UnicodeDecodeError:
-            offset = 0
-            with path.open("rb") as raw:
-                for lineno, line in enumerate(raw, start=1):
-                    decode_utf8(line, path, lineno, offset)
-                    offset += len(line)
-            raise DataError(path, None, None, "not UTF-8") from None
+    """Rows as dicts (a short row as its DataError), numbered by their line in the file; the header is line 1."""
+    return ((str(path), line, row) for line, row in iter_table_rows(path, delimiter))
 
 
 def _raise_if_error(raw: Any) -> None:
@@ -409,18 +384,14 @@ register_format(SourceFormat(
 def _tsv_rows(src: Path, opts: ImportOptions) -> Iterator[tuple[str, int, Any]]:
     for path in _files(src, ".tsv"):
         images_by_index: dict[str, str] = {}  # VLMEvalKit stores a repeated image once and names it by index
-        for label, row_no, raw in _csv_rows(path, delimiter="\t"):
+        for row_no, raw in iter_table_rows(path, "\t", required={"index", "question", "answer"}):
             if isinstance(raw, dict):
-                if row_no == 2:
-                    missing = {"index", "question", "answer"} - raw.keys()
-                    if missing:
-                        raise DataError(path, 1, sorted(missing)[0], "missing column in TSV header")
                 image = raw.get("image") or ""
                 if len(image) > 64:
                     images_by_index[str(raw.get("index"))] = image
                 elif image.strip():  # a reference: resolved here, so each raw row is self-contained
                     raw = {**raw, "image": images_by_index.get(image.strip()), "_image_ref": image.strip()}
-            yield label, row_no, raw
+            yield str(path), row_no, raw
 
 
 def _convert_tsv(raw: Any, where: tuple[str, int], opts: ImportOptions) -> Converted:

@@ -381,48 +381,57 @@ def load_records(source: str | Path, kind: str, **kwargs) -> list[_Record]:
     return list(iter_records(source, kind, **kwargs))
 
 
+def iter_table_rows(path: str | Path, delimiter: str = ",", required: set[str] = frozenset()
+                    ) -> Iterator[tuple[int, dict | DataError]]:
+    """(line, row) of a CSV or TSV, the header being line 1.  A row with too few or too many fields comes as a
+    `DataError` in place of the row, so a caller may raise it or set it aside and read on; bad UTF-8 and a missing
+    `required` column raise one (naming the line and byte offset, or the column)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, None, None, "not found")
+    csv.field_size_limit(sys.maxsize)  # base64 images exceed csv's default 128 KiB field limit
+    with path.open("r", encoding="utf-8", errors="strict", newline="") as fh:
+        reader = csv.DictReader(fh, delimiter=delimiter)
+        try:
+            header = reader.fieldnames or []
+            missing = set(required) - set(header)
+            if missing:
+                raise DataError(path, 1, sorted(missing)[0], "missing column in the header")
+            for row in reader:
+                if None in row or any(v is None for v in row.values()):
+                    n_given = len([v for v in row.values() if v is not None]) + len(row.get(None) or [])
+                    yield reader.line_num, DataError(path, reader.line_num, None, f"{n_given} fields, but the "
+                                                     f"header has {len(header)} columns")
+                else:
+                    yield reader.line_num, row
+        except UnicodeDecodeError:
+            raise_not_utf8(path)
+
+
 def iter_vlmeval_tsv(path: str | Path) -> Iterator[MCQRecord]:
     """Read a VLMEvalKit-format TSV (`index, image` base64, `question, A..F, answer[, category]`) as MCQ records.
 
     Rows with no option columns filled are read as Yes/No (when the answer is yes/no) or open questions.
     """
     path = Path(path)
-    csv.field_size_limit(sys.maxsize)  # base64 images exceed csv's default 128 KiB field limit
-    with path.open("r", encoding="utf-8", errors="strict", newline="") as fh:
-        reader = csv.DictReader(fh, delimiter="\t")
-        try:
-            missing = {"index", "question", "answer"} - set(reader.fieldnames or [])
-        except UnicodeDecodeError:
-            _raise_not_utf8(path)
-        if missing:
-            raise DataError(path, 1, sorted(missing)[0], "missing column in TSV header")
-        rows = enumerate(reader, start=2)
-        while True:
-            try:
-                row_no, row = next(rows)
-            except StopIteration:
-                return
-            except UnicodeDecodeError:
-                _raise_not_utf8(path)
-            if None in row or any(v is None for v in row.values()):
-                n_given = len([v for v in row.values() if v is not None]) + len(row.get(None) or [])
-                raise DataError(path, row_no, None, f"{n_given} fields, but the header has "
-                                f"{len(reader.fieldnames)} columns")
-            options = {k: row[k] for k in OPTION_LETTERS if row.get(k) not in (None, "", "nan")}
-            answer = (row.get("answer") or "").strip()
-            if options:
-                answer_type = "mcq"
-            elif answer.lower() in ("yes", "no"):
-                answer_type = "yesno"
-            else:
-                answer_type = "open"
-            raw = {"id": str(row["index"]), "question": row["question"], "answer": answer, "options": options,
-                   "answer_type": answer_type, "category": row.get("category") or None,
-                   "images": [row["image"]] if row.get("image") else []}
-            yield parse_record(raw, "mcq", path=path, row=row_no, base_dir=path.parent)
+    for row_no, row in iter_table_rows(path, "\t", required={"index", "question", "answer"}):
+        if isinstance(row, DataError):
+            raise row
+        options = {k: row[k] for k in OPTION_LETTERS if row.get(k) not in (None, "", "nan")}
+        answer = (row.get("answer") or "").strip()
+        if options:
+            answer_type = "mcq"
+        elif answer.lower() in ("yes", "no"):
+            answer_type = "yesno"
+        else:
+            answer_type = "open"
+        raw = {"id": str(row["index"]), "question": row["question"], "answer": answer, "options": options,
+               "answer_type": answer_type, "category": row.get("category") or None,
+               "images": [row["image"]] if row.get("image") else []}
+        yield parse_record(raw, "mcq", path=path, row=row_no, base_dir=path.parent)
 
 
-def _raise_not_utf8(path: Path):
+def raise_not_utf8(path: Path):
     """Find the first bad byte of a text file and raise a DataError naming its line and offset."""
     offset = 0
     with path.open("rb") as fh:

@@ -279,3 +279,17 @@ def test_cluster_with_our_embedding_head_through_the_top_floor_factory(tiny_mode
     assert sum(manifest.counts["levels"].values()) == 10
     with pytest.raises(ValueError, match="needs a model encoder"):
         run_stage(stage, tmp_path / "import", tmp_path / "cluster2")
+
+
+def test_bad_bytes_in_json_and_csv_sources_are_located_by_line_and_offset(tmp_path):
+    src, _ = public_formats.pathmmu(tmp_path / "mmu")
+    data = (src / "data.json").read_bytes()
+    (src / "data.json").write_bytes(data.replace(b"Adenocarcinoma", b"Adenocarcin\xffma", 1))
+    with pytest.raises(DataError, match=r"data.json:1: not UTF-8: byte 0xff at byte offset \d+"):
+        _import("pathmmu", src, tmp_path / "o1")
+    csv_path, _ = public_formats.quilt_1m(tmp_path / "q")
+    lines = csv_path.read_bytes().split(b"\n")
+    lines[2] = lines[2].replace(b"caption", b"capt\xe9on", 1)
+    csv_path.write_bytes(b"\n".join(lines))
+    with pytest.raises(DataError, match=r"quilt_1M_lookup.csv:3: not UTF-8: byte 0xe9"):
+        _import("quilt-1m", csv_path, tmp_path / "o2", on_error="skip")  # bad bytes are not a skippable row

@@ -66,23 +66,29 @@ class ImportStage(StrictModel):
     engine: Engine = "auto"
 
 
-class DedupStage(StrictModel):
-    stage: Literal["dedup"] = "dedup"
+class _MinHashFields(StrictModel):
     threshold: float = Field(0.8, gt=0, le=1, description="estimated Jaccard of word shingles for a near-duplicate")
     num_perm: int = Field(64, ge=16, le=512)
     shingle: int = Field(3, ge=1, le=8, description="words per shingle")
+
+    def minhash(self):
+        from patho_r1.curate.minhash import MinHashSpec
+
+        return MinHashSpec(self.threshold, self.num_perm, self.shingle)
+
+
+class DedupStage(_MinHashFields):
+    stage: Literal["dedup"] = "dedup"
     near_text: bool = True
     exact_images: bool = True
     engine: Engine = "auto"
 
 
-class DecontaminateStage(StrictModel):
+class DecontaminateStage(_MinHashFields):
     stage: Literal["decontaminate"] = "decontaminate"
     against: list[str] = Field(..., min_length=1, description="benchmark files (VLMEvalKit TSV) or curated "
                                "folders (`curate import` of a benchmark)")
-    threshold: float = Field(0.7, gt=0, le=1)
-    num_perm: int = Field(64, ge=16, le=512)
-    shingle: int = Field(3, ge=1, le=8)
+    threshold: float = Field(0.7, gt=0, le=1, description="estimated Jaccard of word shingles for a match")
     min_words: int = Field(8, ge=1, description="texts shorter than this are not compared (generic questions "
                            "such as 'is this benign?' would match everything)")
     perceptual: bool = Field(True, description="also match re-encoded images by their difference hash")

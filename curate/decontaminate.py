@@ -29,7 +29,7 @@ from PIL import Image
 
 from patho_r1.curate.config import DecontaminateStage
 from patho_r1.curate.engine import map_batches
-from patho_r1.curate.minhash import band_keys, jaccard, lsh_params, n_words, signatures
+from patho_r1.curate.minhash import MinHashSpec, jaccard, n_words
 from patho_r1.curate.progress import RowProgress
 from patho_r1.curate.rows import image_digest, image_paths, row_text
 from patho_r1.curate.store import StageWriter, iter_jsonl, read_stage_manifest, relative_images, stage_files
@@ -96,9 +96,8 @@ def load_benchmarks(stage: DecontaminateStage) -> Benchmark:
             if n_words(text) >= stage.min_words:
                 texts.append(text)
                 bench.texts.append((file, item_id))
-    b, r = lsh_params(stage.threshold, stage.num_perm)
-    bench.sigs = signatures(texts, stage.num_perm, stage.shingle)
-    keys = band_keys(bench.sigs, b, r).T  # (bands, n)
+    bench.sigs, keys = stage.minhash().sign(texts)
+    keys = keys.T  # (bands, n)
     bench.order = np.argsort(keys, axis=1, kind="stable")
     bench.keys = np.take_along_axis(keys, bench.order, axis=1)
     return bench
@@ -110,24 +109,21 @@ class ContaminationFeatures:
 
     kind: str
     base: str
-    num_perm: int
-    shingle: int
-    bands: int
-    rows: int
+    minhash: MinHashSpec
     min_words: int
     perceptual: bool
 
     def __call__(self, lines: list[str]) -> dict[str, np.ndarray]:
         parsed = [json.loads(line) for line in lines]
         texts = [row_text(self.kind, r) for r in parsed]
-        sigs = signatures(texts, self.num_perm, self.shingle)
+        sigs, bands = self.minhash.sign(texts)
         long_enough = np.array([n_words(t) >= self.min_words for t in texts], dtype=bool)
         hashes = np.zeros((len(parsed), 4), dtype=np.int64)  # up to 4 images per row are compared by picture
         if self.perceptual:
             for i, row in enumerate(parsed):
                 for j, path in enumerate(image_paths(row, Path(self.base))[:4]):
                     hashes[i, j] = dhash(path)
-        return {"sig": sigs, "bands": band_keys(sigs, self.bands, self.rows), "long": long_enough, "dhash": hashes}
+        return {"sig": sigs, "bands": bands, "long": long_enough, "dhash": hashes}
 
 
 def _chunks(h: int, n: int) -> list[tuple[int, int]]:
@@ -163,11 +159,9 @@ def _text_match(bench: Benchmark, sig: np.ndarray, keys: np.ndarray, threshold: 
 def run_decontaminate(stage: DecontaminateStage, parent: Path, out: Path, final: Path, writer: StageWriter,
                       progress: RowProgress, engine: str) -> dict:
     bench = load_benchmarks(stage)
-    b, r = lsh_params(stage.threshold, stage.num_perm)
     removed: Counter = Counter()
     for kind, file in stage_files(parent).items():
-        fn = ContaminationFeatures(kind, str(parent), stage.num_perm, stage.shingle, b, r, stage.min_words,
-                                   stage.perceptual)
+        fn = ContaminationFeatures(kind, str(parent), stage.minhash(), stage.min_words, stage.perceptual)
         rows = iter_jsonl(file)
         for batch in map_batches([file], fn, engine=engine, batch_size=1024):
             for i in range(len(batch["long"])):

@@ -30,7 +30,7 @@ import numpy as np
 
 from patho_r1.curate.config import DedupStage
 from patho_r1.curate.engine import map_batches
-from patho_r1.curate.minhash import band_keys, jaccard, lsh_params, signatures
+from patho_r1.curate.minhash import MinHashSpec, jaccard
 from patho_r1.curate.progress import RowProgress
 from patho_r1.curate.rows import image_key, row_text
 from patho_r1.curate.store import StageWriter, iter_jsonl, relative_images, stage_files
@@ -44,17 +44,14 @@ class DedupFeatures:
 
     kind: str
     base: str
-    num_perm: int
-    shingle: int
-    bands: int
-    rows: int
+    minhash: MinHashSpec
 
     def __call__(self, lines: list[str]) -> dict[str, np.ndarray]:
         parsed = [json.loads(line) for line in lines]
-        sigs = signatures([row_text(self.kind, r) for r in parsed], self.num_perm, self.shingle)
         images = np.array([image_key(r, Path(self.base)) for r in parsed], dtype=np.uint64)
-        salt = None if self.kind == "caption" else images
-        return {"sig": sigs, "bands": band_keys(sigs, self.bands, self.rows, salt), "image": images}
+        sigs, bands = self.minhash.sign([row_text(self.kind, r) for r in parsed],
+                                        salt=None if self.kind == "caption" else images)
+        return {"sig": sigs, "bands": bands, "image": images}
 
 
 def _components(n: int, edges: list[np.ndarray]) -> np.ndarray:
@@ -125,7 +122,8 @@ def run_dedup(stage: DedupStage, parent: Path, out: Path, final: Path, writer: S
               progress: RowProgress, engine: str) -> dict:
     files = stage_files(parent)
     kinds = list(files)
-    bands_n, rows_n = lsh_params(stage.threshold, stage.num_perm)
+    minhash = stage.minhash()
+    bands_n, rows_n = minhash.bands
     n = int(progress.total or 0)
     work = out / ".work"
     work.mkdir()
@@ -135,7 +133,7 @@ def run_dedup(stage: DedupStage, parent: Path, out: Path, final: Path, writer: S
     is_caption = np.zeros(n, dtype=bool)
     at = 0
     for kind in kinds:
-        fn = DedupFeatures(kind, str(parent), stage.num_perm, stage.shingle, bands_n, rows_n)
+        fn = DedupFeatures(kind, str(parent), minhash)
         for batch in map_batches([files[kind]], fn, engine=engine):
             m = len(batch["image"])
             sigs[at:at + m], bands[at:at + m], images[at:at + m] = batch["sig"], batch["bands"], batch["image"]

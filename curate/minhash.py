@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -107,3 +108,23 @@ def band_keys(sigs: np.ndarray, bands: int, rows: int, salt: np.ndarray | None =
 def jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> np.ndarray:
     """Estimated Jaccard similarity of signature pairs (row-wise), as `MinHash.jaccard`."""
     return (sig_a == sig_b).mean(axis=-1)
+
+
+@dataclass(frozen=True)
+class MinHashSpec:
+    """Everything that decides which texts are near-duplicates: one value, shared by the dedup and decontamination
+    stages, their Ray workers and the benchmark index, so the two sides of a comparison are always signed alike."""
+
+    threshold: float
+    num_perm: int = 64
+    shingle: int = 3
+
+    @property
+    def bands(self) -> tuple[int, int]:
+        return lsh_params(self.threshold, self.num_perm)
+
+    def sign(self, texts: Sequence[str], salt: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(signatures, band keys) of `texts`."""
+        sigs = signatures(texts, self.num_perm, self.shingle)
+        return sigs, band_keys(sigs, *self.bands, salt)
+

@@ -47,9 +47,10 @@ def _kmeans(x: np.ndarray, k: int, backend: str, seed: int) -> np.ndarray:
     return KMeans(n_clusters=k, n_init=10, random_state=seed).fit(x).cluster_centers_.astype(np.float32)
 
 
-def _assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    d = ((x[:, None, :] - centroids[None, :, :]) ** 2).sum(-1)
-    return d.argmin(1), d
+def _nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Index of each row's nearest centroid, from |x|^2 - 2 x.c + |c|^2: (n, k) numbers, not an (n, k, d) array."""
+    d = (x * x).sum(1)[:, None] - 2 * x @ centroids.T + (centroids * centroids).sum(1)[None, :]
+    return d.argmin(1)
 
 
 def level_names(k: int) -> list[str]:
@@ -90,14 +91,16 @@ def run_cluster(stage: ClusterStage, parent: Path, out: Path, final: Path, write
             report[subfield] = {"rows": len(idx), "note": f"fewer than {stage.k * 2} rows: not clustered"}
             continue
         fit_idx = np.sort(rng.choice(idx, size=min(stage.sample, len(idx)), replace=False))
-        centroids = _kmeans(np.asarray(emb[fit_idx]), stage.k, stage.backend, seed)
+        fit = np.asarray(emb[fit_idx])
+        centroids = _kmeans(fit, stage.k, stage.backend, seed)
+        centre = fit.mean(0)  # the subfield's centre, from the same sample
+        del fit
         labels = np.empty(len(idx), np.int64)
         dist = np.empty(len(idx), np.float32)
         for s in range(0, len(idx), 65536):
             part = np.asarray(emb[idx[s:s + 65536]])
-            lab, d = _assign(part, centroids)
-            labels[s:s + 65536] = lab
-            dist[s:s + 65536] = np.sqrt(((part - centroids.mean(0)) ** 2).sum(1))  # to the subfield's centre
+            labels[s:s + 65536] = _nearest(part, centroids)
+            dist[s:s + 65536] = np.sqrt(((part - centre) ** 2).sum(1))
         criterion = {
             "term_density": [float(density[idx][labels == c].mean()) for c in range(stage.k)],
             "centroid_distance": [float(dist[labels == c].mean()) for c in range(stage.k)],

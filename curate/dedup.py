@@ -119,12 +119,11 @@ def find_duplicates(sigs: np.ndarray, bands: np.ndarray, images: np.ndarray, is_
 
 
 def run_dedup(stage: DedupStage, parent: Path, out: Path, final: Path, writer: StageWriter,
-              progress: RowProgress, engine: str) -> dict:
+              progress: RowProgress, engine: str, n: int) -> dict:
     files = stage_files(parent)
     kinds = list(files)
     minhash = stage.minhash()
     bands_n, rows_n = minhash.bands
-    n = int(progress.total or 0)
     work = out / ".work"
     work.mkdir()
     sigs = np.lib.format.open_memmap(work / "sig.npy", "w+", np.uint32, (max(n, 1), stage.num_perm))

@@ -42,12 +42,12 @@ def _estimate_rows(spec: SourceSpec) -> int | None:
 
 
 class _Images:
-    """Store each image once and check, the first time a hash is seen, that it opens."""
+    """Store each image once and check, the first time a hash is seen in a chunk, that it opens."""
 
     def __init__(self, root: Path):
         self.store = ImageStore(root / IMAGE_DIR)
         self.root = root
-        self._checked: set[str] = set()  # bounded below: a set of 64-char digests, cleared past a million
+        self._checked: set[str] = set()  # one chunk's digests: bounded by the chunk size
 
     def add(self, source: bytes | Path, where: tuple[str, int], field: str) -> str:
         if isinstance(source, bytes):
@@ -62,8 +62,6 @@ class _Images:
             except (UnidentifiedImageError, OSError, SyntaxError) as exc:
                 (self.root / rel).unlink(missing_ok=True)
                 raise DataError(where[0], where[1], field, f"not a readable image ({type(exc).__name__})") from None
-            if len(self._checked) > 1_000_000:
-                self._checked.clear()
             self._checked.add(digest)
         return rel
 

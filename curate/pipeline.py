@@ -49,12 +49,12 @@ def run_stage(stage, parent: Path | None, out: Path, *, engine: str | None = Non
     """Run one stage from `parent` (None for import) into `out`; returns its manifest."""
     out = Path(out).resolve()
     parent = Path(parent).resolve() if parent is not None else None
+    n_rows = _parent_rows(parent) if parent is not None else 0  # first: a wrong folder fails here, by name
     config = stage.model_dump(mode="json")
     cfg_hash = config_hash({**config, "seed": seed})
     inputs = _stage_inputs(stage, parent)
     if resume and is_done(out, cfg_hash, inputs):
         return read_stage_manifest(out)
-    n_rows = _parent_rows(parent) if parent is not None else 0
     if isinstance(stage, ImportStage):
         from patho_r1.curate.importer import estimate_total
 
@@ -90,7 +90,7 @@ def _dispatch(stage, parent, tmp, final, writer, progress, engine, n_rows, seed,
     if stage.stage == "dedup":
         from patho_r1.curate.dedup import run_dedup
 
-        return run_dedup(stage, parent, tmp, final, writer, progress, engine)
+        return run_dedup(stage, parent, tmp, final, writer, progress, engine, n_rows)
     if stage.stage == "decontaminate":
         from patho_r1.curate.decontaminate import run_decontaminate
 

@@ -293,3 +293,14 @@ def test_bad_bytes_in_json_and_csv_sources_are_located_by_line_and_offset(tmp_pa
     csv_path.write_bytes(b"\n".join(lines))
     with pytest.raises(DataError, match=r"quilt_1M_lookup.csv:3: not UTF-8: byte 0xe9"):
         _import("quilt-1m", csv_path, tmp_path / "o2", on_error="skip")  # bad bytes are not a skippable row
+
+
+@pytest.mark.parametrize("criterion", ["centroid_distance", "caption_length"])
+def test_levels_are_ordered_by_each_criterion(curated, criterion, tmp_path):
+    from patho_r1.curate.config import ClusterStage
+
+    _, cfg = curated
+    manifest = run_stage(ClusterStage(criterion=criterion), cfg.stage_dirs()[3], tmp_path / "c")
+    for sub in manifest.counts["subfields"].values():
+        values = [sub["levels"][lv][criterion] for lv in ("easy", "medium", "hard")]
+        assert values == sorted(values) and values[0] < values[-1]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from patho_r1.curate.config import LEVELS, ClusterStage
+from patho_r1.curate.config import LEVELS, ClusterStage, EmbedderSpec
 from patho_r1.curate.embedders import EMBEDDINGS, embed_rows, term_density
 from patho_r1.curate.minhash import n_words
 from patho_r1.curate.rows import row_text
@@ -64,7 +64,8 @@ def run_cluster(stage: ClusterStage, parent: Path, out: Path, final: Path, write
     files = stage_files(parent)
     parent_manifest = read_stage_manifest(parent)
     same_embedder = (parent_manifest is not None and parent_manifest.stage == "tag"
-                     and parent_manifest.counts.get("embedder") == stage.embedder.model_dump(mode="json"))
+                     and EmbedderSpec.model_validate(parent_manifest.counts.get("embedder", {})).identity()
+                     == stage.embedder.identity())
     emb = embed_rows(files, parent, stage.embedder, n_rows, out / EMBEDDINGS, engine=engine, progress=progress,
                      model_encoder=model_encoder, reuse=parent / EMBEDDINGS if same_embedder else None)
 

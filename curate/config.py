@@ -111,6 +111,13 @@ class EmbedderSpec(StrictModel):
     model: str | None = None
     adapter: str | None = None
     batch_size: int = Field(64, gt=0)
+    actors: int | None = Field(None, gt=0, description="Ray Data engine: embedding actors (None: an autoscaling "
+                               "pool up to the cluster's CPUs, or GPUs)")
+    gpus_per_actor: float = Field(0.0, ge=0, description="Ray Data engine: GPUs each embedding actor holds")
+
+    def identity(self) -> dict:
+        """What decides the vectors (not the resources that compute them)."""
+        return {"kind": self.kind, "model": self.model, "adapter": self.adapter}
 
     @model_validator(mode="after")
     def _needs_model(self):

@@ -133,7 +133,7 @@ def embed_rows(files: dict[str, Path], base: Path, spec, n_rows: int, out_path: 
     for kind, file in files.items():
         for batch in map_batches([file], cls, engine=engine, batch_size=spec.batch_size,
                                  constructor_kwargs={"kind": kind, "base": str(base), **kwargs},
-                                 concurrency=None, num_gpus=0.0):
+                                 concurrency=spec.actors, num_gpus=spec.gpus_per_actor):
             vectors = batch["emb"]
             if emb is None:
                 emb = np.lib.format.open_memmap(out_path, "w+", np.float32, (max(n_rows, 1), vectors.shape[1]))

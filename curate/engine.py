@@ -75,6 +75,7 @@ class _OnText:
 
 def _ray_batches(files: list[Path], fn: BatchFn | type, batch_size: int, concurrency: int | None,
                  constructor_kwargs: dict | None, num_gpus: float) -> Iterator[dict[str, np.ndarray]]:
+    import ray
     import ray.data
 
     ensure_ray()
@@ -84,8 +85,11 @@ def _ray_batches(files: list[Path], fn: BatchFn | type, batch_size: int, concurr
     for path in files:
         ds = ray.data.read_text(str(path))
         if isinstance(fn, type):  # a model: an actor pool loads it once per actor
+            # None: an autoscaling pool, from one actor up to what the cluster's CPUs (or GPUs) hold
+            pool = concurrency or (1, max(1, int(ray.cluster_resources().get("GPU" if num_gpus else "CPU", 1)
+                                                 / (num_gpus or 1))))
             ds = ds.map_batches(_OnText, batch_size=batch_size, batch_format="numpy",
-                                fn_constructor_args=(fn, constructor_kwargs), concurrency=concurrency or 1,
+                                fn_constructor_args=(fn, constructor_kwargs), concurrency=pool,
                                 num_gpus=num_gpus or None)
         else:
             ds = ds.map_batches(_OnText(fn), batch_size=batch_size, batch_format="numpy")

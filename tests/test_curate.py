@@ -304,3 +304,15 @@ def test_levels_are_ordered_by_each_criterion(curated, criterion, tmp_path):
     for sub in manifest.counts["subfields"].values():
         values = [sub["levels"][lv][criterion] for lv in ("easy", "medium", "hard")]
         assert values == sorted(values) and values[0] < values[-1]
+
+
+def test_embeddings_from_a_ray_data_actor_pool_equal_the_local_ones_and_cluster_reuses_them(curated, tmp_path):
+    _, cfg = curated
+    decon_dir, tag_dir, cluster_dir = cfg.stage_dirs()[2:]
+    manifest = run_stage(TagStage(seed=None, review=0, engine="ray"), decon_dir, tmp_path / "tag-ray")
+    assert manifest.counts["engine"] == "ray"
+    assert np.array_equal(np.load(tmp_path / "tag-ray/embeddings.npy"), np.load(tag_dir / "embeddings.npy"))
+    assert (cluster_dir / "embeddings.npy").stat().st_ino == (tag_dir / "embeddings.npy").stat().st_ino  # linked
+    import ray
+
+    ray.shutdown()

@@ -10,8 +10,9 @@ What counts as a duplicate depends on the kind:
 
 The algorithm, top to bottom:
 1. one pass over the rows computes each row's MinHash signature (`curate/minhash.py`, datasketch-identical),
-   its LSH band keys (salted with the image key for question kinds) and its image key; all three go to
-   memory-mapped files, so memory does not grow with the corpus;
+   its LSH band keys (salted with the image key for question kinds) and its image key; signatures go to a flat
+   file read back by row, band keys to a memory-mapped file whose pages are dropped as they are used, so memory
+   grows only by the few per-row numbers (about 90 bytes a row, against datasketch's 1 KB);
 2. per band, the keys are sorted; rows sharing a key are candidates, kept when their signatures agree on at least
    `threshold` of the permutations; equal image keys among caption rows are exact duplicates;
 3. the duplicate pairs are joined into groups (connected components); each group keeps its first row;
@@ -36,6 +37,7 @@ from patho_r1.curate.rows import image_key, row_text
 from patho_r1.curate.store import StageWriter, iter_jsonl, relative_images, stage_files
 
 SAME_IMAGE, NEAR_TEXT = "same image", "near-duplicate text"
+VERIFY_CHUNK = 1 << 16  # candidate pairs checked at once: bounds the signature copies to 32 MB at 64 permutations
 
 
 @dataclass
@@ -80,7 +82,7 @@ def _runs(sorted_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def release_pages(*arrays) -> None:
     """Write back and drop the resident pages of memory-mapped arrays: they are file-backed, so dropping them loses
-    nothing, and the stage's resident memory stays flat instead of growing with the signature file."""
+    nothing, and the stage's resident memory stays flat instead of growing with the files."""
     import mmap
 
     for array in arrays:
@@ -91,10 +93,45 @@ def release_pages(*arrays) -> None:
             handle.madvise(mmap.MADV_DONTNEED)
 
 
-def find_duplicates(sigs: np.ndarray, bands: np.ndarray, images: np.ndarray, is_caption: np.ndarray,
+class SignatureFile:
+    """Signatures appended to a flat file and read back by row with `pread`.  Not a memory map: verifying candidate
+    pairs reads rows all over the file, and each page fault on a map brings in its neighbours (fault-around), so a
+    map's resident size grew to the whole file (256 B a row) within one band."""
+
+    def __init__(self, path: Path, num_perm: int):
+        self.path, self.num_perm, self.row_bytes = path, num_perm, 4 * num_perm
+        self._out = path.open("wb")
+        self._fd: int | None = None
+
+    def append(self, sigs: np.ndarray) -> None:
+        self._out.write(np.ascontiguousarray(sigs, dtype=np.uint32).tobytes())
+
+    def __getitem__(self, idx) -> np.ndarray:
+        """Rows `idx` (an int, or an array of them) as uint32, in the order asked."""
+        import os
+
+        if self._fd is None:
+            self._out.close()
+            self._fd = os.open(self.path, os.O_RDONLY)
+        rows = np.atleast_1d(np.asarray(idx, dtype=np.int64))
+        data = b"".join(os.pread(self._fd, self.row_bytes, int(i) * self.row_bytes) for i in rows)
+        out = np.frombuffer(data, dtype=np.uint32).reshape(len(rows), self.num_perm)
+        return out[0] if np.ndim(idx) == 0 else out
+
+    def close(self) -> None:
+        import os
+
+        self._out.close()
+        if self._fd is not None:
+            os.close(self._fd)
+        self.path.unlink(missing_ok=True)
+
+
+def find_duplicates(sigs: np.ndarray | SignatureFile, bands: np.ndarray, images: np.ndarray, is_caption: np.ndarray,
                     threshold: float, *, near_text: bool = True, exact_images: bool = True
                     ) -> tuple[np.ndarray, np.ndarray]:
-    """(representative index of every row, whether it was linked by an image match).  Arrays may be memmaps."""
+    """(representative index of every row, whether it was linked by an image match).  `bands` may be a memmap,
+    `sigs` a `SignatureFile`; candidate pairs are checked `VERIFY_CHUNK` at a time."""
     n = len(images)
     edges: list[np.ndarray] = []
     by_image = np.zeros(n, dtype=bool)
@@ -111,10 +148,12 @@ def find_duplicates(sigs: np.ndarray, bands: np.ndarray, images: np.ndarray, is_
             order = np.argsort(keys, kind="stable")
             head, member = _runs(keys[order])
             a, b = order[head], order[member]
-            ok = jaccard(np.asarray(sigs[a]), np.asarray(sigs[b])) >= threshold
-            if ok.any():
-                edges.append(np.stack([a[ok], b[ok]], axis=1))
-            release_pages(sigs, bands)
+            for s in range(0, len(a), VERIFY_CHUNK):  # in chunks: two signature copies per candidate pair
+                ca, cb = a[s:s + VERIFY_CHUNK], b[s:s + VERIFY_CHUNK]
+                ok = jaccard(np.asarray(sigs[ca]), np.asarray(sigs[cb])) >= threshold
+                if ok.any():
+                    edges.append(np.stack([ca[ok], cb[ok]], axis=1))
+            release_pages(bands)
     return _components(n, edges), by_image
 
 
@@ -126,7 +165,7 @@ def run_dedup(stage: DedupStage, parent: Path, out: Path, final: Path, writer: S
     bands_n, rows_n = minhash.bands
     work = out / ".work"
     work.mkdir()
-    sigs = np.lib.format.open_memmap(work / "sig.npy", "w+", np.uint32, (max(n, 1), stage.num_perm))
+    sigs = SignatureFile(work / "sig.bin", stage.num_perm)
     bands = np.lib.format.open_memmap(work / "bands.npy", "w+", np.uint64, (max(n, 1), bands_n))
     images = np.zeros(n, dtype=np.uint64)
     is_caption = np.zeros(n, dtype=bool)
@@ -135,15 +174,16 @@ def run_dedup(stage: DedupStage, parent: Path, out: Path, final: Path, writer: S
         fn = DedupFeatures(kind, str(parent), minhash)
         for batch in map_batches([files[kind]], fn, engine=engine):
             m = len(batch["image"])
-            sigs[at:at + m], bands[at:at + m], images[at:at + m] = batch["sig"], batch["bands"], batch["image"]
+            sigs.append(batch["sig"])
+            bands[at:at + m], images[at:at + m] = batch["bands"], batch["image"]
             is_caption[at:at + m] = kind == "caption"
             at += m
             progress.advance(m)
             if at % (1 << 18) < m:  # every ~256k rows
-                release_pages(sigs, bands)
+                release_pages(bands)
     if at != n:
         raise RuntimeError(f"dedup read {at} rows but the parent manifest counts {n}")
-    representative, by_image = find_duplicates(sigs[:n], bands[:n], images, is_caption, stage.threshold,
+    representative, by_image = find_duplicates(sigs, bands[:n], images, is_caption, stage.threshold,
                                                near_text=stage.near_text, exact_images=stage.exact_images)
     wanted = set(np.unique(representative[representative != np.arange(n)]).tolist())
     ids: dict[int, str] = {}
@@ -163,9 +203,8 @@ def run_dedup(stage: DedupStage, parent: Path, out: Path, final: Path, writer: S
                                 "similarity": round(float(jaccard(sigs[i], sigs[rep])), 3),
                                 "source": row.get("source")})
             i += 1
-            if i % (1 << 18) == 0:
-                release_pages(sigs)
-    del sigs, bands
+    sigs.close()
+    del bands
     for path in work.iterdir():
         path.unlink()
     work.rmdir()

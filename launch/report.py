@@ -59,11 +59,13 @@ def collect(run_dir: str | Path) -> dict:
 
 def curate_stages(out: Path) -> list[dict]:
     """The manifests of a curate phase's stage folders (`NN-<stage>/manifest.json`), in order."""
+    from patho_r1.curate.store import read_stage_manifest
+
     found = []
     for path in sorted(out.glob("[0-9][0-9]-*/manifest.json")) if out.is_dir() else []:
-        manifest = json.loads(path.read_text())
-        found.append({"folder": path.parent.name, "stage": manifest["stage"], "seconds": manifest.get("seconds", 0),
-                      "counts": manifest.get("counts", {})})
+        manifest = read_stage_manifest(path.parent)
+        found.append({"folder": path.parent.name, "stage": manifest.stage, "seconds": manifest.seconds,
+                      "counts": manifest.counts})
     return found
 
 

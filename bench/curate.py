@@ -5,8 +5,8 @@
 Writes a Quilt-1M-style export of synthetic caption rows (every caption and every image file its own; the pixels
 drawn from a pool of `--images` rendered tiles), then prints for each size,
 each measured in a fresh process so that its peak resident memory is its own:
-(1) import + dedup rows per second and peak memory (the goals: >= 20k rows/s on 2 cores, memory flat in the row
-    count);
+(1) import + dedup rows per second and peak memory, with images copied into the store and hard-linked into it
+    (the goals: >= 20k rows/s on 2 cores, memory flat in the row count);
 (2) subfield tagging rows per second (features embedder, in process and on Ray Data);
 (3) the dedup against datasketch's own path (MinHash.update_batch per row, MinHashLSH.insert) on the same rows:
     signatures and bucketing, ours / datasketch.
@@ -48,7 +48,7 @@ def write_export(out: Path, n: int, n_images: int) -> Path:
     return out / "quilt_1M_lookup.csv"
 
 
-def _child(task: str, src: str, work: str, engine: str) -> None:
+def _child(task: str, src: str, work: str, engine: str, images: str = "copy") -> None:
     """One measurement in its own process: prints a JSON line with seconds and peak RSS."""
     import resource
 
@@ -58,7 +58,8 @@ def _child(task: str, src: str, work: str, engine: str) -> None:
     work_dir = Path(work)
     t0 = time.perf_counter()
     if task == "import+dedup":
-        run_stage(ImportStage(sources=[{"format": "quilt-1m", "path": src}]), None, work_dir / "import")
+        run_stage(ImportStage(sources=[{"format": "quilt-1m", "path": src}], images=images), None,
+                  work_dir / "import")
         t1 = time.perf_counter()
         manifest = run_stage(DedupStage(engine=engine), work_dir / "import", work_dir / "dedup")
         extra = {"import_s": t1 - t0, "dedup_s": time.perf_counter() - t1, "removed": manifest.counts["removed"]}
@@ -71,8 +72,8 @@ def _child(task: str, src: str, work: str, engine: str) -> None:
     print(json.dumps({"seconds": seconds, "peak_rss_mb": peak, **extra}))
 
 
-def measure(task: str, src: Path, work: Path, engine: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", task, str(src), str(work), engine],
+def measure(task: str, src: Path, work: Path, engine: str, images: str = "copy") -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", task, str(src), str(work), engine, images],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -105,7 +106,7 @@ def versus_datasketch(import_dir: Path, n: int) -> tuple[float, float]:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        _child(*sys.argv[2:6])
+        _child(*sys.argv[2:7])
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -119,16 +120,20 @@ def main() -> None:
     results = {}
     for n in args.rows:
         src = write_export(base / f"src-{n}", n, args.images)
-        r = measure("import+dedup", src, base / f"work-{n}", args.engine)
-        results[n] = r
-        print(f"{n:>9,} rows  import+dedup {n / r['seconds']:>9,.0f} rows/s  (import {n / r['import_s']:,.0f}, "
-              f"dedup {n / r['dedup_s']:,.0f})  peak RSS {r['peak_rss_mb']:,.0f} MB  removed {r['removed']}")
-    if len(results) > 1:
-        small, large = min(results), max(results)
-        ratio = results[large]["peak_rss_mb"] / results[small]["peak_rss_mb"]
-        print(f"peak memory {large:,} / {small:,} rows: {ratio:.2f}x for {large / small:.0f}x the rows")
-    smallest = min(results)
-    ours, theirs = versus_datasketch(base / f"work-{smallest}/import", min(smallest, 50_000))
+        for images in ("copy", "link"):
+            r = measure("import+dedup", src, base / f"work-{n}-{images}", args.engine, images)
+            results.setdefault(images, {})[n] = r
+            print(f"{n:>9,} rows  import+dedup ({images} images) {n / r['seconds']:>9,.0f} rows/s  (import "
+                  f"{n / r['import_s']:,.0f}, dedup {n / r['dedup_s']:,.0f})  peak RSS {r['peak_rss_mb']:,.0f} MB  "
+                  f"removed {r['removed']}")
+    sizes = sorted(results["copy"])
+    if len(sizes) > 1:
+        for images, by_size in results.items():
+            ratio = by_size[sizes[-1]]["peak_rss_mb"] / by_size[sizes[0]]["peak_rss_mb"]
+            print(f"peak memory ({images}) {sizes[-1]:,} / {sizes[0]:,} rows: {ratio:.2f}x for "
+                  f"{sizes[-1] / sizes[0]:.0f}x the rows")
+    smallest = sizes[0]
+    ours, theirs = versus_datasketch(base / f"work-{smallest}-copy/import", min(smallest, 50_000))
     print(f"signatures + LSH on {min(smallest, 50_000):,} captions: ours {ours:,.0f} rows/s, datasketch per row "
           f"{theirs:,.0f} rows/s: {ours / theirs:.1f}x")
     tag_src = base / "tag-src"

@@ -106,9 +106,12 @@ def register(sub, model_encoder=None) -> None:
     q.add_argument("--license", help="the license to record (default: the one the dataset card states)")
     q.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                    help="skip: bad rows go to rejects.jsonl with the reason")
+    q.add_argument("--link-images", action="store_true", help="hard-link image files into the store instead of "
+                   "copying them (no second copy; the sources must then not be edited in place)")
     q.add_argument("--engine", choices=["auto", "local", "ray"], default="auto")
     common(q, with_input=False)
-    q.set_defaults(func=lambda a: _run(a, {"stage": "import", "on_error": a.on_error, "sources": [
+    q.set_defaults(func=lambda a: _run(a, {"stage": "import", "on_error": a.on_error,
+                                           "images": "link" if a.link_images else "copy", "sources": [
         {"format": a.format, "path": a.source, "images": a.images, "kind": a.kind, "columns": _columns(a.columns),
          "license": a.license}]}, model_encoder))
 

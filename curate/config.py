@@ -63,6 +63,10 @@ class ImportStage(StrictModel):
     stage: Literal["import"] = "import"
     sources: list[SourceSpec] = Field(..., min_length=1)
     on_error: Literal["raise", "skip"] = Field("raise", description="skip: bad rows go to rejects.jsonl, with why")
+    images: Literal["copy", "link"] = Field(
+        "copy", description="link: hard-link image files into the store instead of copying them (same filesystem; "
+        "copied otherwise): no second copy of the corpus and far faster, but editing a source image in place would "
+        "change the stored one too")
     engine: Engine = "auto"
 
 

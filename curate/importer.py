@@ -44,8 +44,8 @@ def _estimate_rows(spec: SourceSpec) -> int | None:
 class _Images:
     """Store each image once and check, the first time a hash is seen in a chunk, that it opens."""
 
-    def __init__(self, root: Path):
-        self.store = ImageStore(root / IMAGE_DIR)
+    def __init__(self, root: Path, link: bool = False):
+        self.store = ImageStore(root / IMAGE_DIR, link=link)
         self.root = root
         self._checked: set[str] = set()  # one chunk's digests: bounded by the chunk size
 
@@ -55,7 +55,7 @@ class _Images:
         else:
             with open(source, "rb") as fh:
                 data = fh.read()
-        rel, digest = self.store.put(data)
+        rel, digest = self.store.put(data, None if isinstance(source, bytes) else source)
         if digest not in self._checked:
             try:
                 Image.open(io.BytesIO(data))  # parses the header only: cheap, and catches foreign files
@@ -66,12 +66,12 @@ class _Images:
         return rel
 
 
-def convert_chunk(fmt_name: str, opts: ImportOptions, license_: str | None, label: str, out: str,
+def convert_chunk(fmt_name: str, opts: ImportOptions, license_: str | None, label: str, out: str, link: bool,
                   chunk: list[tuple[str, int, object]]) -> list[tuple]:
     """Convert, store and validate one chunk of raw rows: `("row", kind, row)` or `("reject", DataError)` each, in
     order.  Runs here or as a Ray task; the image store is safe for parallel writers."""
     fmt = get_format(fmt_name)
-    images = _Images(Path(out))
+    images = _Images(Path(out), link)
     results: list[tuple] = []
     for file_label, row_no, raw in chunk:
         where = (file_label, row_no)
@@ -134,7 +134,7 @@ def import_sources(stage: ImportStage, out: Path, writer: StageWriter, progress:
                              kind=spec.kind)
         license_ = spec.license or fmt.license
         counts: Counter = Counter()
-        args = (spec.format, opts, license_, spec.label, str(out))
+        args = (spec.format, opts, license_, spec.label, str(out), stage.images == "link")
         for results in _converted_chunks(engine, args, _chunks(fmt.rows(Path(spec.path), opts), chunk_size)):
             for result in results:
                 if result[0] == "reject":

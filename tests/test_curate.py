@@ -316,3 +316,15 @@ def test_embeddings_from_a_ray_data_actor_pool_equal_the_local_ones_and_cluster_
     import ray
 
     ray.shutdown()
+
+
+def test_linked_images_share_the_source_file_and_copies_do_not(tmp_path):
+    src, _ = public_formats.quilt_1m(tmp_path / "src")
+    source_image = tmp_path / "src/quilt/images/vid0_frame.jpg"
+    for mode in ("copy", "link"):
+        stage = ImportStage(sources=[{"format": "quilt-1m", "path": str(src)}], on_error="skip", images=mode)
+        run_stage(stage, None, tmp_path / mode)
+        row = json.loads((tmp_path / mode / "caption.jsonl").read_text().splitlines()[0])
+        stored = tmp_path / mode / row["images"][0]
+        assert stored.read_bytes() == source_image.read_bytes()
+        assert (stored.stat().st_ino == source_image.stat().st_ino) == (mode == "link")

@@ -39,7 +39,7 @@ def _kmeans(x: np.ndarray, k: int, backend: str, seed: int) -> np.ndarray:
     if backend == "faiss" or (backend == "auto" and len(x) > 1_000_000):
         import faiss
 
-        km = faiss.Kmeans(x.shape[1], k, niter=25, seed=seed, verbose=False)
+        km = faiss.Kmeans(x.shape[1], k, niter=25, nredo=10, seed=seed, verbose=False)  # 10 restarts, as sklearn
         km.train(np.ascontiguousarray(x, dtype=np.float32))
         return km.centroids
     from sklearn.cluster import KMeans

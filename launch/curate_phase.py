@@ -26,11 +26,11 @@ def _patho_encoder(model: str, adapter: str | None, batch_size: int) -> Callable
 def _hf_image_encoder(model: str, batch_size: int) -> Callable[[list[dict]], np.ndarray]:
     """Any Hugging Face model with `get_image_features` (CLIP, SigLIP): the first image of each item."""
     import torch
-    from transformers import AutoModel, AutoProcessor
+    from transformers import AutoImageProcessor, AutoModel
 
     from patho_r1.data import load_image
 
-    processor = AutoProcessor.from_pretrained(model)  # never trust_remote_code
+    processor = AutoImageProcessor.from_pretrained(model)  # an image encoder needs no tokenizer; no remote code
     net = AutoModel.from_pretrained(model).eval()
 
     @torch.no_grad()
@@ -40,7 +40,8 @@ def _hf_image_encoder(model: str, batch_size: int) -> Callable[[list[dict]], np.
             images = [load_image(it["images"][0]) for it in items[start:start + batch_size]]
             inputs = processor(images=images, return_tensors="pt")
             features = net.get_image_features(**inputs)
-            features = getattr(features, "pooler_output", features)  # some releases return a model output
+            # transformers 5 returns a model output whose pooler_output is the projected embedding; 4.x a tensor
+            features = getattr(features, "pooler_output", features)
             out.append(features.float().numpy())
         return np.concatenate(out)
 

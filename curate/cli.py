@@ -13,6 +13,7 @@ console shows a progress bar and one summary line; everything is in OUT/manifest
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 
@@ -58,8 +59,11 @@ def _run(args, stage, model_encoder) -> int:
         validated = TypeAdapter(Stage).validate_python(stage)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source=f"curate {stage['stage']}")) from None
+    started = time.time()
     manifest = run_stage(validated, parent, Path(args.out), engine=getattr(args, "engine", None),
                          show_progress=True, model_encoder=model_encoder, resume=not args.force, seed=args.seed)
+    if manifest.created < started:
+        print(f"{manifest.stage}: up to date (same config and inputs), skipped; --force runs it again")
     print(_summary(manifest))
     print(f"  -> {Path(args.out).resolve()} (manifest.json)")
     return 0
@@ -86,10 +90,12 @@ def register(sub, model_encoder=None) -> None:
             q.add_argument("input", help="the folder of the stage before")
         q.add_argument("--out", required=True, help="output folder")
         q.add_argument("--force", action="store_true", help="rerun even if the output is up to date")
-        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--seed", type=int, default=0, help="random seed (tagging's held-out split, K-means)")
 
     def embedder(q):
-        q.add_argument("--embedder", choices=["features", "patho", "hf"], default="features")
+        q.add_argument("--embedder", choices=["features", "patho", "hf"], default="features",
+                       help="features: image statistics + hashed words, no model; patho: our embedding head; "
+                       "hf: a Hugging Face image encoder")
         q.add_argument("--model", help="model path for the patho / hf embedder")
         q.add_argument("--adapter", help="embedding adapter for the patho embedder")
         q.add_argument("--engine", choices=["auto", "local", "ray"], default="auto")

@@ -74,8 +74,7 @@ def run_stage(stage, parent: Path | None, out: Path, *, engine: str | None = Non
         manifest = StageManifest(stage=stage.stage, config=config, config_hash=cfg_hash, inputs=inputs,
                                  parent=str(parent) if parent else None, files=files, seconds=round(seconds, 2),
                                  counts={"kinds": writer.kind_counts(), "engine": chosen,
-                                         "rows_per_s": round(max(total or n_rows, 0) / max(time.time() - t0, 1e-9),
-                                                             1),
+                                         "rows_per_s": round(progress.done / max(time.time() - t0, 1e-9), 1),
                                          **{k: v for k, v in writer.counts.items() if k.startswith("rows.")},
                                          **counts})
         (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")

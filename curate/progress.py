@@ -18,7 +18,7 @@ class RowProgress:
         self.metrics_file, self.every_s = metrics_file, every_s
         self.t0 = self._last = time.monotonic()
         self._bar = None
-        if show:
+        if show and _on_terminal():  # a bar in a pipe or a log file is noise; the summary line says it all
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,
@@ -67,3 +67,10 @@ def count_lines(path: Path) -> int:
         for block in iter(lambda: fh.read(1 << 20), b""):
             n += block.count(b"\n")
     return n
+
+
+def _on_terminal() -> bool:
+    from rich.console import Console
+
+    return Console().is_terminal
+

@@ -366,3 +366,19 @@ def test_faiss_kmeans_backend_agrees_with_scikit_learn_on_the_levels(curated, tm
         run_stage(ClusterStage(backend=backend), tag_dir, tmp_path / backend)
         by[backend] = [json.loads(line)["difficulty"] for line in (tmp_path / backend / "caption.jsonl").open()]
     assert adjusted_rand_score(by["sklearn"], by["faiss"]) >= 0.5  # 0.69 measured: K-means on weak clusters
+
+
+def test_curate_command_line_runs_skips_and_reports_bad_input_in_one_line(tmp_path, capsys):
+    from patho_r1.launch.cli import main
+
+    src, _ = public_formats.arch(tmp_path / "src")
+    args = ["curate", "import", "--format", "arch", str(src), "--out", str(tmp_path / "out"), "--on-error", "skip"]
+    assert main(args) == 0
+    assert "import: 10 caption; 1 rejected (rejects.jsonl)" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert main(args[:-2]) == 2  # without --on-error skip the image-less caption stops it
+    err = capsys.readouterr().err
+    assert "captions.json:5: field 'uuid': no image named uuid-004" in err and "Traceback" not in err
+    assert main(["curate", "dedup", str(tmp_path / "nowhere"), "--out", str(tmp_path / "d")]) == 2
+    assert "not a finished curate stage folder" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Worker for the cross-rank contrastive test: one gloo rank computes the training step on its half of the batch."""
 
 import functools
+import os
 import sys
 
 import torch
@@ -31,16 +32,20 @@ def step(net, xq, xp, groups, chunk):
     return float(loss.detach()), [p.grad.clone() for p in net.parameters()]
 
 
-def main(rank: int, world: int, port: int, out: str, chunk: int) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def main(rank: int, world: int, store: str, out: str, chunk: int) -> None:
+    # A file store, not TCP: no port to pick and lose to another process between the test's bind and init.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     net, xq, xp, groups = model_and_batch()
     share = slice(rank * 12 // world, (rank + 1) * 12 // world)
     loss, grads = step(net, xq[share], xp[share], groups[share], chunk)
     if rank == 0:
         torch.save({"loss": loss, "grads": grads}, out)
     dist.barrier()
-    dist.destroy_process_group()
+    # Out without C++ teardown: gloo's destroy_process_group (and exit-time destructors) at times aborted a rank
+    # with "terminate called without an active exception" once both had passed the barrier (seen in CI).
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5]))
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]))

@@ -283,17 +283,14 @@ def test_composed_retrieval_counts_a_shared_answer_text_as_right_for_every_class
 def test_two_ranks_give_the_loss_and_gradients_of_one_process_with_the_global_batch(tmp_path, chunk):
     """Cross-rank negatives: each of two gloo ranks holds half the batch; gathered with gradients and averaged,
     they reproduce one process's loss and gradients on the whole batch, with and without GradCache."""
-    import socket
     import subprocess
     import sys
 
     import embed_ranks
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    store = tmp_path / "store"  # a file store for the process group
     out = tmp_path / "rank0.pt"
-    procs = [subprocess.Popen([sys.executable, embed_ranks.__file__, str(r), "2", str(port), str(out), str(chunk)])
+    procs = [subprocess.Popen([sys.executable, embed_ranks.__file__, str(r), "2", str(store), str(out), str(chunk)])
              for r in range(2)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     ranks = torch.load(out)

@@ -9,7 +9,14 @@ each measured in a fresh process so that its peak resident memory is its own:
     (the goals: >= 20k rows/s on 2 cores, memory flat in the row count);
 (2) subfield tagging rows per second (features embedder, in process and on Ray Data);
 (3) the dedup against datasketch's own path (MinHash.update_batch per row, MinHashLSH.insert) on the same rows:
-    signatures and bucketing, ours / datasketch.
+    signatures and bucketing, ours / datasketch;
+(4) teacher requests per second through our client against the local scripted teacher (fixtures/teacher.py) at
+    concurrency 1, 8 and 32, with replies that take no time and with replies that take 50 ms (as a model server
+    would), each as a ratio to concurrency 1;
+(5) filter throughput on `--filter-rows` teacher outputs (default 1M), every rule on, one process (the goal:
+    >= 20k rows/s on one core).
+
+    python bench/curate.py --only teacher filter      # just (4) and (5)
 """
 
 from __future__ import annotations
@@ -114,9 +121,84 @@ def main() -> None:
     parser.add_argument("--tag-rows", type=int, default=100_000, help="rows for the tagging measurement")
     parser.add_argument("--engine", default="auto", choices=["auto", "local", "ray"], help="for dedup and tagging")
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--filter-rows", type=int, default=1_000_000)
+    parser.add_argument("--teacher-requests", type=int, default=600)
+    parser.add_argument("--only", nargs="+", choices=["corpus", "teacher", "filter"],
+                        default=["corpus", "teacher", "filter"])
     args = parser.parse_args()
     print(f"cores: {os.cpu_count()}; image pool: {args.images}")
     base = Path(args.workdir or tempfile.mkdtemp(prefix="patho-curate-bench-"))
+    if "corpus" in args.only:
+        corpus(args, base)
+    if "teacher" in args.only:
+        teacher_rates(args.teacher_requests)
+    if "filter" in args.only:
+        filter_rate(base, args.filter_rows)
+    print(f"work folder: {base}")
+
+
+def teacher_rates(n: int) -> None:
+    from patho_r1.curate.grid import PromptGrid
+    from patho_r1.fixtures.teacher import serve
+    from patho_r1.llm import ChatRequest, EndpointConfig, LLMClient, run
+
+    grid = PromptGrid()
+    prompts = [grid.render("histopathology/medium/reasoning", caption=f"H&E section, case {i}: consistent with "
+                           f"adenocarcinoma (colon, case {i}, patient aged 60).") for i in range(n)]
+    for delay in (0.0, 0.05):
+        server = serve(delay_s=delay)
+        rates = {}
+        for concurrency in (1, 8, 32):
+            endpoint = EndpointConfig(base_url=server.url, model="scripted", concurrency=concurrency)
+            count = n if delay == 0 or concurrency > 1 else n // 8
+
+            async def go(endpoint=endpoint, count=count):
+                async with LLMClient(endpoint) as client:
+                    t0 = time.perf_counter()
+                    await client.map((ChatRequest(i, [{"role": "user", "content": prompts[i]}])
+                                      for i in range(count)), lambda r, res: None)
+                    return count / (time.perf_counter() - t0)
+
+            rates[concurrency] = run(go())
+        server.stop()
+        print(f"teacher requests/s (replies take {delay * 1000:.0f} ms): "
+              + ", ".join(f"concurrency {c}: {r:,.0f} ({r / rates[1]:.1f}x)" for c, r in rates.items()))
+
+
+def filter_rate(base: Path, n: int) -> None:
+    from patho_r1.curate.config import FilterStage
+    from patho_r1.curate.pipeline import run_stage
+    from patho_r1.fixtures.synth import TISSUES
+    from patho_r1.fixtures.teacher import FLAWS, scripted_reply
+
+    src = base / f"teacher-{n}.jsonl"
+    if not src.exists():
+        from patho_r1.curate.grid import PromptGrid
+
+        grid, tasks = PromptGrid(), ("mcq", "description", "reasoning", "conversation")
+        organs = ("colon", "lung", "breast", "liver", "skin", "kidney")
+        # 2,400 distinct replies (tasks x tissues x organs x flaws), each reused with its own id and case number
+        templates = []
+        for i in range(2400):
+            t, tissue = tasks[i % 4], TISSUES[i // 4 % 6]
+            cap = f"Figure: {tissue.name} ({organs[i // 24 % 6]}, case {i}, patient aged {20 + i % 70})."
+            flaw = FLAWS[i % len(FLAWS)] if i % 10 == 0 else None
+            text, _, finish = scripted_reply(grid.render(f"histopathology/medium/{t}", caption=cap), flaw)
+            templates.append((t, text, finish, tissue.name))
+        with src.open("w") as fh:
+            for j in range(n):
+                t, text, finish, gold = templates[j % len(templates)]
+                text = text.replace("case ", f"case {j}-", 1)
+                fh.write(json.dumps({"id": f"r{j}", "task": t, "response": text, "finish_reason": finish,
+                                     "gold": gold, "subfield": "histopathology"}) + "\n")
+    t0 = time.perf_counter()
+    manifest = run_stage(FilterStage(input=str(src)), None, base / f"filtered-{n}", resume=False)
+    seconds = time.perf_counter() - t0
+    print(f"filter: {n:,} outputs in {seconds:.1f} s = {n / seconds:,.0f} rows/s (goal 20,000 on one core); "
+          f"kept {manifest.counts['kept']:,}, rejected by rule {manifest.counts['rejected_by_rule']}")
+
+
+def corpus(args, base: Path) -> None:
     results = {}
     for n in args.rows:
         src = write_export(base / f"src-{n}", n, args.images)
@@ -148,7 +230,6 @@ def main() -> None:
         r = measure("tag", tag_src, base, engine)
         print(f"tag ({engine:5s}) {args.tag_rows:,} rows: {args.tag_rows / r['seconds']:,.0f} rows/s  peak RSS "
               f"{r['peak_rss_mb']:,.0f} MB (driver)")
-    print(f"work folder: {base}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@
     patho-r1 curate decontaminate cur/02-dedup --against PathMMU_TEST.tsv --out cur/03-decon
     patho-r1 curate tag cur/03-decon --seed seed.csv [--corrections review.csv] --out cur/04-tag
     patho-r1 curate cluster cur/04-tag --out cur/05-cluster [--truth truth.csv]
+    patho-r1 curate prompts [--list | --show CELL] [--prompts OVERRIDES]
+    patho-r1 curate generate cur/05-cluster --base-url URL --model M --out cur/06-generate [--dry-run] [--limit N]
+    patho-r1 curate filter --input cur/06-generate/generations.jsonl --out cur/07-filter
+    patho-r1 curate mcq cur/07-filter --n 10000 --out cur/08-mcq [--source teacher --base-url URL --model M]
 
 A stage whose output is already there, from the same config and inputs, is skipped (`--force` reruns it).  The
 console shows a progress bar and one summary line; everything is in OUT/manifest.json.
@@ -37,6 +41,15 @@ def _summary(manifest) -> str:
         extra.append(f"{counts['rows.rejects']} rejected (rejects.jsonl)")
     if counts.get("rows.removed"):
         extra.append(f"{counts['rows.removed']} removed (removed.jsonl)")
+    if "answered" in counts:
+        extra.append(f"{counts['answered']} teacher replies ({counts.get('resumed', 0)} already there), "
+                     f"{counts.get('prompt_tokens', 0):,} tokens in, {counts.get('completion_tokens', 0):,} out"
+                     + (f", ${counts['cost_usd']}" if "cost_usd" in counts else ""))
+    if "rejected_by_rule" in counts:
+        extra.append(f"{counts['kept']} kept, {counts['rejected']} rejected (filter_report.md)")
+    if "letters" in counts:
+        b = counts.get("no_image") or {}
+        extra.append(f"letters {counts['letters']}; best no-image rule {b.get('best')} vs chance {b.get('chance')}")
     if "adjusted_rand_index" in counts:
         extra.append(f"ARI vs truth {counts['adjusted_rand_index']}")
     if counts.get("holdout"):
@@ -53,15 +66,28 @@ def _run(args, stage, model_encoder) -> int:
     from patho_r1.curate.pipeline import run_stage
     from patho_r1.errors import ConfigError
 
-    parent = None if stage["stage"] == "import" else Path(args.input)
+    parent = None if stage["stage"] == "import" or not args.input else Path(args.input)
 
     try:
         validated = TypeAdapter(Stage).validate_python(stage)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source=f"curate {stage['stage']}")) from None
     started = time.time()
+    dry_run = getattr(args, "dry_run", False)
     manifest = run_stage(validated, parent, Path(args.out), engine=getattr(args, "engine", None),
-                         show_progress=True, model_encoder=model_encoder, resume=not args.force, seed=args.seed)
+                         show_progress=True, model_encoder=model_encoder, resume=not args.force, seed=args.seed,
+                         dry_run=dry_run)
+    if dry_run:
+        c = manifest.counts
+        cost = f", at most ${c['est_max_cost_usd']:,.2f}" if c.get("est_max_cost_usd") is not None else ""
+        print(f"generate (dry run): {c['requests']:,} requests, about {c['est_prompt_tokens']:,} prompt tokens and "
+              f"at most {c['max_completion_tokens']:,} completion tokens{cost}; nothing sent")
+        return 0
+    if not manifest.complete:
+        print(_summary(manifest))
+        print(f"{manifest.stage}: {manifest.counts.get('failed', 0)} requests failed after every retry "
+              f"({Path(args.out) / 'failures.jsonl'}); run the same command again to retry them")
+        return 1
     if manifest.created < started:
         print(f"{manifest.stage}: up to date (same config and inputs), skipped; --force runs it again")
     print(_summary(manifest))
@@ -79,7 +105,8 @@ def _cmd_formats(args) -> int:
 
 def register(sub, model_encoder=None) -> None:
     """`model_encoder`: the top floor's factory for model embedders (tag and cluster with `--embedder patho|hf`)."""
-    p = sub.add_parser("curate", help="the data engine: import, dedup, decontaminate, tag, cluster")
+    p = sub.add_parser("curate", help="the data engine: import, dedup, decontaminate, tag, cluster, prompts, "
+                       "generate, filter, mcq")
     stages = p.add_subparsers(dest="curate_command", required=True)
 
     f = stages.add_parser("formats", help="list the import formats")
@@ -155,3 +182,99 @@ def register(sub, model_encoder=None) -> None:
     q.set_defaults(func=lambda a: _run(a, {"stage": "cluster", "criterion": a.criterion, "truth": a.truth,
                                            "embedder": spec(a), "engine": a.engine}, model_encoder))
 
+
+    q = stages.add_parser("prompts", help="the teacher prompt grid: 5 subfields x 3 levels x 4 tasks")
+    q.add_argument("--list", action="store_true", help="list the 60 cells and the file each renders from")
+    q.add_argument("--show", metavar="CELL", help="render one cell (subfield/level/task) with --caption")
+    q.add_argument("--caption", default="H&E-stained section of colon showing gland-like rings lined by crowded "
+                   "nuclei, consistent with adenocarcinoma.")
+    q.add_argument("--prompts", help="a folder of overrides laid out like curate/prompts")
+    q.set_defaults(func=_cmd_prompts)
+
+    def endpoint(q, required=True):
+        q.add_argument("--base-url", required=required, help="the teacher's OpenAI-compatible /v1 URL")
+        q.add_argument("--model", dest="teacher_model", required=required, help="the teacher's model name")
+        q.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+        q.add_argument("--concurrency", type=int, default=8)
+        q.add_argument("--max-tokens", type=int, default=4096)
+        q.add_argument("--temperature", type=float, default=0.6)
+        q.add_argument("--price-in", type=float, help="USD per million prompt tokens (cost estimate)")
+        q.add_argument("--price-out", type=float, help="USD per million completion tokens")
+        q.add_argument("--prompts", help="a folder of prompt overrides laid out like curate/prompts")
+        q.add_argument("--with-image", action="store_true", help="send the image too (a VLM teacher)")
+
+    def endpoint_spec(a):
+        if not a.base_url:
+            return None
+        return {"base_url": a.base_url, "model": a.teacher_model, "api_key_env": a.api_key_env,
+                "concurrency": a.concurrency, "max_tokens": a.max_tokens, "temperature": a.temperature,
+                "price_in_per_mtok": a.price_in, "price_out_per_mtok": a.price_out}
+
+    q = stages.add_parser("generate", help="teacher chain-of-thought from captions through the prompt grid")
+    endpoint(q)
+    q.add_argument("--tasks", nargs="+", choices=["mcq", "description", "reasoning", "conversation"])
+    q.add_argument("--tasks-per-record", type=int, help="draw this many tasks per record (default: all)")
+    q.add_argument("--fraction", type=float, default=1.0, help="share of the records to send (the rest are left "
+                   "for the RL MCQs)")
+    q.add_argument("--limit", type=int, help="at most N requests")
+    q.add_argument("--labels", help="CSV or JSONL of id, diagnosis (the gold for the answer check)")
+    q.add_argument("--dry-run", action="store_true", help="print the request count and estimated tokens; send "
+                   "nothing")
+    common(q)
+    q.set_defaults(func=lambda a: _run(a, {k: v for k, v in {
+        "stage": "generate", "endpoint": endpoint_spec(a), "tasks": a.tasks, "tasks_per_record": a.tasks_per_record,
+        "fraction": a.fraction, "limit": a.limit, "labels": a.labels, "prompts": a.prompts,
+        "with_image": a.with_image}.items() if v is not None}, model_encoder))
+
+    q = stages.add_parser("filter", help="rule filters over teacher outputs -> SFT conversations")
+    q.add_argument("parent", nargs="?", help="a generate stage folder (or give --input)")
+    q.add_argument("--input", dest="input_file", help="a JSONL of teacher outputs: id, response, ...")
+    q.add_argument("--rules", nargs="+", help="filter rules to run (default: all built in)")
+    q.add_argument("--tokenizer", help="a local tokenizer for the length rule")
+    common(q, with_input=False)
+    q.set_defaults(func=lambda a: _run(_Args(a, input=a.parent), {k: v for k, v in {
+        "stage": "filter", "input": a.input_file, "rules": a.rules, "tokenizer": a.tokenizer}.items()
+        if v is not None}, model_encoder))
+
+    q = stages.add_parser("mcq", help="stratified RL MCQs from captions the SFT data does not use")
+    q.add_argument("--n", type=int, default=10_000)
+    q.add_argument("--source", choices=["rules", "teacher"], default="rules")
+    q.add_argument("--labels", help="CSV or JSONL of id, diagnosis[, tissue_system]")
+    q.add_argument("--pool", help="curated folder of captions to draw from (default: up the parent chain)")
+    q.add_argument("--exclude", nargs="*", default=[], help="more SFT data to stay apart from")
+    q.add_argument("--n-options", type=int, default=4)
+    endpoint(q, required=False)
+    common(q)
+    q.set_defaults(func=lambda a: _run(a, {k: v for k, v in {
+        "stage": "mcq", "n": a.n, "source": a.source, "labels": a.labels, "pool": a.pool, "exclude": a.exclude,
+        "n_options": a.n_options, "endpoint": endpoint_spec(a), "prompts": a.prompts,
+        "with_image": a.with_image}.items() if v is not None}, model_encoder))
+
+
+class _Args:
+    """argparse's namespace with `input` replaced (the filter's optional parent folder)."""
+
+    def __init__(self, args, **overrides):
+        self.__dict__.update(vars(args), **overrides)
+
+
+def _cmd_prompts(args) -> int:
+    from patho_r1.curate.grid import PromptGrid
+
+    grid = PromptGrid(Path(args.prompts) if args.prompts else None)
+    if args.show:
+        if args.show not in grid.cells():
+            print(f"prompts: no cell {args.show!r}; cells are subfield/level/task (see --list)")
+            return 2
+        print(grid.render(args.show, caption=args.caption))
+        return 0
+    problems = grid.check()
+    if args.list:
+        for cell in grid.cells():
+            print(f"{cell:34s} {grid.source_of(cell)}")
+    overridden = grid.overridden()
+    print(f"{len(grid.cells())} cells" + (f"; overridden: {', '.join(overridden)}" if overridden else "")
+          + f"; digest {grid.digest()}")
+    for line in problems:
+        print(f"  broken: {line}")
+    return 1 if problems else 0

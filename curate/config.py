@@ -22,6 +22,7 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from patho_r1.config import PhaseConfig, StrictModel, paths_deferred
+from patho_r1.llm import EndpointConfig
 
 SUBFIELDS = ("histopathology", "gross", "ihc", "cytology", "fish", "other")
 LEVELS = ("easy", "medium", "hard")
@@ -158,8 +159,133 @@ class ClusterStage(StrictModel):
     engine: Engine = "auto"
 
 
-Stage = Annotated[ImportStage | DedupStage | DecontaminateStage | TagStage | ClusterStage,
-                  Field(discriminator="stage")]
+def _labels_exist(paths: list[str | None], info: ValidationInfo) -> None:
+    if not paths_deferred(info):
+        for path in paths:
+            if path and not Path(path).exists():
+                raise ValueError(f"not found: {path}")
+
+
+class GenerateStage(StrictModel):
+    """Teacher chain-of-thought: each selected caption row, through its grid cells, to an OpenAI-compatible
+    endpoint; appended to `generations.jsonl`, keyed by (record id, prompt id), so a re-run asks only what is
+    missing."""
+
+    stage: Literal["generate"] = "generate"
+    endpoint: EndpointConfig
+    tasks: list[Literal["mcq", "description", "reasoning", "conversation"]] = Field(
+        default_factory=lambda: ["mcq", "description", "reasoning", "conversation"], min_length=1)
+    tasks_per_record: int | None = Field(None, ge=1, le=4, description="draw this many of `tasks` per record "
+                                         "(seeded); None: every task")
+    fraction: float = Field(1.0, gt=0, le=1, description="share of the records sent to the teacher, chosen by a "
+                            "stable hash of their ids; the rest are left for the RL MCQs")
+    limit: int | None = Field(None, gt=0, description="at most this many requests")
+    prompts: str | None = Field(None, description="a folder of template overrides laid out like curate/prompts")
+    with_image: bool = Field(False, description="send the image too (a VLM teacher); text-only by default, as the "
+                             "Patho-R1 paper found better")
+    labels: str | None = Field(None, description="CSV or JSONL of id, diagnosis: the gold the answer check uses "
+                               "(else each row's `diagnosis` field, where it has one)")
+    other_subfield: str | None = Field(None, description="the grid subfield for rows tagged outside the grid (e.g. "
+                                       "`other`); None: such rows are skipped, and counted")
+    default_level: Literal["easy", "medium", "hard"] = Field("medium", description="for rows with no difficulty")
+    n_options: int = Field(4, ge=2, le=6)
+    min_turns: int = Field(2, ge=1)
+    max_turns: int = Field(4, ge=1)
+
+    def identity(self, grid_digest: str) -> dict:
+        return {**self.model_dump(mode="json", exclude={"endpoint"}), "endpoint": self.endpoint.identity(),
+                "grid": grid_digest}
+
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo):
+        if self.min_turns > self.max_turns:
+            raise ValueError("min_turns: more than max_turns")
+        if self.other_subfield is not None and self.other_subfield not in SUBFIELDS[:5]:
+            raise ValueError(f"other_subfield: not a grid subfield ({', '.join(SUBFIELDS[:5])})")
+        _labels_exist([self.labels, self.prompts], info)
+        return self
+
+
+class FilterStage(StrictModel):
+    """Rule filters over teacher outputs; kept rows become our `conversation` kind (`kept.jsonl`)."""
+
+    stage: Literal["filter"] = "filter"
+    input: str | None = Field(None, description="a JSONL of teacher outputs (id, response, ...); default: the "
+                              "parent stage's generations.jsonl")
+    rules: list[str] = Field(default_factory=lambda: list(_BUILTIN_RULES), description="filter rules, in order")
+    min_tokens: int = Field(16, ge=0)
+    max_tokens: int = Field(8192, gt=0)
+    tokenizer: str | None = Field(None, description="a local Hugging Face tokenizer for the length rule (default: "
+                                  "a words-and-punctuation count, close to BPE tokens for English)")
+    ngram: int = Field(4, ge=2, le=10)
+    max_ngram_repeat: float = Field(0.3, gt=0, le=1, description="largest share of repeated word n-grams")
+    min_words_for_ratio: int = Field(20, ge=1, description="shorter texts skip the n-gram ratio")
+    max_sentence_repeats: int = Field(3, ge=2, description="a sentence (3+ words) said this often is a loop")
+    max_foreign_chars: int = Field(0, ge=0, description="foreign-script characters allowed (CJK, Cyrillic, ...)")
+    min_turns: int = Field(2, ge=1)
+    max_turns: int = Field(4, ge=1)
+    near_duplicate_threshold: float = Field(0.9, gt=0, le=1)
+    num_perm: int = Field(32, ge=16, le=256)
+    shingle: int = Field(3, ge=1, le=8)
+    system_prompt: str | None = Field(None, description="a system turn for every kept conversation")
+    examples: int = Field(3, ge=0, description="examples per rule and subfield in the report")
+
+    @field_validator("rules")
+    @classmethod
+    def _known_rules(cls, v):
+        from patho_r1.curate.filters import FILTERS
+
+        unknown = [r for r in v if r not in FILTERS]
+        if unknown:
+            raise ValueError(f"unknown filter rule(s) {unknown}; registered: {', '.join(FILTERS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _exists(self, info: ValidationInfo):
+        _labels_exist([self.input], info)
+        return self
+
+
+class MCQStage(StrictModel):
+    """Diagnosis-oriented RL MCQs from captions the SFT data did not use, stratified, with balanced letters."""
+
+    stage: Literal["mcq"] = "mcq"
+    n: int = Field(10_000, gt=0)
+    source: Literal["teacher", "rules"] = Field("rules", description="teacher: the grid's mcq cells; rules: "
+                                                "distractors from other diagnoses of the same tissue system")
+    endpoint: EndpointConfig | None = Field(None, description="source teacher: the endpoint")
+    pool: str | None = Field(None, description="curated folder of caption rows to draw from (default: the "
+                             "nearest ancestor stage that holds caption.jsonl)")
+    exclude: list[str] = Field(default_factory=list, description="SFT data (JSONL or stage folders) whose images "
+                               "and captions the MCQs must not share; the parent filter stage's kept.jsonl always")
+    labels: str | None = Field(None, description="CSV or JSONL of id, diagnosis[, tissue_system]")
+    subfields: list[str] = Field(default_factory=lambda: list(SUBFIELDS[:5]), description="subfields to draw "
+                                 "from (default: the grid's five; `other` holds diagrams and figure panels)")
+    n_options: int = Field(4, ge=2, le=6)
+    prompts: str | None = None
+    with_image: bool = False
+    default_level: Literal["easy", "medium", "hard"] = "medium"
+    question: str = Field("What is the most likely diagnosis?", description="source rules: the question")
+    heldout: float = Field(0.1, ge=0, lt=1, description="share written to heldout.jsonl for the RL phase's "
+                           "held-out accuracy")
+
+    def identity(self, grid_digest: str) -> dict:
+        data = self.model_dump(mode="json", exclude={"endpoint"})
+        return {**data, "endpoint": self.endpoint.identity() if self.endpoint else None, "grid": grid_digest}
+
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo):
+        if self.source == "teacher" and self.endpoint is None:
+            raise ValueError("endpoint: source teacher needs an endpoint")
+        _labels_exist([self.labels, self.pool, self.prompts, *self.exclude], info)
+        return self
+
+
+_BUILTIN_RULES = ("tags", "truncation", "length", "repetition", "language_mix", "answer_consistency",
+                  "near_duplicate")
+
+Stage = Annotated[ImportStage | DedupStage | DecontaminateStage | TagStage | ClusterStage | GenerateStage
+                  | FilterStage | MCQStage, Field(discriminator="stage")]
 
 
 class CuratePhaseConfig(PhaseConfig):

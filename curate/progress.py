@@ -16,6 +16,7 @@ class RowProgress:
                  show: bool = False, every_s: float = 0.5):
         self.stage, self.total, self.done = stage, total, 0
         self.metrics_file, self.every_s = metrics_file, every_s
+        self.fields: dict = {}  # running totals a stage reports beside the rows (tokens in and out, cost)
         self.t0 = self._last = time.monotonic()
         self._bar = None
         if show and _on_terminal():  # a bar in a pipe or a log file is noise; the summary line says it all
@@ -30,12 +31,13 @@ class RowProgress:
 
             self._bar = Progress(TextColumn(f"  {stage}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                                 TimeRemainingColumn(), transient=True)
-            self._task = self._bar.add_task(stage, total=total, rate="")
+                                 TimeRemainingColumn(), TextColumn("{task.fields[extra]}"), transient=True)
+            self._task = self._bar.add_task(stage, total=total, rate="", extra="")
             self._bar.start()
 
-    def advance(self, n: int = 1) -> None:
+    def advance(self, n: int = 1, **fields) -> None:
         self.done += n
+        self.fields.update(fields)
         now = time.monotonic()
         if now - self._last >= self.every_s:
             self._last = now
@@ -44,10 +46,12 @@ class RowProgress:
     def _emit(self, now: float) -> None:
         rate = self.done / max(now - self.t0, 1e-9)
         if self._bar is not None:
-            self._bar.update(self._task, completed=self.done, rate=f"{rate:,.0f} rows/s")
+            extra = "  ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in self.fields.items())
+            self._bar.update(self._task, completed=self.done, total=self.total, rate=f"{rate:,.1f} rows/s",
+                             extra=extra)
         if self.metrics_file is not None:
             row = {"stage": self.stage, "step": self.done, "total": self.total, "unit": "rows",
-                   "time": round(now - self.t0, 3)}
+                   "time": round(now - self.t0, 3), **self.fields}
             with self.metrics_file.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
 

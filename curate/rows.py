@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import re
 from pathlib import Path
+
+from patho_r1.errors import DataError
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -45,3 +48,24 @@ def image_key(row: dict, base: Path) -> int:
 
 def image_paths(row: dict, base: Path) -> list[Path]:
     return [Path(r) if Path(r).is_absolute() else base / r for r in row.get("images") or [] if isinstance(r, str)]
+
+
+def read_id_table(path: str | Path, required: tuple[str, ...], optional: tuple[str, ...] = ()
+                  ) -> dict[str, tuple[int, dict[str, str]]]:
+    """A CSV (with a header) or JSONL keyed by `id`: id -> (its line number, its stripped `required` and present
+    `optional` fields).  A missing id or required field names the file, line and field."""
+    from patho_r1.curate.store import iter_jsonl
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, None, None, "label file not found")
+    jsonl = path.suffix == ".jsonl"
+    rows = iter_jsonl(path) if jsonl else csv.DictReader(path.read_text("utf-8").splitlines())
+    table = {}
+    for n, row in enumerate(rows, start=1 if jsonl else 2):
+        for key in ("id", *required):
+            if not str(row.get(key) or "").strip():
+                raise DataError(path, n, key, "missing")
+        fields = {k: str(row[k]).strip() for k in (*required, *optional) if str(row.get(k) or "").strip()}
+        table[str(row["id"]).strip()] = (n, fields)
+    return table

@@ -32,7 +32,7 @@ import numpy as np
 
 from patho_r1.curate.config import SUBFIELDS, TagStage
 from patho_r1.curate.embedders import EMBEDDINGS, embed_rows
-from patho_r1.curate.rows import row_text
+from patho_r1.curate.rows import read_id_table, row_text
 from patho_r1.curate.store import StageWriter, iter_jsonl, relative_images, stage_files
 from patho_r1.errors import DataError
 
@@ -54,19 +54,12 @@ def keyword_label(text: str) -> str | None:
 
 def read_labels(path: str | Path, column: str = "subfield") -> dict[str, str]:
     """id -> subfield from a CSV (a header with `id` and `subfield`) or a JSONL of such objects."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(path, None, None, "label file not found")
-    rows = iter_jsonl(path) if path.suffix == ".jsonl" else csv.DictReader(path.read_text("utf-8").splitlines())
     labels = {}
-    for n, row in enumerate(rows, start=2 if path.suffix != ".jsonl" else 1):
-        for key in ("id", column):
-            if not (row.get(key) or "").strip():
-                raise DataError(path, n, key, "missing")
-        label = row[column].strip().lower()
+    for key, (n, row) in read_id_table(path, (column,)).items():
+        label = row[column].lower()
         if label not in SUBFIELDS:
             raise DataError(path, n, column, f"{label!r} is not a subfield; expected one of {', '.join(SUBFIELDS)}")
-        labels[row["id"].strip()] = label
+        labels[key] = label
     return labels
 
 

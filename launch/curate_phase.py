@@ -57,5 +57,23 @@ def model_encoder(spec: EmbedderSpec) -> Callable[[], Callable[[list[dict]], np.
     raise ValueError(f"embedder {spec.kind!r} needs no model")
 
 
+SCRIPTED_TEACHER = "synth:teacher"
+
+
 def run_curate(cfg: CuratePhaseConfig):
-    return run_chain(cfg, model_encoder=model_encoder)
+    """Stages whose endpoint is `synth:teacher` talk to the scripted teacher (`fixtures/teacher.py`), started here on
+    a free port for the phase: the demo's stand-in for a vLLM server of a reasoning model, over real HTTP."""
+    endpoints = [s.endpoint for s in cfg.stages if getattr(s, "endpoint", None) is not None
+                 and s.endpoint.base_url == SCRIPTED_TEACHER]
+    server = None
+    if endpoints:
+        from patho_r1.fixtures.teacher import serve
+
+        server = serve(flawed=0.1)  # a tenth of its replies carry a defect for the filters to catch
+        for endpoint in endpoints:
+            endpoint.base_url = server.url  # not part of the stage's config hash: a resumed run skips finished work
+    try:
+        return run_chain(cfg, model_encoder=model_encoder)
+    finally:
+        if server is not None:
+            server.stop()

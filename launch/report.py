@@ -65,8 +65,13 @@ def curate_stages(out: Path) -> list[dict]:
     for path in sorted(out.glob("[0-9][0-9]-*/manifest.json")) if out.is_dir() else []:
         manifest = read_stage_manifest(path.parent)
         found.append({"folder": path.parent.name, "stage": manifest.stage, "seconds": manifest.seconds,
-                      "counts": manifest.counts})
+                      "counts": manifest.counts, "config": manifest.config})
     return found
+
+
+def stage_rows(counts: dict) -> int:
+    """Rows a curate stage wrote: its kind files, or a generate stage's teacher replies."""
+    return int(sum(counts.get("kinds", {}).values()) or counts.get("generations", 0))
 
 
 def _curate_markdown(name: str, stages: list[dict]) -> list[str]:
@@ -74,7 +79,8 @@ def _curate_markdown(name: str, stages: list[dict]) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     for st in stages:
         c = st["counts"]
-        lines.append(f"| {st['folder']} | {sum(c.get('kinds', {}).values())} | {c.get('rows.rejects', 0)} | "
+        rejected = c.get("rows.rejects", 0) or c.get("rows.rejected", 0)
+        lines.append(f"| {st['folder']} | {stage_rows(c)} | {rejected} | "
                      f"{c.get('rows.removed', 0)} | {c.get('engine', '')} | {c.get('rows_per_s', 0):,.0f} | "
                      f"{st['seconds']:.1f} |")
     removed = [(st["folder"], reason, n) for st in stages for reason, n in st["counts"].get("removed", {}).items()]
@@ -104,6 +110,26 @@ def _curate_markdown(name: str, stages: list[dict]) -> list[str]:
                          else "" for lv in ("easy", "medium", "hard")]
                 lines.append(f"| {sub} | {r['rows']} | {r.get('silhouette', float('nan')):.3f} | "
                              + " | ".join(cells) + " |")
+        if st["stage"] == "generate":
+            lines += ["", f"Teacher ({st['config'].get('endpoint', {}).get('model')}): {c.get('answered', 0)} replies "
+                      f"this run, {c.get('resumed', 0)} already there, {c.get('failed', 0)} failed; "
+                      f"{c.get('prompt_tokens', 0):,} tokens in, {c.get('completion_tokens', 0):,} out; "
+                      f"{c.get('finish_length', 0)} cut off at max_tokens. Tasks: {c.get('tasks', {})}"]
+        if st["stage"] == "filter":
+            lines += ["", f"Filters: {c.get('kept', 0)} kept, {c.get('rejected', 0)} rejected (a row may fail "
+                      "several rules; per subfield with examples in the stage's filter_report.md)", "",
+                      "| rule | rejected |", "|---|---|"]
+            lines += [f"| {rule} | {n} |" for rule, n in c.get("rejected_by_rule", {}).items()]
+        if st["stage"] == "mcq":
+            b = c.get("no_image") or {}
+            lines += ["", f"RL MCQs: {c.get('made', 0)} made of {c.get('asked', 0)} asked from a pool of "
+                      f"{c.get('pool', 0)} captions apart from the SFT data ({c.get('excluded_sft_overlap', 0)} "
+                      f"overlapping rows left out); {c.get('heldout', 0)} held out. Answer letters: "
+                      f"{c.get('letters', {})}."]
+            if b:
+                lines += [f"Image-blind rules: commonest letter {b['commonest_letter']:.3f}, longest option "
+                          f"{b['longest_option']:.3f}, option-text prior {b['option_text_prior']:.3f}; chance "
+                          f"{b['chance']:.3f} (best {b['best_minus_chance_points']:+.1f} points)."]
     return lines + [""]
 
 
@@ -212,9 +238,10 @@ def phase_headline(out_dir: str | Path, metrics: dict) -> str:
         parts.append("R@1 " + " ".join(f"{task}={m['recall@1']:.2f}" for task, m in tasks.items()))
     stages = curate_stages(out)
     if stages:
-        rows = [sum(st["counts"].get("kinds", {}).values()) for st in stages]
+        rows = [stage_rows(st["counts"]) for st in stages]
         parts.append("rows " + " -> ".join(f"{st['stage']} {n}" for st, n in zip(stages, rows, strict=True)))
-        ari = stages[-1]["counts"].get("adjusted_rand_index")
+        ari = next((st["counts"]["adjusted_rand_index"] for st in stages if "adjusted_rand_index" in st["counts"]),
+                   None)
         if ari is not None:
             parts.append(f"difficulty ARI={ari:.2f}")
     return "  ".join(parts)

@@ -65,18 +65,19 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
 
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def file_digests(directory: str | Path) -> dict[str, str]:
     """sha256 of every weight file in a checkpoint directory (relative name -> hex digest)."""
     directory = Path(directory)
-    out = {}
-    for path in sorted(directory.rglob("*")):
-        if path.is_file() and path.suffix in WEIGHT_SUFFIXES:
-            h = hashlib.sha256()
-            with path.open("rb") as fh:
-                for block in iter(lambda: fh.read(1 << 24), b""):
-                    h.update(block)
-            out[path.relative_to(directory).as_posix()] = h.hexdigest()
-    return out
+    return {path.relative_to(directory).as_posix(): file_sha256(path) for path in sorted(directory.rglob("*"))
+            if path.is_file() and path.suffix in WEIGHT_SUFFIXES}
 
 
 def lineage_digest(directory: str | Path) -> str | None:

@@ -1,0 +1,169 @@
+"""The filter stage: teacher outputs through the registered rules, into SFT-ready conversations and a report.
+
+    DIR/kept.jsonl          our `conversation` kind (plus id, record_id, prompt_id, task, subfield, caption)
+    DIR/rejected.jsonl      each rejected input row as it came, with `reasons`: ["rule: why", ...]
+    DIR/filter_report.json  counts per rule per subfield, with examples
+    DIR/filter_report.md    the same as tables
+
+Input rows need `id` and `response`; `reasoning`, `gold`, `options`, `finish_reason`, `subfield`, `task`, `images`
+are used where present.  Rows are read in chunks: the row rules run on each row, then the batch rules (near-
+duplicates) on the rows the row rules kept, in input order, so the first of two near-copies is the one kept.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from patho_r1.curate.config import FilterStage
+from patho_r1.curate.filters import FILTERS, Candidate
+from patho_r1.curate.store import relative_images
+from patho_r1.curate.teacher_output import parse_reply, to_conversation
+from patho_r1.errors import DataError
+
+CHUNK = 4096
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+def _read_rows(path: Path):
+    """(line number, row) of a teacher-output JSONL; a bad line names the file, line and field."""
+    with path.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(path, n, None, f"not JSON: {exc.msg}") from None
+            if not isinstance(row, dict):
+                raise DataError(path, n, None, f"expected an object, got {type(row).__name__}")
+            for key in ("id", "response"):
+                if not isinstance(row.get(key), str if key == "response" else (str, int)):
+                    raise DataError(path, n, key, "missing" if key not in row else "not a string")
+            yield n, row
+
+
+class _TokenCounter:
+    def __init__(self, tokenizer: str | None):
+        self.tokenizer = None
+        if tokenizer:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+
+    def __call__(self, texts: list[str]) -> list[int]:
+        if self.tokenizer is None:
+            return [len(_TOKEN.findall(t)) for t in texts]
+        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+class FilterReport:
+    def __init__(self, examples: int):
+        self.examples = examples
+        self.by_rule: dict[str, Counter] = defaultdict(Counter)  # rule -> subfield -> rejections
+        self.samples: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+        self.seen: Counter = Counter()
+        self.kept: Counter = Counter()
+
+    def add(self, row: dict, reasons: list[str]) -> None:
+        subfield = str(row.get("subfield") or "unknown")
+        self.seen[subfield] += 1
+        if not reasons:
+            self.kept[subfield] += 1
+        for reason in reasons:
+            rule = reason.split(":", 1)[0]
+            self.by_rule[rule][subfield] += 1
+            bucket = self.samples[rule][subfield]
+            if len(bucket) < self.examples:
+                bucket.append({"id": row.get("id"), "reason": reason, "response": str(row.get("response"))[:300]})
+
+    def as_dict(self, rules: list[str]) -> dict:
+        return {"rows": sum(self.seen.values()), "kept": sum(self.kept.values()),
+                "per_subfield": {s: {"rows": n, "kept": self.kept[s]} for s, n in sorted(self.seen.items())},
+                "rejected_by_rule": {r: dict(sorted(self.by_rule[r].items())) for r in rules},
+                "examples": {r: {s: v for s, v in self.samples[r].items()} for r in rules if r in self.samples}}
+
+    def markdown(self, rules: list[str]) -> str:
+        subfields = sorted(self.seen)
+        lines = ["# Filter report", "",
+                 f"{sum(self.kept.values())} of {sum(self.seen.values())} teacher outputs kept. A row can fail "
+                 "several rules; each rule counts it.", "",
+                 "| rule | " + " | ".join(subfields) + " | all |", "|---|" + "---|" * (len(subfields) + 1)]
+        for rule in rules:
+            counts = self.by_rule[rule]
+            lines.append(f"| {rule} | " + " | ".join(str(counts[s]) for s in subfields)
+                         + f" | {sum(counts.values())} |")
+        lines.append("| **kept** | " + " | ".join(f"{self.kept[s]}/{self.seen[s]}" for s in subfields)
+                     + f" | {sum(self.kept.values())}/{sum(self.seen.values())} |")
+        for rule in rules:
+            if rule not in self.samples:
+                continue
+            lines += ["", f"## {rule}", ""]
+            for subfield, examples in sorted(self.samples[rule].items()):
+                for ex in examples:
+                    snippet = ex["response"].replace("\n", " ").replace("|", "/")[:160]
+                    lines.append(f"- {subfield} `{ex['id']}`: {ex['reason']} - {snippet}")
+        return "\n".join(lines) + "\n"
+
+
+def kept_row(row: dict, parsed, stage: FilterStage, images: list) -> dict:
+    task = row.get("task") or ("mcq" if row.get("options") else "reasoning")
+    out = {"id": str(row["id"]), "messages": to_conversation(parsed, task, images, stage.system_prompt),
+           "images": images, "task": task}
+    for key in ("record_id", "prompt_id", "subfield", "level", "caption", "gold"):
+        if row.get(key) is not None:
+            out[key] = row[key]
+    return out
+
+
+def run_filter(stage: FilterStage, source: Path, out: Path, writer, progress) -> dict:
+    checks = [(name, FILTERS[name].factory(stage), FILTERS[name].batch) for name in stage.rules]
+    row_checks = [(n, c) for n, c, batch in checks if not batch]
+    batch_checks = [(n, c) for n, c, batch in checks if batch]
+    count_tokens = _TokenCounter(stage.tokenizer)
+    report = FilterReport(stage.examples)
+    src_dir = source.parent
+
+    def flush(chunk: list[tuple[dict, Candidate]]) -> None:
+        reasons = [[f"{name}: {why}" for name, check in row_checks if (why := check(c)) is not None]
+                   for _, c in chunk]
+        for name, check in batch_checks:
+            alive = [i for i, r in enumerate(reasons) if not r]
+            for i, why in zip(alive, check([chunk[i][1] for i in alive]), strict=True):
+                if why is not None:
+                    reasons[i].append(f"{name}: {why}")
+        for (row, c), why in zip(chunk, reasons, strict=True):
+            report.add(row, why)
+            if why:
+                writer.row("rejected", {**row, "reasons": why})
+            else:
+                images = relative_images(row, src_dir, out).get("images") or []
+                writer.row("kept", kept_row(row, c.parsed, stage, images))
+        progress.advance(len(chunk))
+
+    chunk: list[tuple[dict, Candidate]] = []
+    for _, row in _read_rows(source):
+        chunk.append((row, None))
+        if len(chunk) >= CHUNK:
+            flush(_candidates(chunk, count_tokens))
+            chunk = []
+    if chunk:
+        flush(_candidates(chunk, count_tokens))
+    summary = report.as_dict(stage.rules)
+    (out / "filter_report.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    (out / "filter_report.md").write_text(report.markdown(stage.rules), encoding="utf-8")
+    return {"input": str(source), "kept": summary["kept"], "rejected": summary["rows"] - summary["kept"],
+            "rejected_by_rule": {r: sum(v.values()) for r, v in summary["rejected_by_rule"].items()}}
+
+
+def _candidates(chunk: list[tuple[dict, None]], count_tokens) -> list[tuple[dict, Candidate]]:
+    parsed = [parse_reply(row["response"], row.get("reasoning")) for row, _ in chunk]
+    # the length rule counts what the student learns from: questions, thinks (inline or separate) and answers,
+    # not the tags around them
+    texts = [" ".join(f"{t.question or ''} {t.think or ''} {t.answer or ''}" for t in p.turns) or row["response"]
+             for (row, _), p in zip(chunk, parsed, strict=True)]
+    n_tokens = count_tokens(texts)
+    return [(row, Candidate(row, p, row["response"], n)) for (row, _), p, n in zip(chunk, parsed, n_tokens,
+                                                                                   strict=True)]

@@ -1,0 +1,389 @@
+"""The data engine's second half: the prompt grid, the teacher client against real HTTP servers (`transformers
+serve` with the tiny model, and the scripted teacher with injected faults), kill-and-resume, the filter rules on a
+hand-written set, and the RL MCQ builder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from patho_r1.curate.config import CuratePhaseConfig, FilterStage, GenerateStage, MCQStage
+from patho_r1.curate.pipeline import run_chain, run_stage
+from patho_r1.curate.store import iter_jsonl
+from patho_r1.fixtures.teacher import scripted_reply, serve
+
+sys.path.insert(0, str(Path(__file__).parent))
+from teacher_outputs import CASES  # noqa: E402
+
+PATHO = str(Path(sys.executable).parent / "patho-r1")
+
+
+@pytest.fixture(scope="module")
+def cluster_dir(tmp_path_factory):
+    """The synthetic world's raw export through part 1 of the data engine (import .. cluster)."""
+    from patho_r1.fixtures.synth import WorldConfig, generate_world
+
+    root = tmp_path_factory.mktemp("teacher_world")
+    generate_world(root, seed=5, config=WorldConfig(
+        n_train_tiles=12, n_heldout_tiles=6, n_sft=6, n_rl=6, n_rl_heldout=6, n_embed_pairs=6, n_composed_per_task=2,
+        n_eval_tiles=24, n_eval_mcq=24, n_raw_export=720))
+    cfg = CuratePhaseConfig(output_dir=str(root / "cur"), stages=[
+        {"stage": "import", "sources": [{"format": "quilt-1m", "path": str(root / "raw/quilt_1M_lookup.csv")}]},
+        {"stage": "dedup"}, {"stage": "tag", "seed": str(root / "raw/subfield_seed.csv"), "review": 0},
+        {"stage": "cluster"}])
+    result = run_chain(cfg)
+    return Path(result.model_dir), root
+
+
+@pytest.fixture
+def teacher():
+    servers = []
+
+    def start(**options):
+        servers.append(serve(**options))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+def _stats(server) -> dict:
+    with urllib.request.urlopen(server.url.removesuffix("/v1") + "/stats") as r:
+        return json.loads(r.read())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The prompt grid
+# ----------------------------------------------------------------------------------------------------------------------
+
+def test_grid_has_60_cells_that_render_and_an_override_replaces_one(tmp_path):
+    from patho_r1.curate.grid import PromptGrid
+
+    grid = PromptGrid()
+    assert len(grid.cells()) == 60 and grid.check() == []
+    text = grid.render("ihc/hard/conversation", caption="CK20 stains the tumour.", n_turns=3)
+    assert "<caption>CK20 stains the tumour.</caption>" in text and "3 turns" in text and "Task: conversation" in text
+    assert "differential diagnosis" in text  # the hard level's ask
+    mcq = grid.render("gross/easy/mcq", caption="A whorled uterine mass.", n_options=5)
+    assert "5 options lettered A to E" in mcq and "<options>" in mcq
+
+    (tmp_path / "gross/easy").mkdir(parents=True)
+    (tmp_path / "gross/easy/mcq.j2").write_text("Write an MCQ about: <caption>{{ caption }}</caption>")
+    custom = PromptGrid(tmp_path)
+    assert custom.render("gross/easy/mcq", caption="X.") == "Write an MCQ about: <caption>X.</caption>"
+    assert custom.render("gross/easy/reasoning", caption="X.") == grid.render("gross/easy/reasoning", caption="X.")
+    assert custom.digest() != grid.digest() and custom.overridden() == ["gross/easy/mcq"]
+
+    (tmp_path / "fish/hard").mkdir(parents=True)
+    (tmp_path / "fish/hard/reasoning.j2").write_text("{{ captoin }}")  # a typo: an error naming the cell
+    problems = PromptGrid(tmp_path).check()
+    assert len(problems) == 1 and problems[0].startswith("fish/hard/reasoning") and "captoin" in problems[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Filters on a hand-written set
+# ----------------------------------------------------------------------------------------------------------------------
+
+def test_filters_precision_and_recall_on_hand_written_outputs(tmp_path):
+    from patho_r1.data import ConversationRecord
+
+    assert len(CASES) >= 60
+    src = tmp_path / "outputs.jsonl"
+    src.write_text("".join(json.dumps({k: v for k, v in c.items() if k != "expect"}) + "\n" for c in CASES))
+    manifest = run_stage(FilterStage(input=str(src)), None, tmp_path / "out")
+    rejected = {r["id"]: r["reasons"] for r in iter_jsonl(tmp_path / "out/rejected.jsonl")}
+    kept = list(iter_jsonl(tmp_path / "out/kept.jsonl"))
+    bad = {c["id"]: c["expect"] for c in CASES if c["expect"]}
+    true_pos = len(set(rejected) & set(bad))
+    precision, recall = true_pos / max(len(rejected), 1), true_pos / len(bad)
+    assert precision >= 0.95 and recall >= 0.95, (precision, recall, sorted(set(rejected) ^ set(bad)))
+    wrong_rule = {i: rejected[i] for i in bad if i in rejected and not any(r.startswith(bad[i]) for r in rejected[i])}
+    assert not wrong_rule  # each bad output is caught by the rule written for it
+    assert len(kept) + len(rejected) == len(CASES) and manifest.counts["kinds"] == {"conversation": len(kept)}
+    for row in kept:  # SFT-ready: our conversation kind, think and answer in the assistant turns
+        record = ConversationRecord.model_validate(row)
+        assert all(m.text().startswith("<think>") for m in record.messages if m.role == "assistant")
+    by_id = {r["id"]: r for r in kept}
+    assert by_id["g06"]["messages"][-1]["content"].endswith("<answer>C</answer>")  # 'C. Squamous...' -> the letter
+    assert "Sheets of small, dark, round nuclei" in by_id["g26"]["messages"][1]["content"]  # reasoning_content
+    report = json.loads((tmp_path / "out/filter_report.json").read_text())
+    recount = Counter(r.split(":")[0] for reasons in rejected.values() for r in reasons)
+    assert {k: sum(v.values()) for k, v in report["rejected_by_rule"].items() if v} == dict(recount)
+    assert "| repetition |" in (tmp_path / "out/filter_report.md").read_text()
+
+
+def test_filter_names_file_line_and_field_of_bad_input(tmp_path):
+    from patho_r1.errors import DataError
+
+    src = tmp_path / "bad.jsonl"
+    src.write_text('{"id": "a", "response": "<question>q</question>"}\n{"id": "b"}\n')
+    with pytest.raises(DataError) as info:
+        run_stage(FilterStage(input=str(src)), None, tmp_path / "out")
+    assert "bad.jsonl" in str(info.value) and ":2" in str(info.value) and "response" in str(info.value)
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The client against real servers
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def hf_server(tiny_model_dir):
+    """`transformers serve` with the tiny Qwen2.5-VL: a real OpenAI-compatible server on the CPU."""
+    port = _free_port()
+    exe = Path(sys.executable).parent / "transformers"
+    log = open(Path(tiny_model_dir).parent / "serve.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen([str(exe), "serve", str(tiny_model_dir), "--port", str(port), "--device", "cpu"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"transformers serve exited: {Path(log.name).read_text()[-2000:]}") from None
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError("transformers serve did not come up in 120 s")
+    yield url + "/v1", str(tiny_model_dir)
+    proc.terminate()
+    proc.wait(30)
+    log.close()
+
+
+def test_client_against_transformers_serve(hf_server, cluster_dir, tmp_path):
+    from patho_r1.llm import ChatRequest, EndpointConfig, LLMClient, image_part, run
+
+    url, model = hf_server
+    endpoint = EndpointConfig(base_url=url, model=model, concurrency=3, max_tokens=8, temperature=0.0)
+    image = next(p for p in (cluster_dir[1] / "raw/images").iterdir())
+    results = {}
+
+    async def main():
+        async with LLMClient(endpoint) as client:
+            requests = [ChatRequest(i, [{"role": "user", "content": f"Describe tile {i}."}]) for i in range(5)]
+            requests.append(ChatRequest("img", [{"role": "user", "content": [image_part(image),
+                                                                              {"type": "text", "text": "What?"}]}]))
+            await client.map(requests, lambda r, res: results.__setitem__(r.key, res))
+            return client.prompt_tokens, client.completion_tokens
+
+    tokens_in, tokens_out = run(main())
+    assert set(results) == {0, 1, 2, 3, 4, "img"} and all(r.error is None for r in results.values())
+    assert all(r.finish_reason == "length" and r.completion_tokens == 8 for r in results.values())
+    assert tokens_out == 48 and tokens_in == sum(r.prompt_tokens for r in results.values()) > 0
+
+    # the generate stage end to end against it: every request answered and recorded with its usage; the random
+    # model's text then fails the filters, by name
+    cluster, _ = cluster_dir
+    stage = GenerateStage(endpoint={"base_url": url, "model": model, "concurrency": 4, "max_tokens": 8},
+                          tasks=["reasoning"], limit=6)
+    manifest = run_stage(stage, cluster, tmp_path / "gen")
+    rows = list(iter_jsonl(tmp_path / "gen/generations.jsonl"))
+    assert len(rows) == 6 == manifest.counts["answered"] and manifest.complete
+    assert all(r["finish_reason"] == "length" and r["usage"]["completion_tokens"] == 8 for r in rows)
+    filtered = run_stage(FilterStage(), tmp_path / "gen", tmp_path / "filter")
+    assert filtered.counts["kept"] == 0 and filtered.counts["rejected_by_rule"]["truncation"] == 6
+
+
+def test_retries_through_429_500_timeouts_and_dropped_connections(cluster_dir, teacher, tmp_path):
+    cluster, _ = cluster_dir
+    server = teacher(faults={"429": 0.15, "500": 0.15, "slow": 0.1, "drop": 0.1}, slow_s=1.5)
+    stage = GenerateStage(endpoint={"base_url": server.url, "model": "scripted", "concurrency": 8, "timeout": 0.5,
+                                    "max_retries": 4}, tasks=["reasoning", "mcq"], limit=80)
+    manifest = run_stage(stage, cluster, tmp_path / "gen")
+    rows = list(iter_jsonl(tmp_path / "gen/generations.jsonl"))
+    keys = [(r["record_id"], r["prompt_id"]) for r in rows]
+    stats = _stats(server)
+    assert len(rows) == 80 == len(set(keys)) and manifest.complete and manifest.counts.get("failed", 0) == 0
+    for kind in ("429", "500", "slow", "drop"):
+        assert stats.get(f"fault_{kind}", 0) >= 3, stats  # every kind of fault was served, and recovered from
+    assert stats["requests"] == 80 + sum(stats[f"fault_{k}"] for k in ("429", "500", "slow", "drop"))
+
+
+def test_failures_are_recorded_and_a_rerun_asks_them_again(cluster_dir, teacher, tmp_path):
+    cluster, _ = cluster_dir
+    server = teacher(faults={"500": 0.5})
+    stage = GenerateStage(endpoint={"base_url": server.url, "model": "scripted", "max_retries": 0},
+                          tasks=["description"], limit=30)
+    first = run_stage(stage, cluster, tmp_path / "gen")
+    failed = first.counts["failed"]
+    assert failed > 5 and not first.complete and (tmp_path / "gen/failures.jsonl").is_file()
+    with pytest.raises(Exception, match="not a finished curate stage"):
+        run_stage(FilterStage(), tmp_path / "gen", tmp_path / "filter")  # an unfinished stage is not read on
+    second = run_stage(stage, cluster, tmp_path / "gen")  # the faults hit first attempts only
+    assert second.complete and second.counts["resumed"] == 30 - failed and second.counts["answered"] == failed
+    assert len(list(iter_jsonl(tmp_path / "gen/generations.jsonl"))) == 30
+
+
+def test_kill_midway_then_resume_loses_and_duplicates_nothing(cluster_dir, teacher, tmp_path):
+    cluster, _ = cluster_dir
+    server = teacher(delay_s=0.05)
+    out = tmp_path / "gen"
+    env = {**os.environ, "OPENAI_API_KEY": "sk-test-secret-4f9a"}
+    cmd = [PATHO, "curate", "generate", str(cluster), "--base-url", server.url, "--model", "scripted",
+           "--concurrency", "4", "--tasks", "reasoning", "description", "--limit", "160", "--out", str(out)]
+    dry = subprocess.run(cmd + ["--dry-run"], capture_output=True, text=True, env=env, check=True)
+    assert "160 requests" in dry.stdout and not out.exists()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if (out / "generations.jsonl").is_file() and (out / "generations.jsonl").read_bytes().count(b"\n") >= 40:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = (out / "generations.jsonl").read_bytes().count(b"\n")
+    assert 40 <= before < 160 and not (out / "manifest.json").exists()
+    sent_before = _stats(server)["requests"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = list(iter_jsonl(out / "generations.jsonl"))
+    keys = [(r["record_id"], r["prompt_id"]) for r in rows]
+    assert len(rows) == 160 == len(set(keys))
+    lost = sent_before - before  # requests the kill cut off: at most the ones in flight
+    assert 0 <= lost <= 4
+    assert _stats(server)["requests"] == 160 + lost
+    assert "already there" in done.stdout
+    for path in out.rglob("*"):  # the API key is in no file the run wrote
+        if path.is_file():
+            assert b"sk-test-secret-4f9a" not in path.read_bytes(), path
+    assert "sk-test-secret" not in done.stdout + done.stderr
+
+
+def test_reasoning_content_becomes_the_think(cluster_dir, teacher, tmp_path):
+    cluster, _ = cluster_dir
+    server = teacher(reasoning=True)
+    stage = GenerateStage(endpoint={"base_url": server.url, "model": "scripted"}, tasks=["reasoning"], limit=10,
+                          labels=str(cluster_dir[1] / "raw/diagnosis.csv"))
+    run_stage(stage, cluster, tmp_path / "gen")
+    rows = list(iter_jsonl(tmp_path / "gen/generations.jsonl"))
+    assert all(r["reasoning"] and "<think>" not in r["response"] for r in rows)
+    run_stage(FilterStage(), tmp_path / "gen", tmp_path / "filter")
+    kept = {r["id"]: r for r in iter_jsonl(tmp_path / "filter/kept.jsonl")}
+    assert len(kept) == 10
+    for r in rows:
+        assert kept[r["id"]]["messages"][1]["content"].startswith(f"<think>{r['reasoning'].strip()}</think>")
+
+
+def test_scripted_teacher_reads_the_diagnosis_from_the_caption():
+    from patho_r1.curate.grid import PromptGrid
+
+    caption = ("H&E-stained section showing gland-like rings lined by crowded nuclei and irregular lumens, consistent "
+               "with adenocarcinoma (colon, case 3, patient aged 61). The differential diagnosis includes metastatic "
+               "adenocarcinoma and poorly differentiated carcinoma.")
+    text, _, finish = scripted_reply(PromptGrid().render("histopathology/hard/description", caption=caption))
+    assert finish == "stop" and text.endswith("the appearance is that of adenocarcinoma.</answer>")
+    caption2 = caption.replace("consistent with adenocarcinoma", "consistent with mucinous pools")
+    text2, _, _ = scripted_reply(PromptGrid().render("histopathology/hard/reasoning", caption=caption2))
+    assert "Mucinous pools:" in text2
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The RL MCQ builder
+# ----------------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def built(cluster_dir, tmp_path_factory):
+    cluster, root = cluster_dir
+    out = tmp_path_factory.mktemp("built")
+    server = serve(flawed=0.1)
+    labels = str(root / "raw/diagnosis.csv")
+    endpoint = {"base_url": server.url, "model": "scripted", "concurrency": 16}
+    try:
+        run_stage(GenerateStage(endpoint=endpoint, fraction=0.5, tasks_per_record=2, labels=labels), cluster,
+                  out / "gen")
+        run_stage(FilterStage(), out / "gen", out / "filter")
+        rules = run_stage(MCQStage(n=240, labels=labels, heldout=0.1), out / "filter", out / "mcq")
+        teach = run_stage(MCQStage(n=120, source="teacher", endpoint=endpoint, labels=labels), out / "filter",
+                          out / "mcq-teacher")
+    finally:
+        server.stop()
+    return out, rules, teach, cluster, root
+
+
+def test_mcqs_never_share_an_image_or_caption_with_the_sft_data(built):
+    from patho_r1.curate.filters import normalize
+    from patho_r1.curate.rows import image_key
+
+    out, _, _, cluster, _ = built
+    kept = list(iter_jsonl(out / "filter/kept.jsonl"))
+    sft_images = {image_key(r, out / "filter") for r in kept}
+    sft_captions = {normalize(r["caption"]) for r in kept}
+    captions = {r["id"]: r["caption"] for r in iter_jsonl(cluster / "caption.jsonl")}
+    for folder in ("mcq", "mcq-teacher"):
+        items = list(iter_jsonl(out / folder / "mcq.jsonl")) + list(iter_jsonl(out / folder / "heldout.jsonl"))
+        assert items and all(image_key(i, out / folder) not in sft_images for i in items)
+        assert all(normalize(captions[i["record_id"]]) not in sft_captions for i in items)
+
+
+def test_mcqs_are_stratified_balanced_and_blind_rules_stay_at_chance(built):
+    from patho_r1.data import MCQRecord
+
+    out, rules, teach, cluster, _ = built
+    for manifest, folder in ((rules, "mcq"), (teach, "mcq-teacher")):
+        items = list(iter_jsonl(out / folder / "mcq.jsonl")) + list(iter_jsonl(out / folder / "heldout.jsonl"))
+        for item in items:
+            MCQRecord.model_validate(item)
+        shares = Counter(i["answer"] for i in items)
+        assert all(abs(shares[k] / len(items) - 0.25) <= 0.02 for k in "ABCD"), shares
+        blind = manifest.counts["no_image"]
+        assert blind["best"] - blind["chance"] <= 0.03, blind
+    report = json.loads((out / "mcq/mcq_report.json").read_text())
+    assert rules.counts["made"] == 240 and report["heldout"] == 24
+    strata = report["strata"]
+    pool = sum(s["pool"] for s in strata.values())
+    for s in strata.values():  # proportionate: each stratum within one question of its share
+        assert abs(s["drawn"] - 240 * s["pool"] / pool) < 1
+    assert any(k.startswith("histopathology/") for k in strata)  # split by tissue system within histopathology
+    items = list(iter_jsonl(out / "mcq/mcq.jsonl"))
+    # hard negatives: distractors are other diagnoses, never the correct one again
+    assert all(i["options"][i["answer"]] == i["category"] for i in items)
+    assert all(sum(v == i["category"] for v in i["options"].values()) == 1 for i in items)
+
+
+def test_kept_conversations_go_through_trl_multimodal_preparation(built):
+    from PIL import Image
+    from trl.data_utils import prepare_multimodal_messages
+
+    out = built[0]
+    kept = list(iter_jsonl(out / "filter/kept.jsonl"))
+    multi = [r for r in kept if r["task"] == "conversation"]
+    assert multi and all(r["images"] for r in kept)
+    image = Image.new("RGB", (28, 28))
+    for row in kept:
+        messages = prepare_multimodal_messages(row["messages"], images=[image] * len(row["images"]))
+        assert sum(p["type"] == "image" for m in messages for p in m["content"]) == len(row["images"])
+
+
+def test_synth_teacher_endpoint_in_a_curate_phase(cluster_dir, tmp_path):
+    from patho_r1.launch.curate_phase import run_curate
+
+    cluster, root = cluster_dir
+    cfg = CuratePhaseConfig(output_dir=str(tmp_path / "cur"), input=str(cluster), stages=[
+        {"stage": "generate", "endpoint": {"base_url": "synth:teacher", "model": "scripted"}, "limit": 12,
+         "labels": str(root / "raw/diagnosis.csv")},
+        {"stage": "filter"}])
+    result = run_curate(cfg)
+    assert result.metrics["stages"]["01-generate"]["answered"] == 12
+    again = run_curate(CuratePhaseConfig.model_validate(cfg.model_dump()))  # another port, same work: skipped
+    assert again.metrics["stages"]["01-generate"] == result.metrics["stages"]["01-generate"]

@@ -128,6 +128,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"cores: {os.cpu_count()}; image pool: {args.images}")
     base = Path(args.workdir or tempfile.mkdtemp(prefix="patho-curate-bench-"))
+    base.mkdir(parents=True, exist_ok=True)
     if "corpus" in args.only:
         corpus(args, base)
     if "teacher" in args.only:
@@ -182,13 +183,17 @@ def filter_rate(base: Path, n: int) -> None:
         for i in range(2400):
             t, tissue = tasks[i % 4], TISSUES[i // 4 % 6]
             cap = f"Figure: {tissue.name} ({organs[i // 24 % 6]}, case {i}, patient aged {20 + i % 70})."
-            flaw = FLAWS[i % len(FLAWS)] if i % 10 == 0 else None
+            flaw = FLAWS[i // 10 % len(FLAWS)] if i % 10 == 0 else None
             text, _, finish = scripted_reply(grid.render(f"histopathology/medium/{t}", caption=cap), flaw)
             templates.append((t, text, finish, tissue.name))
+        rng = np.random.default_rng(0)
+        vocab = [f"w{k}" for k in range(5000)]
         with src.open("w") as fh:
             for j in range(n):
                 t, text, finish, gold = templates[j % len(templates)]
-                text = text.replace("case ", f"case {j}-", 1)
+                # a sentence of its own in the think, so that outputs are not near-copies of one another
+                extra = " ".join(vocab[k] for k in rng.integers(0, len(vocab), 16))
+                text = text.replace("</think>", f" Also noted: {extra}.</think>", 1)
                 fh.write(json.dumps({"id": f"r{j}", "task": t, "response": text, "finish_reason": finish,
                                      "gold": gold, "subfield": "histopathology"}) + "\n")
     t0 = time.perf_counter()

@@ -25,6 +25,7 @@ from patho_r1.config import PhaseConfig, StrictModel, paths_deferred
 from patho_r1.llm import EndpointConfig
 
 SUBFIELDS = ("histopathology", "gross", "ihc", "cytology", "fish", "other")
+GRID_SUBFIELDS = SUBFIELDS[:5]  # the prompt grid's; `other` holds diagrams and figure panels
 LEVELS = ("easy", "medium", "hard")
 Engine = Literal["auto", "local", "ray"]
 
@@ -177,6 +178,8 @@ class GenerateStage(StrictModel):
         default_factory=lambda: ["mcq", "description", "reasoning", "conversation"], min_length=1)
     tasks_per_record: int | None = Field(None, ge=1, le=4, description="draw this many of `tasks` per record "
                                          "(seeded); None: every task")
+    task_weights: dict[str, float] = Field(default_factory=dict, description="with tasks_per_record: how likely "
+                                           "each task is drawn (default: equally); e.g. {mcq: 4} favours MCQs")
     fraction: float = Field(1.0, gt=0, le=1, description="share of the records sent to the teacher, chosen by a "
                             "stable hash of their ids; the rest are left for the RL MCQs")
     limit: int | None = Field(None, gt=0, description="at most this many requests")
@@ -200,8 +203,11 @@ class GenerateStage(StrictModel):
     def _check(self, info: ValidationInfo):
         if self.min_turns > self.max_turns:
             raise ValueError("min_turns: more than max_turns")
-        if self.other_subfield is not None and self.other_subfield not in SUBFIELDS[:5]:
-            raise ValueError(f"other_subfield: not a grid subfield ({', '.join(SUBFIELDS[:5])})")
+        unknown = sorted(set(self.task_weights) - set(self.tasks))
+        if unknown or any(w <= 0 for w in self.task_weights.values()):
+            raise ValueError(f"task_weights: weights must be > 0 and for tasks in `tasks` (not {unknown})")
+        if self.other_subfield is not None and self.other_subfield not in GRID_SUBFIELDS:
+            raise ValueError(f"other_subfield: not a grid subfield ({', '.join(GRID_SUBFIELDS)})")
         _labels_exist([self.labels, self.prompts], info)
         return self
 
@@ -259,7 +265,7 @@ class MCQStage(StrictModel):
     exclude: list[str] = Field(default_factory=list, description="SFT data (JSONL or stage folders) whose images "
                                "and captions the MCQs must not share; the parent filter stage's kept.jsonl always")
     labels: str | None = Field(None, description="CSV or JSONL of id, diagnosis[, tissue_system]")
-    subfields: list[str] = Field(default_factory=lambda: list(SUBFIELDS[:5]), description="subfields to draw "
+    subfields: list[str] = Field(default_factory=lambda: list(GRID_SUBFIELDS), description="subfields to draw "
                                  "from (default: the grid's five; `other` holds diagrams and figure panels)")
     n_options: int = Field(4, ge=2, le=6)
     prompts: str | None = None

@@ -98,7 +98,9 @@ def plan_jobs(stage: GenerateStage, parent: Path, out: Path, grid: PromptGrid, s
         rng = np.random.default_rng([seed, int(hashlib.sha256(rid.encode()).hexdigest()[:8], 16)])
         tasks = list(stage.tasks)
         if stage.tasks_per_record and stage.tasks_per_record < len(tasks):
-            tasks = [tasks[i] for i in sorted(rng.choice(len(tasks), stage.tasks_per_record, replace=False))]
+            weights = np.array([stage.task_weights.get(t, 1.0) for t in tasks])
+            draw = rng.choice(len(tasks), stage.tasks_per_record, replace=False, p=weights / weights.sum())
+            tasks = [tasks[i] for i in sorted(draw)]
         images = relative_images(row, parent, out).get("images") or []
         refs = row.get("references") or []
         for task in tasks:

@@ -22,8 +22,9 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-GRID_SUBFIELDS = ("histopathology", "gross", "ihc", "cytology", "fish")
-GRID_LEVELS = ("easy", "medium", "hard")
+from patho_r1.curate.config import GRID_SUBFIELDS
+from patho_r1.curate.config import LEVELS as GRID_LEVELS
+
 TASKS = ("mcq", "description", "reasoning", "conversation")
 BUILTIN = Path(__file__).parent / "prompts"
 

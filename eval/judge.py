@@ -1,4 +1,12 @@
-"""An LLM judge for open-ended VQA answers, over any OpenAI-compatible chat endpoint (OpenAI, a vLLM server, ...).
+"""An LLM judge over any OpenAI-compatible chat endpoint (OpenAI, a vLLM server, ...), on the client the data
+engine's teacher uses (`patho_r1.llm`): concurrent requests, the client's retries with backoff, token accounting,
+and a disk cache keyed by judge model and prompt, so a re-run costs nothing.
+
+Two modes:
+- correctness (`verdicts`, `judge`): does a candidate answer mean the same as the reference?  Yes or no, with a
+  one-line rationale, as VLMEvalKit's judge answers.
+- reasoning quality (`rubric`): each reasoning chain scored 1-10 on the ten criteria in `RUBRIC` (ours, after the
+  Patho-R1 paper's ten-criteria evaluation), with the mean per criterion and the total.
 
 Configured explicitly or from the environment: `PATHO_JUDGE_BASE_URL` (or VLMEvalKit's `OPENAI_API_BASE`),
 `PATHO_JUDGE_MODEL` (or `LOCAL_LLM`), `OPENAI_API_KEY`.  With none set, asking for a judgement is an error: an
@@ -7,20 +15,50 @@ open-ended set is never silently scored 0.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
-import urllib.error
-import urllib.request
+import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from patho_r1.errors import ConfigError
+from patho_r1.llm import ChatRequest, EndpointConfig, LLMClient, run
 
 JUDGE_PROMPT = (
     "You are grading answers to a pathology question.\n"
     "Question: {question}\nReference answer: {answer}\nCandidate answer: {prediction}\n"
-    "Does the candidate answer mean the same as the reference answer? Reply with exactly one word: yes or no."
+    "Does the candidate answer mean the same as the reference answer? Reply with yes or no on the first line, "
+    "then one line saying why."
 )
+
+RUBRIC = {
+    "factual_accuracy": "every stated fact about pathology is true",
+    "logical_coherence": "each step follows from the one before",
+    "visual_evidence": "the reasoning rests on features visible in the image",
+    "completeness": "the findings needed for the conclusion are all considered",
+    "conciseness": "no padding, repetition or irrelevant detail",
+    "terminology": "correct, precise pathology terms",
+    "answer_consistency": "the final answer is the one the reasoning reaches",
+    "differential_diagnosis": "plausible alternatives are weighed and excluded",
+    "no_hallucination": "no findings are invented that the question and image do not support",
+    "clinical_relevance": "the conclusion is useful for the patient's management",
+}
+
+RUBRIC_PROMPT = (
+    "You are grading the reasoning of a pathology assistant.\n"
+    "Question: {question}\nReference answer: {answer}\nThe assistant's reasoning: {reasoning}\n"
+    "The assistant's answer: {prediction}\n\n"
+    "Score the reasoning from 1 (very poor) to 10 (excellent) on each criterion:\n{criteria}\n\n"
+    "Reply with one JSON object mapping each criterion name to its integer score, and nothing else."
+)
+
+
+@dataclass
+class Verdict:
+    correct: bool
+    rationale: str
 
 
 @dataclass
@@ -29,34 +67,134 @@ class LLMJudge:
     model: str
     api_key: str | None = field(default=None, repr=False)  # never in a repr, a log line or a traceback's locals
     timeout: float = 60.0
+    concurrency: int = 8
+    max_retries: int = 4
+    cache: str | None = None  # a JSONL file of (key, reply); None: no cache
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cache_hits: int = 0
 
     @classmethod
-    def from_env(cls) -> LLMJudge:
+    def from_env(cls, cache: str | None = None) -> LLMJudge:
         base = os.environ.get("PATHO_JUDGE_BASE_URL") or os.environ.get("OPENAI_API_BASE")
         model = os.environ.get("PATHO_JUDGE_MODEL") or os.environ.get("LOCAL_LLM")
         if not base or not model:
             raise ConfigError("judge: no LLM judge configured; set PATHO_JUDGE_BASE_URL (an OpenAI-compatible "
                               "/v1 endpoint) and PATHO_JUDGE_MODEL, or pass judge settings in the config")
-        return cls(base_url=base, model=model, api_key=os.environ.get("OPENAI_API_KEY"))
+        return cls(base_url=base, model=model, api_key=os.environ.get("OPENAI_API_KEY"), cache=cache)
 
-    def _chat(self, prompt: str) -> str:
-        url = self.base_url.rstrip("/") + "/chat/completions"
-        body = json.dumps({"model": self.model, "temperature": 0.0, "max_tokens": 4,
-                           "messages": [{"role": "user", "content": prompt}]}).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                payload = json.loads(response.read())
-        except (urllib.error.URLError, TimeoutError) as exc:
-            raise ConnectionError(f"judge endpoint {url} failed: {exc}") from None
-        return payload["choices"][0]["message"]["content"]
+    def endpoint(self, max_tokens: int) -> EndpointConfig:
+        return EndpointConfig(base_url=self.base_url, model=self.model, concurrency=self.concurrency,
+                              max_retries=self.max_retries, timeout=self.timeout, temperature=0.0,
+                              max_tokens=max_tokens)
+
+    # -- requests, through the cache ------------------------------------------------------------------------------
+    def _key(self, prompt: str, max_tokens: int) -> str:
+        return hashlib.sha256(f"{self.model}\0{max_tokens}\0{prompt}".encode()).hexdigest()
+
+    def _load_cache(self) -> dict[str, str]:
+        if not self.cache or not Path(self.cache).is_file():
+            return {}
+        out = {}
+        for line in Path(self.cache).read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a torn last line from a killed run
+                continue
+            out[row["key"]] = row["reply"]
+        return out
+
+    def ask(self, prompts: list[str], max_tokens: int) -> list[str]:
+        """Replies to `prompts`, from the cache where it holds them; the rest sent concurrently and cached."""
+        cached = self._load_cache()
+        keys = [self._key(p, max_tokens) for p in prompts]
+        missing = {k: p for k, p in zip(keys, prompts, strict=True) if k not in cached}
+        self.cache_hits += len(prompts) - len(missing)
+        if missing:
+            cached.update(self._send(missing, max_tokens))
+        return [cached[k] for k in keys]
+
+    def _send(self, prompts: dict[str, str], max_tokens: int) -> dict[str, str]:
+        replies: dict[str, str] = {}
+        errors: list[str] = []
+        lock = threading.Lock()
+        if self.cache:
+            Path(self.cache).parent.mkdir(parents=True, exist_ok=True)
+
+        async def main() -> None:
+            cache_fh = open(self.cache, "a", encoding="utf-8") if self.cache else None  # noqa: SIM115
+            try:
+                async with LLMClient(self.endpoint(max_tokens), api_key=self.api_key) as client:
+                    def on_result(request, result):
+                        if result.error is not None:
+                            errors.append(result.error)
+                            return
+                        with lock:
+                            replies[request.key] = result.text
+                            if cache_fh is not None:
+                                cache_fh.write(json.dumps({"key": request.key, "reply": result.text}) + "\n")
+                                cache_fh.flush()
+
+                    await client.map((ChatRequest(k, [{"role": "user", "content": p}]) for k, p in prompts.items()),
+                                     on_result)
+                    self.prompt_tokens += client.prompt_tokens
+                    self.completion_tokens += client.completion_tokens
+            finally:
+                if cache_fh is not None:
+                    cache_fh.close()
+
+        run(main())
+        if errors:
+            raise ConnectionError(f"judge endpoint {self.base_url} failed on {len(errors)} of {len(prompts)} "
+                                  f"requests after retries (the answered ones are cached): {errors[0]}")
+        return replies
+
+    # -- correctness -------------------------------------------------------------------------------------------------
+    def verdicts(self, items: list[tuple[str, str, str]]) -> list[Verdict]:
+        """(question, reference answer, prediction) -> yes/no with the judge's rationale."""
+        prompts = [JUDGE_PROMPT.format(question=q, answer=a, prediction=p) for q, a, p in items]
+        out = []
+        for reply in self.ask(prompts, max_tokens=64):
+            text = reply.strip()
+            word = re.sub(r"[^a-z]", "", text.lower().split()[0]) if text else ""
+            if word not in ("yes", "no"):
+                raise ValueError(f"judge replied {reply!r}, expected yes or no")
+            rationale = text.split("\n", 1)[1].strip() if "\n" in text else text[len(text.split()[0]):].strip(" .:-")
+            out.append(Verdict(word == "yes", rationale))
+        return out
 
     def judge(self, question: str, answer: str, prediction: str) -> bool:
-        reply = self._chat(JUDGE_PROMPT.format(question=question, answer=answer, prediction=prediction))
-        word = re.sub(r"[^a-z]", "", reply.strip().lower().split()[0]) if reply.strip() else ""
-        if word not in ("yes", "no"):
-            raise ValueError(f"judge replied {reply!r}, expected yes or no")
-        return word == "yes"
+        return self.verdicts([(question, answer, prediction)])[0].correct
+
+    # -- reasoning quality -------------------------------------------------------------------------------------------
+    def rubric(self, items: list[tuple[str, str, str, str]]) -> dict:
+        """(question, reference, reasoning, prediction) -> per-item scores, the mean per criterion and the total
+        (the sum of the ten means, out of 100).  A reply that is not the JSON asked for is counted, not guessed."""
+        criteria = "\n".join(f"- {k}: {v}" for k, v in RUBRIC.items())
+        prompts = [RUBRIC_PROMPT.format(question=q, answer=a, reasoning=r, prediction=p, criteria=criteria)
+                   for q, a, r, p in items]
+        scores, unparsed = [], 0
+        for reply in self.ask(prompts, max_tokens=256):
+            parsed = _rubric_scores(reply)
+            if parsed is None:
+                unparsed += 1
+            scores.append(parsed)
+        good = [s for s in scores if s is not None]
+        means = {k: round(sum(s[k] for s in good) / len(good), 3) for k in RUBRIC} if good else {}
+        return {"n": len(items), "scored": len(good), "unparsed": unparsed, "per_item": scores,
+                "mean_per_criterion": means, "total": round(sum(means.values()), 2) if means else None}
+
+
+def _rubric_scores(reply: str) -> dict[str, int] | None:
+    m = re.search(r"\{.*\}", reply, re.DOTALL)
+    if not m:
+        return None
+    try:
+        data = json.loads(m.group(0))
+    except json.JSONDecodeError:
+        return None
+    try:
+        scores = {k: int(data[k]) for k in RUBRIC}
+    except (KeyError, TypeError, ValueError):
+        return None
+    return scores if all(1 <= v <= 10 for v in scores.values()) else None

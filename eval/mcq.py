@@ -81,9 +81,11 @@ def build_request(record: MCQRecord, system_prompt: str | None = REASONING_SYSTE
     return ChatRequest(messages=messages, images=images)
 
 
-def judge(record: MCQRecord, response: str, n_tokens: int, llm_judge=None, yesno_mode: str = "patho") -> MCQRow:
+def judge(record: MCQRecord, response: str, n_tokens: int, llm_judge=None, yesno_mode: str = "patho",
+          verdict: bool | None = None) -> MCQRow:
     """Judge one response: VLMEvalKit exact matching and the strict reward for MCQ, yes/no matching, or the LLM
-    judge for open questions (an error when none is configured: an open set is never silently scored 0).
+    judge for open questions (an error when none is configured: an open set is never silently scored 0); `verdict`
+    is the judge's answer when it was asked already, for many rows at once (`evaluate_mcq`).
 
     Yes/no answers: `patho` (default) reads sentences, true/false, markdown and any case (`score_yesno`);
     `vlmeval` reproduces VLMEvalKit's verdict exactly, case-sensitive comparison included (`vlmeval_yesno_correct`).
@@ -98,6 +100,8 @@ def judge(record: MCQRecord, response: str, n_tokens: int, llm_judge=None, yesno
     elif record.answer_type == "yesno":
         correct = score_yesno(prediction, record.answer) == 1.0
         strict = score_yesno(extract_answer(response), record.answer) == 1.0
+    elif verdict is not None:
+        correct = strict = verdict
     else:
         if llm_judge is None:
             from patho_r1.eval.judge import LLMJudge
@@ -164,7 +168,15 @@ def evaluate_mcq(generator: Generator, records: list[MCQRecord], sampling: Sampl
     responses = generator.generate([build_request(r, system_prompt) for r in records], sampling)
     count = (lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])) if tokenizer else \
         (lambda s: len(s.split()))
-    rows = [judge(rec, resp, count(resp), llm_judge, yesno_mode) for rec, resp in zip(records, responses, strict=True)]
+    # open answers go to the judge in one concurrent batch (cached, retried), not one request at a time
+    open_idx = [i for i, r in enumerate(records) if r.answer_type not in ("mcq", "yesno")]
+    verdicts: dict[int, bool] = {}
+    if open_idx:
+        asked = llm_judge.verdicts([(records[i].question, records[i].answer, extract_final_answer(responses[i]))
+                                    for i in open_idx])
+        verdicts = {i: v.correct for i, v in zip(open_idx, asked, strict=True)}
+    rows = [judge(rec, resp, count(resp), llm_judge, yesno_mode, verdicts.get(i))
+            for i, (rec, resp) in enumerate(zip(records, responses, strict=True))]
     return summarise(records, rows, yesno_mode), rows
 
 

@@ -97,13 +97,14 @@ def _reasoning_of(message) -> str | None:
 class LLMClient:
     """An `AsyncOpenAI` client with the endpoint's concurrency limit, retries and token accounting."""
 
-    def __init__(self, endpoint: EndpointConfig):
+    def __init__(self, endpoint: EndpointConfig, api_key: str | None = None):
+        """`api_key` overrides the environment variable the endpoint names (a caller that was handed the key)."""
         from openai import AsyncOpenAI
 
         self.endpoint = endpoint
         # Local servers ignore the key but the client insists on one; a hosted API without one answers 401, which
         # is not retried and says so.
-        api_key = os.environ.get(endpoint.api_key_env) or "EMPTY"
+        api_key = api_key or os.environ.get(endpoint.api_key_env) or "EMPTY"
         self._client = AsyncOpenAI(base_url=endpoint.base_url, api_key=api_key, max_retries=endpoint.max_retries,
                                    timeout=endpoint.timeout)
         self._limit = asyncio.Semaphore(endpoint.concurrency)

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -86,3 +92,36 @@ def vlmeval_scorers():
     from vlmeval.utils import matching_util
 
     return types.SimpleNamespace(can_infer=matching_util.can_infer, yorn_extraction=yorn.YOrN_Extraction)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def hf_server(tiny_model_dir):
+    """`transformers serve` with the tiny Qwen2.5-VL: a real OpenAI-compatible server on the CPU."""
+    port = _free_port()
+    exe = Path(sys.executable).parent / "transformers"
+    log = open(Path(tiny_model_dir).parent / "serve.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen([str(exe), "serve", str(tiny_model_dir), "--port", str(port), "--device", "cpu"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"transformers serve exited: {Path(log.name).read_text()[-2000:]}") from None
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError("transformers serve did not come up in 120 s")
+    yield url + "/v1", str(tiny_model_dir)
+    proc.terminate()
+    proc.wait(30)
+    log.close()

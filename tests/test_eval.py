@@ -199,7 +199,8 @@ def test_open_questions_need_a_judge_and_use_it(monkeypatch):
         server.shutdown()
     assert [r.correct for r in rows] == [True, False] and report.accuracy == 0.5
     with pytest.raises(ConnectionError):
-        LLMJudge(base_url=f"http://127.0.0.1:{server.server_port}/v1", model="m", timeout=1).judge("q", "a", "b")
+        LLMJudge(base_url=f"http://127.0.0.1:{server.server_port}/v1", model="m", timeout=1,
+                 max_retries=0).judge("q", "a", "b")
 
 
 def test_vlmeval_model_class_core_on_the_tiny_model(tiny_model_dir, world_dir, monkeypatch):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -137,39 +136,6 @@ def test_filter_names_file_line_and_field_of_bad_input(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------------
 # The client against real servers
 # ----------------------------------------------------------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def hf_server(tiny_model_dir):
-    """`transformers serve` with the tiny Qwen2.5-VL: a real OpenAI-compatible server on the CPU."""
-    port = _free_port()
-    exe = Path(sys.executable).parent / "transformers"
-    log = open(Path(tiny_model_dir).parent / "serve.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen([str(exe), "serve", str(tiny_model_dir), "--port", str(port), "--device", "cpu"],
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"transformers serve exited: {Path(log.name).read_text()[-2000:]}") from None
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("transformers serve did not come up in 120 s")
-    yield url + "/v1", str(tiny_model_dir)
-    proc.terminate()
-    proc.wait(30)
-    log.close()
-
 
 def test_client_against_transformers_serve(hf_server, cluster_dir, tmp_path):
     from patho_r1.llm import ChatRequest, EndpointConfig, LLMClient, image_part, run

@@ -16,6 +16,7 @@ Built in, in order: tags, truncation, length, repetition, language_mix, answer_c
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from collections import Counter
@@ -63,10 +64,15 @@ class Candidate:
     def task(self) -> str | None:
         return self.row.get("task")
 
-    @property
+    @functools.cached_property
     def body(self) -> str:
         """What the student learns from: every think and answer, without the questions."""
         return "\n".join(f"{t.think or ''}\n{t.answer or ''}" for t in self.parsed.turns)
+
+    @functools.cached_property
+    def words(self) -> list[str]:
+        """The body's lower-cased words (the repetition and near-duplicate rules both read them)."""
+        return _WORD.findall(self.body.lower())
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -127,18 +133,17 @@ def repetition(cfg):
     n = cfg.ngram
 
     def check(c: Candidate) -> str | None:
-        body = c.body
-        words = _WORD.findall(body.lower())
+        words = c.words
         if len(words) >= cfg.min_words_for_ratio:
-            grams = list(zip(*(words[i:] for i in range(n)), strict=False))
-            ratio = 1.0 - len(set(grams)) / len(grams)
+            total = len(words) - n + 1
+            ratio = 1.0 - len(set(zip(*(words[i:] for i in range(n)), strict=False))) / total
             if ratio > cfg.max_ngram_repeat:
                 return f"{ratio:.2f} of {n}-grams repeated > {cfg.max_ngram_repeat}"
         for turn in c.parsed.turns:  # a loop repeats within one think or answer; turns may share a phrase
             for text in (turn.think, turn.answer):
-                sentences = Counter(s.strip().lower() for s in _SENTENCE.findall(text or "") if s.count(" ") >= 2)
-                if sentences:
-                    sentence, times = sentences.most_common(1)[0]
+                said = [s.strip().lower() for s in _SENTENCE.findall(text or "") if s.count(" ") >= 2]
+                if len(said) - len(set(said)) >= cfg.max_sentence_repeats - 1:  # else no sentence can loop
+                    sentence, times = Counter(said).most_common(1)[0]
                     if times >= cfg.max_sentence_repeats:
                         return f"a sentence said {times} times: {sentence[:40]!r}"
         return None
@@ -229,9 +234,10 @@ def near_duplicate(cfg):
     itself teaches one sample many times."""
     import numpy as np
 
-    from patho_r1.curate.minhash import MinHashSpec
+    from patho_r1.curate.minhash import MinHashSpec, WordHashes, band_keys, word_signatures
 
     spec = MinHashSpec(cfg.near_duplicate_threshold, cfg.num_perm, cfg.shingle)
+    hashes = WordHashes()
     seen: dict[tuple[int, int], int] = {}  # (band, key) -> index of the first kept output with it
     kept_ids: list[str] = []
     kept_sigs: list[np.ndarray] = []
@@ -239,7 +245,8 @@ def near_duplicate(cfg):
     def check(batch: list[Candidate]) -> list[str | None]:
         if not batch:
             return []
-        sigs, keys = spec.sign([c.body for c in batch])
+        sigs = word_signatures([hashes(c.words) for c in batch], spec.num_perm, spec.shingle)
+        keys = band_keys(sigs, *spec.bands)
         out: list[str | None] = []
         for c, sig, row_keys in zip(batch, sigs, keys.tolist(), strict=True):
             # a shared band makes a candidate; the signatures' agreement decides (LSH alone lets some through)

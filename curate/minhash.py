@@ -12,6 +12,7 @@ the hash function and the band/row split are datasketch's own (`MinHash(...).per
 from __future__ import annotations
 
 import re
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -78,6 +79,55 @@ def signatures(texts: Sequence[str], num_perm: int = 64, shingle: int = 3, seed:
     values = permuted[np.asarray(token_ids)]
     starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
     out[rows[starts]] = np.minimum.reduceat(values, starts, axis=0)
+    return out
+
+
+class WordHashes:
+    """A 32-bit hash per word (crc32, remembered): the word-level route to signatures, for one process's own
+    comparisons (the filter's near-duplicates), where matching datasketch value for value is not needed."""
+
+    def __init__(self):
+        self._of: dict[str, int] = {}
+
+    def __call__(self, words: Sequence[str]) -> list[int]:
+        of = self._of
+        out = []
+        for w in words:
+            h = of.get(w)
+            if h is None:
+                h = of[w] = zlib.crc32(w.encode("utf-8"))
+            out.append(h)
+        return out
+
+
+def word_signatures(rows: Sequence[Sequence[int]], num_perm: int = 32, shingle: int = 3, seed: int = 1
+                    ) -> np.ndarray:
+    """(len(rows), num_perm) MinHash signatures of word n-gram shingles, from each row's word hashes, computed in
+    numpy: no shingle strings are built.  The same permutations as `signatures`, over another shingle hash, so the
+    Jaccard estimates behave alike but the values differ; a row with no words gets the all-max signature."""
+    a, b = permutations(num_perm, seed)
+    out = np.full((len(rows), num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    if not lengths.sum():
+        return out
+    flat = np.fromiter((h for r in rows for h in r), dtype=np.uint64, count=int(lengths.sum()))
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    # shingle k of a row starts at word k; a row shorter than `shingle` words is one shingle of all its words
+    n_sh = np.where(lengths >= shingle, lengths - shingle + 1, (lengths > 0).astype(np.int64))
+    row_of = np.repeat(np.arange(len(rows)), n_sh)
+    first = np.repeat(starts, n_sh) + (np.arange(int(n_sh.sum())) - np.repeat(np.cumsum(n_sh) - n_sh, n_sh))
+    limit = np.repeat(ends, n_sh)
+    with np.errstate(over="ignore"):
+        h = np.zeros(len(first), dtype=np.uint64)
+        for j in range(shingle):  # FNV-style mix of the shingle's word hashes, in order
+            idx = first + j
+            word = np.where(idx < limit, flat[np.minimum(idx, len(flat) - 1)], np.uint64(0))
+            h = (h ^ word) * np.uint64(0x100000001B3)
+        h32 = _fmix32((h ^ (h >> np.uint64(32))).astype(np.uint32))
+        permuted = h32[:, None] * a[None, :] + b[None, :]
+    starts_sh = np.flatnonzero(np.r_[True, row_of[1:] != row_of[:-1]])
+    out[row_of[starts_sh]] = np.minimum.reduceat(permuted, starts_sh, axis=0)
     return out
 
 

@@ -353,3 +353,24 @@ def test_synth_teacher_endpoint_in_a_curate_phase(cluster_dir, tmp_path):
     assert result.metrics["stages"]["01-generate"]["answered"] == 12
     again = run_curate(CuratePhaseConfig.model_validate(cfg.model_dump()))  # another port, same work: skipped
     assert again.metrics["stages"]["01-generate"] == result.metrics["stages"]["01-generate"]
+
+
+def test_word_signatures_estimate_shingle_jaccard():
+    import numpy as np
+
+    from patho_r1.curate.minhash import WordHashes, shingles, word_signatures
+
+    rng = np.random.default_rng(0)
+    vocab = [f"w{i}" for i in range(300)]
+    base = [vocab[i] for i in rng.integers(0, 300, 60)]
+    hashes = WordHashes()
+    for changed in (0, 3, 10, 30):
+        other = list(base)
+        for i in rng.choice(60, changed, replace=False):
+            other[i] = "x" + other[i]
+        a, b = set(shingles(" ".join(base))), set(shingles(" ".join(other)))
+        truth = len(a & b) / len(a | b)
+        sigs = word_signatures([hashes(base), hashes(other)], num_perm=256)
+        assert abs((sigs[0] == sigs[1]).mean() - truth) < 0.1, (changed, truth)
+    short = word_signatures([hashes(["a", "b"]), hashes(["a", "b"]), []], num_perm=32)
+    assert (short[0] == short[1]).all() and (short[2] == np.iinfo(np.uint32).max).all()

@@ -37,6 +37,8 @@ def collect(run_dir: str | Path) -> dict:
     state = json.loads(state_file.read_text())
     report: dict = {"recipe": state.get("recipe", run_dir.name), "recipe_hash": state.get("recipe_hash"),
                     "mcq": {}, "paired": [], "retrieval": {}, "curate": {}, "wall_time_s": {}, "training": {}}
+    evals = [n for n, e in state["phases"].items()
+             if (Path(e.get("output_dir") or run_dir / n) / "summary.json").is_file()]
     for name, entry in state["phases"].items():
         out = Path(entry.get("output_dir") or run_dir / name)
         report["wall_time_s"][name] = round(float(entry.get("seconds", 0.0)), 1)
@@ -44,11 +46,14 @@ def collect(run_dir: str | Path) -> dict:
         if rows:
             report["training"][name] = {"type": entry.get("type"), "rows": rows}
         if (out / "summary.json").is_file():
+            # two eval phases (a benchmark and the curated held-out set) score the same labels: name the phase
+            prefix = f"{name}: " if len(evals) > 1 else ""
             for label, r in json.loads((out / "summary.json").read_text()).items():
                 lo, hi = plots.wilson_interval(round(r["accuracy"] * r["n"]), r["n"])
-                report["mcq"][label] = {**r, "ci95": [lo, hi]}
+                report["mcq"][prefix + label] = {**r, "ci95": [lo, hi]}
             if (out / "paired.json").is_file():
-                report["paired"] += json.loads((out / "paired.json").read_text())
+                report["paired"] += [{**p, "from": prefix + p["from"], "to": prefix + p["to"]}
+                                     for p in json.loads((out / "paired.json").read_text())]
         if (out / "eval" / "metrics.json").is_file():
             report["retrieval"][name] = json.loads((out / "eval" / "metrics.json").read_text())
         stages = curate_stages(out)

@@ -185,3 +185,18 @@ def test_metrics_tail_skips_rows_of_an_earlier_attempt(tmp_path):
     with path.open("a") as fh:
         fh.write('{"step": 41}\n')
     assert tail.new_rows() == [{"step": 41}]
+
+
+def test_two_eval_phases_keep_their_own_rows(run_dir):
+    from patho_r1.launch.report import collect
+
+    state = json.loads((run_dir / STATE_FILE).read_text())
+    state["phases"]["eval-curated"] = {"name": "eval-curated", "type": "eval", "status": "done", "seconds": 1.0,
+                                       "metrics": {}, "output_dir": str(run_dir / "eval-curated")}
+    (run_dir / STATE_FILE).write_text(json.dumps(state))
+    (run_dir / "eval-curated").mkdir()
+    (run_dir / "eval-curated/summary.json").write_text(json.dumps({"sft": {
+        "n": 10, "accuracy": 0.3, "strict_accuracy": 0.3, "format_rate": 1.0, "chance": 0.25}}))
+    report = collect(run_dir)
+    assert report["mcq"]["eval: sft"]["n"] == 60 and report["mcq"]["eval-curated: sft"]["n"] == 10
+    assert report["paired"][0]["from"] == "eval: base"

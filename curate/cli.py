@@ -17,6 +17,7 @@ console shows a progress bar and one summary line; everything is in OUT/manifest
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -84,9 +85,12 @@ def _run(args, stage, model_encoder) -> int:
               f"at most {c['max_completion_tokens']:,} completion tokens{cost}; nothing sent")
         return 0
     if not manifest.complete:
+        failures = Path(args.out) / "failures.jsonl"
+        last = failures.read_text().splitlines()[-1:] if failures.is_file() else []
         print(_summary(manifest))
         print(f"{manifest.stage}: {manifest.counts.get('failed', 0)} requests failed after every retry "
-              f"({Path(args.out) / 'failures.jsonl'}); run the same command again to retry them")
+              f"({failures}); run the same command again to retry them"
+              + (f"\n  last error: {json.loads(last[0])['error']}" if last else ""))
         return 1
     if manifest.created < started:
         print(f"{manifest.stage}: up to date (same config and inputs), skipped; --force runs it again")
@@ -117,7 +121,8 @@ def register(sub, model_encoder=None) -> None:
             q.add_argument("input", help="the folder of the stage before")
         q.add_argument("--out", required=True, help="output folder")
         q.add_argument("--force", action="store_true", help="rerun even if the output is up to date")
-        q.add_argument("--seed", type=int, default=0, help="random seed (tagging's held-out split, K-means)")
+        q.add_argument("--seed", type=int, default=0,
+                       help="random seed (held-out splits, K-means, task draws, MCQ sampling)")
 
     def embedder(q):
         q.add_argument("--embedder", choices=["features", "patho", "hf"], default="features",

@@ -28,7 +28,7 @@ _TOKEN = re.compile(r"\w+|[^\w\s]")
 
 
 def _read_rows(path: Path):
-    """(line number, row) of a teacher-output JSONL; a bad line names the file, line and field."""
+    """The rows of a teacher-output JSONL; a bad line names the file, line and field."""
     with path.open(encoding="utf-8") as fh:
         for n, line in enumerate(fh, start=1):
             if not line.strip():
@@ -42,7 +42,7 @@ def _read_rows(path: Path):
             for key in ("id", "response"):
                 if not isinstance(row.get(key), str if key == "response" else (str, int)):
                     raise DataError(path, n, key, "missing" if key not in row else "not a string")
-            yield n, row
+            yield row
 
 
 class _TokenCounter:
@@ -108,10 +108,10 @@ class FilterReport:
         return "\n".join(lines) + "\n"
 
 
-def kept_row(row: dict, parsed, stage: FilterStage, images: list) -> dict:
-    task = row.get("task") or ("mcq" if row.get("options") else "reasoning")
-    out = {"id": str(row["id"]), "messages": to_conversation(parsed, task, images, stage.system_prompt),
-           "images": images, "task": task}
+def kept_row(c: Candidate, stage: FilterStage, images: list) -> dict:
+    row = c.row
+    out = {"id": str(row["id"]), "messages": to_conversation(c.parsed, c.task, images, stage.system_prompt),
+           "images": images, "task": c.task}
     for key in ("record_id", "prompt_id", "subfield", "level", "caption", "gold"):
         if row.get(key) is not None:
             out[key] = row[key]
@@ -126,31 +126,32 @@ def run_filter(stage: FilterStage, source: Path, out: Path, writer, progress) ->
     report = FilterReport(stage.examples)
     src_dir = source.parent
 
-    def flush(chunk: list[tuple[dict, Candidate]]) -> None:
+    def flush(rows: list[dict]) -> None:
+        chunk = _candidates(rows, count_tokens)
         reasons = [[f"{name}: {why}" for name, check in row_checks if (why := check(c)) is not None]
-                   for _, c in chunk]
+                   for c in chunk]
         for name, check in batch_checks:
             alive = [i for i, r in enumerate(reasons) if not r]
-            for i, why in zip(alive, check([chunk[i][1] for i in alive]), strict=True):
+            for i, why in zip(alive, check([chunk[i] for i in alive]), strict=True):
                 if why is not None:
                     reasons[i].append(f"{name}: {why}")
-        for (row, c), why in zip(chunk, reasons, strict=True):
-            report.add(row, why)
+        for c, why in zip(chunk, reasons, strict=True):
+            report.add(c.row, why)
             if why:
-                writer.row("rejected", {**row, "reasons": why})
+                writer.row("rejected", {**c.row, "reasons": why})
             else:
-                images = relative_images(row, src_dir, out).get("images") or []
-                writer.row("kept", kept_row(row, c.parsed, stage, images))
+                images = relative_images(c.row, src_dir, out).get("images") or []
+                writer.row("kept", kept_row(c, stage, images))
         progress.advance(len(chunk))
 
-    chunk: list[tuple[dict, Candidate]] = []
-    for _, row in _read_rows(source):
-        chunk.append((row, None))
-        if len(chunk) >= CHUNK:
-            flush(_candidates(chunk, count_tokens))
-            chunk = []
-    if chunk:
-        flush(_candidates(chunk, count_tokens))
+    rows: list[dict] = []
+    for row in _read_rows(source):
+        rows.append(row)
+        if len(rows) >= CHUNK:
+            flush(rows)
+            rows = []
+    if rows:
+        flush(rows)
     summary = report.as_dict(stage.rules)
     (out / "filter_report.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     (out / "filter_report.md").write_text(report.markdown(stage.rules), encoding="utf-8")
@@ -158,12 +159,11 @@ def run_filter(stage: FilterStage, source: Path, out: Path, writer, progress) ->
             "rejected_by_rule": {r: sum(v.values()) for r, v in summary["rejected_by_rule"].items()}}
 
 
-def _candidates(chunk: list[tuple[dict, None]], count_tokens) -> list[tuple[dict, Candidate]]:
-    parsed = [parse_reply(row["response"], row.get("reasoning")) for row, _ in chunk]
+def _candidates(rows: list[dict], count_tokens) -> list[Candidate]:
+    parsed = [parse_reply(row["response"], row.get("reasoning")) for row in rows]
     # the length rule counts what the student learns from: questions, thinks (inline or separate) and answers,
     # not the tags around them
     texts = [" ".join(f"{t.question or ''} {t.think or ''} {t.answer or ''}" for t in p.turns) or row["response"]
-             for (row, _), p in zip(chunk, parsed, strict=True)]
-    n_tokens = count_tokens(texts)
-    return [(row, Candidate(row, p, row["response"], n)) for (row, _), p, n in zip(chunk, parsed, n_tokens,
-                                                                                   strict=True)]
+             for row, p in zip(rows, parsed, strict=True)]
+    return [Candidate(row, p, row["response"], n) for row, p, n in zip(rows, parsed, count_tokens(texts),
+                                                                           strict=True)]

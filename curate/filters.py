@@ -61,8 +61,9 @@ class Candidate:
     n_tokens: int
 
     @property
-    def task(self) -> str | None:
-        return self.row.get("task")
+    def task(self) -> str:
+        """The row's task; rows of another pipeline without one are MCQs when they carry options."""
+        return self.row.get("task") or ("mcq" if self.row.get("options") else "reasoning")
 
     @functools.cached_property
     def body(self) -> str:

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,14 +75,13 @@ def load_gold(labels: str | None) -> dict[str, str]:
     return {k: fields["diagnosis"] for k, (_, fields) in read_id_table(labels, ("diagnosis",)).items()}
 
 
-def plan_jobs(stage: GenerateStage, parent: Path, out: Path, grid: PromptGrid, seed: int, counts: dict
-              ) -> Iterator[Job]:
+def plan_jobs(stage: GenerateStage, parent: Path, out: Path, grid: PromptGrid, seed: int, counts: dict,
+              gold: dict[str, str]) -> Iterator[Job]:
     """The requests the stage makes, in the parent's row order (a pure function of the config and the parent)."""
     files = stage_files(parent)
     if "caption" not in files:
         raise ConfigError(f"{parent}: no caption.jsonl; the teacher writes from captions (run the stage on an "
                           "import, dedup, tag or cluster folder of caption rows)")
-    gold = load_gold(stage.labels)
     n = 0
     for row in iter_jsonl(files["caption"]):
         rid = str(row["id"])
@@ -156,11 +156,11 @@ def finished_keys(path: Path) -> set[str]:
 def guard_identity(out: Path, identity: dict, resume: bool) -> None:
     """Refuse to append one teacher's replies to another's; without resume, move the old ones aside (no loss)."""
     path = out / IDENTITY
-    if path.is_file() and json.loads(path.read_text()) != identity:
-        if resume:
-            raise ConfigError(f"{out}: holds generations from another teacher config ({path}); use another output "
-                              "folder, or --force to move them aside and start again")
-    if path.is_file() and (not resume or json.loads(path.read_text()) != identity):
+    old = json.loads(path.read_text()) if path.is_file() else None
+    if old is not None and old != identity and resume:
+        raise ConfigError(f"{out}: holds generations from another teacher config ({path}); use another output "
+                          "folder, or --force to move them aside and start again")
+    if old is not None and not resume:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for name in (GENERATIONS, FAILURES, IDENTITY):
             if (out / name).exists():
@@ -181,9 +181,12 @@ def generate(make_jobs: Callable[[], Iterator[Job]], out: Path, endpoint: Endpoi
     """Send every job not already answered; append replies (and failures) as they arrive.  `make_jobs` is called
     twice: once to count what is left (for the ETA), once to send it, lazily."""
     done = finished_keys(out / GENERATIONS)
-    n_jobs = sum(1 for _ in make_jobs())
-    counts["resumed"] = sum(1 for j in make_jobs() if j.key in done) if done else 0
-    progress.total = counts["requests"] = n_jobs - counts["resumed"]
+    n_jobs = resumed = 0
+    for job in make_jobs():  # prompts render lazily: this pass reads rows and draws tasks only
+        n_jobs += 1
+        resumed += job.key in done
+    counts["resumed"] = resumed
+    progress.total = counts["requests"] = n_jobs - resumed
     pending = (j for j in make_jobs() if j.key not in done)
 
     async def main() -> None:
@@ -217,21 +220,19 @@ def generate(make_jobs: Callable[[], Iterator[Job]], out: Path, endpoint: Endpoi
 
 def run_generate(stage: GenerateStage, parent: Path, out: Path, writer, progress, seed: int, resume: bool,
                  dry_run: bool = False) -> dict:
-    from collections import Counter
-
     grid = PromptGrid(Path(stage.prompts) if stage.prompts else None)
+    gold = load_gold(stage.labels)
     counts: Counter = Counter()
     if dry_run:
-        return {**estimate(list(plan_jobs(stage, parent, out, grid, seed, counts)), stage.endpoint), **counts}
+        return {**estimate(list(plan_jobs(stage, parent, out, grid, seed, counts, gold)), stage.endpoint), **counts}
     guard_identity(out, stage.identity(grid.digest()), resume)
     skipped: Counter = Counter()  # the planning passes count skips; keep one pass's worth
 
     def make_jobs():
         skipped.clear()
-        return plan_jobs(stage, parent, out, grid, seed, skipped)
+        return plan_jobs(stage, parent, out, grid, seed, skipped, gold)
 
     generate(make_jobs, out, stage.endpoint, stage.with_image, progress, counts)
     counts.update(skipped)
-    total = sum(1 for _ in iter_jsonl(out / GENERATIONS))
-    return {**counts, "generations": total, "complete": counts["failed"] == 0,
-            "tasks": dict(Counter(r["task"] for r in iter_jsonl(out / GENERATIONS)))}
+    tasks = Counter(r["task"] for r in iter_jsonl(out / GENERATIONS))  # this run's replies and earlier ones
+    return {**counts, "generations": sum(tasks.values()), "complete": counts["failed"] == 0, "tasks": dict(tasks)}

@@ -27,7 +27,7 @@ import numpy as np
 
 from patho_r1.curate.config import FilterStage, MCQStage
 from patho_r1.curate.filters import FILTERS, Candidate, normalize
-from patho_r1.curate.generate import GENERATIONS, Job, finished_keys, generate, guard_identity
+from patho_r1.curate.generate import GENERATIONS, Job, generate, guard_identity
 from patho_r1.curate.grid import GRID_SUBFIELDS, PromptGrid, cell_id
 from patho_r1.curate.rows import image_key, read_id_table
 from patho_r1.curate.store import iter_jsonl, read_stage_manifest, relative_images
@@ -209,7 +209,6 @@ def _teacher_questions(stage: MCQStage, rows: list[dict], pool: Path, out: Path,
 
     guard_identity(out, stage.identity(grid.digest()), resume)
     generate(make_jobs, out, stage.endpoint, stage.with_image, progress, counts)
-    finished_keys(out / GENERATIONS)
     replies = {r["record_id"]: r for r in iter_jsonl(out / GENERATIONS)}
     rules_cfg = FilterStage(rules=["tags", "truncation", "repetition", "language_mix", "answer_consistency"])
     checks = [(name, FILTERS[name].factory(rules_cfg)) for name in rules_cfg.rules]

@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import re
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,6 +72,7 @@ class LLMJudge:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cache_hits: int = 0
+    _replies: dict[str, str] | None = field(default=None, repr=False)  # the cache file, once read
 
     @classmethod
     def from_env(cls, cache: str | None = None) -> LLMJudge:
@@ -93,9 +93,15 @@ class LLMJudge:
         return hashlib.sha256(f"{self.model}\0{max_tokens}\0{prompt}".encode()).hexdigest()
 
     def _load_cache(self) -> dict[str, str]:
-        if not self.cache or not Path(self.cache).is_file():
+        """The cache file's replies, read once per judge (a row-by-row caller must not re-read it per row) and kept
+        up to date as replies arrive; without a cache, nothing is kept."""
+        if not self.cache:
             return {}
-        out = {}
+        if self._replies is not None:
+            return self._replies
+        self._replies = out = {}
+        if not Path(self.cache).is_file():
+            return out
         for line in Path(self.cache).read_text(encoding="utf-8").splitlines():
             try:
                 row = json.loads(line)
@@ -117,7 +123,6 @@ class LLMJudge:
     def _send(self, prompts: dict[str, str], max_tokens: int) -> dict[str, str]:
         replies: dict[str, str] = {}
         errors: list[str] = []
-        lock = threading.Lock()
         if self.cache:
             Path(self.cache).parent.mkdir(parents=True, exist_ok=True)
 
@@ -129,11 +134,11 @@ class LLMJudge:
                         if result.error is not None:
                             errors.append(result.error)
                             return
-                        with lock:
-                            replies[request.key] = result.text
-                            if cache_fh is not None:
-                                cache_fh.write(json.dumps({"key": request.key, "reply": result.text}) + "\n")
-                                cache_fh.flush()
+                        # on the event loop's thread, one callback at a time: no lock needed
+                        replies[request.key] = result.text
+                        if cache_fh is not None:
+                            cache_fh.write(json.dumps({"key": request.key, "reply": result.text}) + "\n")
+                            cache_fh.flush()
 
                     await client.map((ChatRequest(k, [{"role": "user", "content": p}]) for k, p in prompts.items()),
                                      on_result)

@@ -100,7 +100,7 @@ def _run(args, stage, model_encoder) -> int:
 
 
 def _cmd_formats(args) -> int:
-    from patho_r1.curate.formats import FORMATS
+    from patho_r1.formats import FORMATS
 
     for fmt in FORMATS.values():
         print(f"{fmt.name:12s} {fmt.summary}" + (f"  [license: {fmt.license}]" if fmt.license else ""))

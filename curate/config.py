@@ -42,7 +42,7 @@ class SourceSpec(StrictModel):
     @field_validator("format")
     @classmethod
     def _known(cls, v):
-        from patho_r1.curate.formats import FORMATS
+        from patho_r1.formats import FORMATS
 
         if v not in FORMATS:
             raise ValueError(f"unknown import format {v!r}; known: {', '.join(FORMATS)}")

@@ -30,9 +30,9 @@ from PIL import Image
 from patho_r1.curate.config import DecontaminateStage
 from patho_r1.curate.engine import map_batches
 from patho_r1.curate.minhash import MinHashSpec, jaccard, n_words
-from patho_r1.curate.progress import RowProgress
 from patho_r1.curate.rows import image_digest, image_paths, row_text
 from patho_r1.curate.store import StageWriter, iter_jsonl, read_stage_manifest, relative_images, stage_files
+from patho_r1.progress import RowProgress
 
 SAME_BYTES, SAME_PICTURE, NEAR_TEXT = "benchmark image (same bytes)", "benchmark image (re-encoded)", \
     "benchmark text"
@@ -69,7 +69,7 @@ def _benchmark_items(path: Path):
             for row in iter_jsonl(file):
                 yield row.get("id"), row_text(kind, row), image_paths(row, path)
         return
-    from patho_r1.curate.formats import ImportOptions, get_format
+    from patho_r1.formats import ImportOptions, get_format
 
     fmt, opts = get_format("vlmeval-tsv"), ImportOptions()
     for label, row_no, raw in fmt.rows(path, opts):

@@ -32,9 +32,9 @@ import numpy as np
 from patho_r1.curate.config import DedupStage
 from patho_r1.curate.engine import map_batches
 from patho_r1.curate.minhash import MinHashSpec, jaccard
-from patho_r1.curate.progress import RowProgress
 from patho_r1.curate.rows import image_key, row_text
 from patho_r1.curate.store import StageWriter, iter_jsonl, relative_images, stage_files
+from patho_r1.progress import RowProgress
 
 SAME_IMAGE, NEAR_TEXT = "same image", "near-duplicate text"
 VERIFY_CHUNK = 1 << 16  # candidate pairs checked at once: bounds the signature copies to 32 MB at 64 permutations

@@ -2,7 +2,7 @@
 
     patho-r1 curate import --format quilt-1m quilt_1M_lookup.csv --images quilt_1m/ --out curated/01-import
 
-Every row is converted by its format (`curate/formats.py`), its images are stored once under their content hash,
+Every row is converted by its format (`patho/formats.py`), its images are stored once under their content hash,
 and the record is validated by the same models `patho-r1 data validate` uses.  A bad row stops the import with its
 file, row and field; with `on_error: skip` it goes to `rejects.jsonl` with the reason and is counted, so nothing is
 dropped silently.  Rows stream: memory does not grow with the corpus.
@@ -17,11 +17,11 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from patho_r1.curate.config import ImportStage, SourceSpec
-from patho_r1.curate.formats import Converted, ImportOptions, get_format
-from patho_r1.curate.progress import RowProgress, count_lines
 from patho_r1.curate.store import IMAGE_DIR, ImageStore, StageWriter
 from patho_r1.data import parse_record
 from patho_r1.errors import DataError
+from patho_r1.formats import Converted, ImportOptions, get_format
+from patho_r1.progress import RowProgress, count_lines
 
 
 def _estimate_rows(spec: SourceSpec) -> int | None:

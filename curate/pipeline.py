@@ -19,9 +19,9 @@ from patho_r1.checkpoint import atomic_directory, config_hash, file_sha256
 from patho_r1.config import PhaseResult
 from patho_r1.curate.config import CuratePhaseConfig, GenerateStage, ImportStage, MCQStage
 from patho_r1.curate.engine import choose_engine
-from patho_r1.curate.progress import RowProgress
 from patho_r1.curate.store import MANIFEST, StageManifest, StageWriter, input_digest, is_done, read_stage_manifest
 from patho_r1.errors import ConfigError
+from patho_r1.progress import RowProgress
 
 
 def _stage_inputs(stage, parent: Path | None) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""`patho-r1 eval mcq | vlmeval`."""
+"""`patho-r1 eval mcq | bench | rubric | vlmeval`."""
 
 from __future__ import annotations
 
@@ -17,11 +17,91 @@ def _cmd_mcq(args) -> int:
     return 0
 
 
+def _judge_from_args(args, cache: str | None):
+    """An LLM judge from --judge-url/--judge-model, else from the environment, else None."""
+    import os
+
+    from patho_r1.eval.judge import LLMJudge
+
+    if args.judge_model or args.judge_url:
+        if not (args.judge_model and args.judge_url):
+            raise SystemExit("error: --judge-url and --judge-model go together")
+        return LLMJudge(base_url=args.judge_url, model=args.judge_model, api_key=os.environ.get("OPENAI_API_KEY"),
+                        concurrency=args.judge_concurrency, cache=cache, show_progress=True)
+    if (os.environ.get("PATHO_JUDGE_BASE_URL") or os.environ.get("OPENAI_API_BASE")) and \
+            (os.environ.get("PATHO_JUDGE_MODEL") or os.environ.get("LOCAL_LLM")):
+        judge = LLMJudge.from_env(cache=cache)
+        judge.concurrency, judge.show_progress = args.judge_concurrency, True
+        return judge
+    return None
+
+
+def _add_judge_args(p) -> None:
+    p.add_argument("--judge-url", help="an OpenAI-compatible /v1 endpoint for the LLM judge (or PATHO_JUDGE_BASE_URL)")
+    p.add_argument("--judge-model", help="the judge's model name (or PATHO_JUDGE_MODEL); key from OPENAI_API_KEY")
+    p.add_argument("--judge-concurrency", type=int, default=16)
+
+
+def _cmd_bench(args) -> int:
+    from pathlib import Path
+
+    from patho_r1.eval.benchmarks import get_benchmark, run_benchmark
+
+    bench = get_benchmark(args.name)
+    out = Path(args.out or f"runs/bench/{args.name}")
+    judge = _judge_from_args(args, str(out / "judge_cache.jsonl"))
+    if bench.task == "vqa" and judge is None:
+        print("[bench] no LLM judge configured: open answers get token recall/F1 only (--judge-url, --judge-model)")
+    report = run_benchmark(args.name, args.data, args.model, out, engine=args.engine, prompt=args.prompt,
+                           split=args.split, subsets=args.subsets, question_filter=args.question_filter,
+                           images=args.images, limit=args.limit, on_error=args.on_error,
+                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                           yesno_mode=args.yesno_mode, llm_judge=judge, seed=args.seed, show_progress=True)
+    parts = [f"n={report['n']}"]
+    if "mcq" in report:
+        parts.append(f"accuracy={report['mcq']['accuracy']:.3f}")
+    if "closed" in report:
+        parts.append(f"closed={report['closed']['accuracy']:.3f}")
+    if "open" in report:
+        parts.append(f"open recall={report['open']['recall']:.3f}")
+    skipped = f", {report['skipped']} bad rows skipped" if report.get("skipped") else ""
+    print(f"[bench] {args.name}: {' '.join(parts)}{skipped}; tables in {out}/results.md")
+    return 0
+
+
+def _cmd_rubric(args) -> int:
+    import json
+    from pathlib import Path
+
+    from patho_r1.data import iter_raw_rows
+    from patho_r1.errors import DataError
+    from patho_r1.rewards.parsing import split_thinking
+
+    judge = _judge_from_args(args, args.cache)
+    if judge is None:
+        raise SystemExit("error: the rubric needs a judge: --judge-url and --judge-model (or PATHO_JUDGE_*)")
+    items = []
+    for row_no, row in iter_raw_rows(Path(args.predictions)):
+        if not isinstance(row, dict):
+            raise DataError(args.predictions, row_no, None, "expected a JSON object")
+        for key in ("question", "answer", "response"):
+            if not isinstance(row.get(key), str):
+                raise DataError(args.predictions, row_no, key, "missing (each row needs question, answer, response)")
+        prediction, thinking = split_thinking(row["response"])
+        items.append((row["question"], row["answer"], thinking, prediction))
+    result = judge.rubric(items)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"[rubric] {result['scored']}/{result['n']} scored, total {result['total']} / 100; "
+          f"{judge.prompt_tokens + judge.completion_tokens} tokens, {judge.cache_hits} cached; -> {args.out}")
+    return 0
+
+
 def _cmd_vlmeval(args) -> int:
     from patho_r1.eval.vlmeval_hook import run_vlmeval
 
     run_vlmeval(model_path=args.model, datasets=args.data, work_dir=args.out, name=args.name,
-                max_new_tokens=args.max_new_tokens, judge=args.judge)
+                max_new_tokens=args.max_new_tokens, judge=args.judge_model or args.judge, judge_url=args.judge_url)
     return 0
 
 
@@ -41,11 +121,41 @@ def register(sub) -> None:
                    help="yes/no verdicts: semantic (default), or exactly VLMEvalKit's (case-sensitive)")
     m.add_argument("--no-control", action="store_true", help="skip the wrong-image control (images shuffled)")
     m.set_defaults(func=_cmd_mcq)
+    b = esub.add_parser("bench", help="a public pathology benchmark from its own files (PathMMU, PathVQA, ...)")
+    b.add_argument("--name", required=True, choices=["pathmmu", "pathvqa", "quilt-vqa", "medxpertqa-mm",
+                                                      "omnimedvqa-path"])
+    b.add_argument("--data", required=True, help="the benchmark's files (its release layout, or a VLMEvalKit TSV)")
+    b.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    b.add_argument("--out", help="results folder (default runs/bench/NAME)")
+    b.add_argument("--engine", choices=["hf", "vllm"], default="hf")
+    b.add_argument("--prompt", choices=["cot", "cod", "direct"], default="cot",
+                   help="chain of thought (Patho-R1's prompt), chain of draft, or answer directly")
+    b.add_argument("--split", help="only this split (PathMMU: val, test, test_tiny; PathVQA: test, ...)")
+    b.add_argument("--subsets", nargs="+", help="only these subsets (PathMMU: PubMed EduContent ...)")
+    b.add_argument("--question-filter", choices=["pathology"], help="MedXpertQA: our pathology keyword subset")
+    b.add_argument("--images", help="image folder, when not where the release puts it")
+    b.add_argument("--limit", type=int)
+    b.add_argument("--on-error", choices=["fail", "skip"], default="fail",
+                   help="a bad row (a missing image, ...) stops the run, or is skipped and counted")
+    b.add_argument("--max-new-tokens", type=int, default=512)
+    b.add_argument("--batch-size", type=int, default=16)
+    b.add_argument("--yesno-mode", choices=["patho", "vlmeval"], default="patho")
+    b.add_argument("--seed", type=int, default=42, help="PathMMU's parser guesses unparsed answers with this seed")
+    _add_judge_args(b)
+    b.set_defaults(func=_cmd_bench)
+    r = esub.add_parser("rubric", help="score reasoning chains on the ten-criteria rubric with an LLM judge")
+    r.add_argument("--predictions", required=True, help="JSONL rows with question, answer, response")
+    r.add_argument("--out", default="runs/rubric.json")
+    r.add_argument("--cache", help="judge cache JSONL (a re-run costs no request)")
+    _add_judge_args(r)
+    r.set_defaults(func=_cmd_rubric)
     v = esub.add_parser("vlmeval", help="run VLMEvalKit's own inference and evaluation (needs the [eval] extra)")
     v.add_argument("--model", required=True)
     v.add_argument("--data", nargs="+", required=True, help="VLMEvalKit dataset names, e.g. PathMMU_VAL")
     v.add_argument("--out", default="runs/vlmeval")
     v.add_argument("--name", default="patho-r1")
     v.add_argument("--max-new-tokens", type=int, default=2048)
-    v.add_argument("--judge", default="exact_matching", help="exact_matching, or a judge model name")
+    v.add_argument("--judge", default="exact_matching", help="exact_matching, or an OpenAI judge model name")
+    v.add_argument("--judge-url", help="an OpenAI-compatible /v1 endpoint VLMEvalKit's judge calls (PathVQA needs one)")
+    v.add_argument("--judge-model", help="the model name at --judge-url")
     v.set_defaults(func=_cmd_vlmeval)

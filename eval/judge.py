@@ -24,6 +24,7 @@ from pathlib import Path
 
 from patho_r1.errors import ConfigError
 from patho_r1.llm import ChatRequest, EndpointConfig, LLMClient, run
+from patho_r1.progress import RowProgress
 
 JUDGE_PROMPT = (
     "You are grading answers to a pathology question.\n"
@@ -69,6 +70,7 @@ class LLMJudge:
     concurrency: int = 8
     max_retries: int = 4
     cache: str | None = None  # a JSONL file of (key, reply); None: no cache
+    show_progress: bool = False  # a bar with rate, ETA and tokens on a terminal (the CLI)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cache_hits: int = 0
@@ -126,11 +128,14 @@ class LLMJudge:
         if self.cache:
             Path(self.cache).parent.mkdir(parents=True, exist_ok=True)
 
+        progress = RowProgress("judge", total=len(prompts), show=self.show_progress)
+
         async def main() -> None:
             cache_fh = open(self.cache, "a", encoding="utf-8") if self.cache else None  # noqa: SIM115
             try:
                 async with LLMClient(self.endpoint(max_tokens), api_key=self.api_key) as client:
                     def on_result(request, result):
+                        progress.advance(1, tokens_in=client.prompt_tokens, tokens_out=client.completion_tokens)
                         if result.error is not None:
                             errors.append(result.error)
                             return
@@ -148,7 +153,10 @@ class LLMJudge:
                 if cache_fh is not None:
                     cache_fh.close()
 
-        run(main())
+        try:
+            run(main())
+        finally:
+            progress.close()
         if errors:
             raise ConnectionError(f"judge endpoint {self.base_url} failed on {len(errors)} of {len(prompts)} "
                                   f"requests after retries (the answered ones are cached): {errors[0]}")

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from patho_r1.config import PhaseConfig, PhaseResult, check_model_reference
+from patho_r1.eval.stats import mcnemar
 from patho_r1.rewards.parsing import REASONING_SYSTEM_PROMPT
 
 
@@ -56,17 +57,6 @@ def wrong_images(records: list, seed: int) -> list:
     rng.shuffle(order)
     donor = {order[i]: order[(i + 1) % len(order)] for i in range(len(order))}  # a cycle: nobody keeps its own
     return [r.model_copy(update={"images": records[donor[i]].images}) for i, r in enumerate(records)]
-
-
-def mcnemar(a: str, b: str, correct_a: list[bool], correct_b: list[bool]) -> dict:
-    """McNemar's exact test for two checkpoints scored on the same items: of the items on which they disagree, does
-    one win more than a fair coin would give?  (Two-sided binomial test on the discordant pairs.)"""
-    from scipy.stats import binomtest
-
-    gained = sum(1 for x, y in zip(correct_a, correct_b, strict=True) if y and not x)
-    lost = sum(1 for x, y in zip(correct_a, correct_b, strict=True) if x and not y)
-    p = binomtest(gained, gained + lost, 0.5).pvalue if gained + lost else 1.0
-    return {"from": a, "to": b, "gained": gained, "lost": lost, "p_value": float(p)}
 
 
 def run_eval(cfg: EvalPhaseConfig) -> PhaseResult:

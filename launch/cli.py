@@ -35,6 +35,12 @@ def _cmd_tiny_model(args) -> int:
 def _cmd_synth_data(args) -> int:
     from patho_r1.fixtures.synth import WorldConfig, generate_world
 
+    if args.public_formats:
+        from patho_r1.fixtures.public_formats import write_all
+
+        print(json.dumps(write_all(args.out), indent=2))
+        return 0
+
     cfg = WorldConfig(tile_size=args.tile_size, n_train_tiles=args.n_train_tiles, n_heldout_tiles=args.n_heldout_tiles)
     manifest = generate_world(args.out, seed=args.seed, config=cfg)
     print(json.dumps(manifest["files"], indent=2))
@@ -128,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile-size", type=int, default=56)
     p.add_argument("--n-train-tiles", type=int, default=600)
     p.add_argument("--n-heldout-tiles", type=int, default=120)
+    p.add_argument("--public-formats", action="store_true",
+                   help="instead: tiny samples in each public release's own layout (PathMMU, PathVQA, ...)")
     p.set_defaults(func=_cmd_synth_data)
 
     p = sub.add_parser("data", help="dataset utilities")

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from matplotlib.figure import Figure  # the object API: no pyplot state, no display backend
-from scipy.stats import binomtest
 
 DPI = 110
 
@@ -98,14 +97,6 @@ def dynamic_sampling(rows: list[dict], path: Path, title: str = "rl") -> Path | 
     twin.set_ylabel("generation rounds", color="tab:blue")
     ax.set_title(f"{title}: DAPO dynamic sampling")
     return _save(fig, path)
-
-
-def wilson_interval(correct: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """The Wilson score interval of an accuracy (scipy's binomial test)."""
-    if n == 0:
-        return 0.0, 1.0
-    ci = binomtest(correct, n).proportion_ci(confidence_level=confidence, method="wilson")
-    return float(ci.low), float(ci.high)
 
 
 def accuracy(summary: dict[str, dict], path: Path) -> Path | None:

@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from patho_r1.data import iter_raw_rows
+from patho_r1.eval.stats import wilson_interval
 from patho_r1.launch import plots
 
 STATE_FILE = "run_state.json"
@@ -49,7 +50,7 @@ def collect(run_dir: str | Path) -> dict:
             # two eval phases (a benchmark and the curated held-out set) score the same labels: name the phase
             prefix = f"{name}: " if len(evals) > 1 else ""
             for label, r in json.loads((out / "summary.json").read_text()).items():
-                lo, hi = plots.wilson_interval(round(r["accuracy"] * r["n"]), r["n"])
+                lo, hi = wilson_interval(round(r["accuracy"] * r["n"]), r["n"])
                 report["mcq"][prefix + label] = {**r, "ci95": [lo, hi]}
             if (out / "paired.json").is_file():
                 report["paired"] += [{**p, "from": prefix + p["from"], "to": prefix + p["to"]}

@@ -94,6 +94,32 @@ def vlmeval_scorers():
     return types.SimpleNamespace(can_infer=matching_util.can_infer, yorn_extraction=yorn.YOrN_Extraction)
 
 
+@pytest.fixture(scope="session")
+def vlmeval_judge_stack(vlmeval_scorers):
+    """VLMEvalKit's short-answer datasets and its OpenAI judge wrapper, without `vlmeval/api/__init__.py` (which
+    imports every API model): `build_judge` imports three names from `vlmeval.api`; two are the real classes, and
+    SiliconFlowAPI, which only its `qwen-*`/`deepseek` judge names reach, is a placeholder that refuses use."""
+    import importlib
+    import sys
+    import types
+    from pathlib import Path
+
+    if "vlmeval.api" not in sys.modules:
+        package = types.ModuleType("vlmeval.api")
+        package.__path__ = [str(Path(sys.modules["vlmeval"].__path__[0]) / "api")]
+        sys.modules["vlmeval.api"] = package
+        package.OpenAIWrapper = importlib.import_module("vlmeval.api.gpt").OpenAIWrapper
+        package.HFChatModel = importlib.import_module("vlmeval.api.hf_chat_model").HFChatModel
+
+        def _no_siliconflow(*args, **kwargs):
+            raise RuntimeError("SiliconFlowAPI is not loaded in the test stack")
+
+        package.SiliconFlowAPI = _no_siliconflow
+    from vlmeval.dataset import image_shortqa
+
+    return image_shortqa
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import public_formats  # tests/ is on sys.path (pytest rootdir-relative import)
 import pytest
 
 from patho_r1.curate.config import CuratePhaseConfig, DedupStage, ImportStage, TagStage
@@ -17,6 +16,7 @@ from patho_r1.curate.pipeline import run_chain, run_stage
 from patho_r1.curate.store import read_stage_manifest
 from patho_r1.data import validate_file
 from patho_r1.errors import DataError
+from patho_r1.fixtures import public_formats
 
 FORMAT_IMAGES = {"pathvqa": None, "quilt-vqa": None}
 

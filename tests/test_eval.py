@@ -259,7 +259,7 @@ def test_image_blind_chance_is_the_best_rule_that_ignores_the_image():
 
 
 def test_mcnemar_matches_the_exact_binomial_by_hand():
-    from patho_r1.eval.phase import mcnemar
+    from patho_r1.eval.stats import mcnemar
 
     a = [True] * 10 + [False] * 10 + [True, False, False, False, False, False]
     b = [True] * 10 + [False] * 10 + [False, True, True, True, True, True]
@@ -298,3 +298,85 @@ def test_eval_phase_writes_the_control_and_the_paired_tests(tiny_model_dir, worl
 def test_the_judge_never_shows_its_api_key():
     judge = LLMJudge(base_url="http://127.0.0.1:1/v1", model="m", api_key="sk-secret-key-123")
     assert "sk-secret" not in repr(judge) and "sk-secret" not in str(judge)
+
+
+def _pathvqa_tsv(path, rows) -> None:
+    import base64
+    import csv
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "PNG")
+    b64 = base64.b64encode(buf.getvalue()).decode()
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh, delimiter="\t")
+        w.writerow(["index", "image", "question", "answer"])
+        w.writerows([(i, b64, q, a) for i, (q, a, _) in enumerate(rows)])
+
+
+def test_vlmeval_scores_pathvqa_through_our_judge_endpoint_and_finds_tsv_predictions(vlmeval_judge_stack, tmp_path,
+                                                                                      monkeypatch):
+    """VLMEvalKit's own PathVQA_VAL evaluation, judge included, pointed at an OpenAI-compatible server the way
+    `run_vlmeval --judge-url` does; its verdicts agree with our judge's on the same answers, and the predictions are
+    found under PRED_FORMAT=tsv (the path that was hard-coded to .xlsx)."""
+    import csv
+
+    from patho_r1.eval.judge import LLMJudge
+    from patho_r1.eval.vlmeval_hook import judge_kwargs, pred_file
+    from patho_r1.fixtures.teacher import serve
+
+    rows = [("what is present?", "granuloma", "a granuloma with giant cells"),
+            ("what does this image show?", "lymphoid hyperplasia", "necrosis"),
+            ("what is seen?", "fat necrosis", "fat necrosis with saponification"),
+            ("which cells?", "plasma cells", "lymphocytes")]
+    monkeypatch.setenv("LMUData", str(tmp_path / "lmu"))
+    monkeypatch.setenv("PRED_FORMAT", "tsv")
+    (tmp_path / "lmu").mkdir()
+    _pathvqa_tsv(tmp_path / "lmu" / "PathVQA_VAL.tsv", rows)
+    dataset = vlmeval_judge_stack.PathVQA_VAL("PathVQA_VAL")
+    path = pred_file(str(tmp_path / "work"), "patho-r1", "PathVQA_VAL")
+    assert path.suffix == ".tsv"
+    path.parent.mkdir()
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh, delimiter="\t")
+        w.writerow(["index", "question", "answer", "prediction"])
+        w.writerows([(i, q, a, p) for i, (q, a, p) in enumerate(rows)])
+    server = serve()
+    try:
+        acc = dataset.evaluate(str(path), **judge_kwargs("scripted", server.url, None, nproc=1))
+        ours = LLMJudge(base_url=server.url, model="scripted").verdicts(rows)
+    finally:
+        server.stop()
+    import pandas as pd
+
+    judged = pd.read_csv(path.with_name(path.stem + "_judge.tsv"), sep="\t")
+    assert list(judged["hit"]) == [v.correct for v in ours] == [True, False, True, False]
+    assert float(acc["Overall"].iloc[0]) == pytest.approx(0.5)  # its overall accuracy, from the same hits
+
+
+def test_run_vlmeval_refuses_a_short_answer_set_without_a_judge_before_inference():
+    from patho_r1.eval.vlmeval_hook import check_judge, judge_kwargs
+
+    with pytest.raises(ValueError, match="short-answer set.*--judge-url"):
+        check_judge("PathVQA_VAL", "Short", "exact_matching", None)
+    check_judge("PathVQA_VAL", "Short", "qwen-judge", "http://127.0.0.1:1/v1")  # a judge endpoint: fine
+    check_judge("PathMMU_VAL", "MCQ", "exact_matching", None)  # MCQ: exact matching is enough
+    assert judge_kwargs("m", "http://h:1/v1/", None)["api_base"] == "http://h:1/v1/chat/completions"
+    assert judge_kwargs("exact_matching", None, None) == {"model": "exact_matching", "nproc": 4}
+
+
+def test_vlmeval_judge_log_line_never_carries_the_api_key(vlmeval_judge_stack, caplog):
+    import logging
+
+    from vlmeval.smp import get_logger
+
+    from patho_r1.eval.vlmeval_hook import RedactKey
+
+    logger = get_logger("vlmeval.api.gpt")
+    logger.addFilter(RedactKey("sk-planted-secret"))
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        vlmeval_judge_stack.build_judge(model="judge", api_base="http://127.0.0.1:1/v1/chat/completions",
+                                        key="sk-planted-secret")
+    assert "API Key: ***" in caplog.text and "sk-planted-secret" not in caplog.text

@@ -1,4 +1,6 @@
-"""Readers for the public pathology corpora, each turning its on-disk format into our record kinds.
+"""Readers for the public pathology corpora, each turning its on-disk format into our record kinds.  The data
+engine's importer (`curate`) and the benchmark runner (`eval bench`) both read through them, so a benchmark is read
+exactly as it is decontaminated against.
 
 Every format is a `SourceFormat`: `rows(src, opts)` streams raw rows with where they came from, and
 `convert(raw, where, opts)` turns one into a `Converted` (a kind, the record's fields, its image sources) or raises
@@ -14,6 +16,8 @@ layouts follow `../shared/notes/dataset-formats.md`; the sections are cited besi
 | `arch`        | `captions.json` (object keyed "0", "1", ...) + images | caption         |
 | `pmc-oa`      | `pmc_oa.jsonl` (`image, caption`) + `images/`       | caption           |
 | `vlmeval-tsv` | VLMEvalKit TSV, base64 images                       | mcq               |
+| `medxpertqa-mm` | MedXpertQA MM jsonl (GitHub eval input or HF `MM/*.jsonl`) + images | mcq       |
+| `omnimedvqa`  | `QA_information/*/<source>.json` + `Images/`        | mcq               |
 | `csv`/`jsonl` | any table, with `--columns ours=theirs,...`         | any one kind      |
 
 Adding a format is one `register_format` call; nothing else dispatches on the name.
@@ -427,6 +431,110 @@ def _convert_tsv(raw: Any, where: tuple[str, int], opts: ImportOptions) -> Conve
 
 register_format(SourceFormat("vlmeval-tsv", _tsv_rows, _convert_tsv, license=None,
                              summary="VLMEvalKit MCQ / short-QA TSV with base64 images"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# MedXpertQA MM (§6b): jsonl, GitHub eval input or the HF card's rows; images/ beside the file or one folder up
+# ----------------------------------------------------------------------------------------------------------------------
+
+_ANSWER_CHOICES = re.compile(r"\s*Answer Choices:\s*\(A\).*\Z", re.S)
+
+
+def _medxpert_options(raw: dict, where: tuple[str, int]) -> dict[str, str]:
+    value = raw.get("options")
+    if isinstance(value, dict):  # the HF card: {"A": text, ...}
+        pairs = [(str(k), v) for k, v in value.items()]
+    elif isinstance(value, list):  # the GitHub input: [{"letter": "A", "content": text}, ...]
+        pairs = []
+        for i, item in enumerate(value):
+            if not isinstance(item, dict) or "letter" not in item or "content" not in item:
+                raise DataError(where[0], where[1], f"options[{i}]", "expected {letter, content}")
+            pairs.append((str(item["letter"]), item["content"]))
+    else:
+        raise DataError(where[0], where[1], "options", "expected {letter: text} or a list of {letter, content}")
+    return {k.strip().upper(): str(v).strip() for k, v in pairs}
+
+
+def _medxpert_images(raw: dict, where: tuple[str, int], opts: ImportOptions) -> list[ImageSource]:
+    names = raw.get("images")
+    if isinstance(names, str):
+        names = [names]
+    if not isinstance(names, list) or not names:
+        raise DataError(where[0], where[1], "images", "expected a list of image names")
+    here = os.path.dirname(where[0])
+    bases = [opts.images] if opts.images else [os.path.join(here, "images"), os.path.join(here, "..", "images")]
+    base = next((b for b in bases if os.path.isdir(b)), bases[0])
+    out: list[ImageSource] = []
+    for i, item in enumerate(names):
+        name = item.get("image_path") if isinstance(item, dict) else item
+        out.append(_image_file(str(name or ""), base, where, f"images[{i}]", " (MedXpertQA ships images.zip: unzip "
+                               "it beside the jsonl, or pass --images)"))
+    return out
+
+
+def _convert_medxpert(raw: Any, where: tuple[str, int], opts: ImportOptions) -> Converted:
+    if not isinstance(raw, dict):
+        raise DataError(where[0], where[1], None, f"expected an object, got {type(raw).__name__}")
+    # the HF rows append the options to the question; they are rendered from `options` instead, once
+    question = _ANSWER_CHOICES.sub("", _text(raw, "question", where))
+    options = _medxpert_options(raw, where)
+    label = raw.get("label")
+    label = label[0] if isinstance(label, list) and len(label) == 1 else label
+    if not isinstance(label, str) or label.strip().upper() not in options:
+        raise DataError(where[0], where[1], "label", f"expected one option letter of {sorted(options)}, got "
+                        f"{raw.get('label')!r}")
+    record = {"id": f"medxpertqa:{raw.get('id') or where[1]}", "question": question, "options": options,
+              "answer": label.strip().upper(), "answer_type": "mcq", "category": raw.get("medical_task")}
+    for key in ("body_system", "question_type", "medical_task"):
+        if raw.get(key):
+            record[key] = raw[key]
+    return Converted("mcq", record, _medxpert_images(raw, where, opts))
+
+
+register_format(SourceFormat(
+    "medxpertqa-mm", lambda src, opts: (r for f in _files(src, ".jsonl") for r in _jsonl_rows(f)), _convert_medxpert,
+    license="MIT", summary="MedXpertQA MM jsonl (TsinghuaC3I/MedXpertQA) plus its images folder"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# OmniMedVQA (§6a): OmniMedVQA/QA_information/{Open,Restricted}-access/<source>.json, image paths from OmniMedVQA/
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _omnimed_rows(src: Path, opts: ImportOptions) -> Iterator[tuple[str, int, Any]]:
+    for path in _files(src, ".json"):
+        data = _json_file(path)
+        if not isinstance(data, list):
+            raise DataError(path, None, None, f"expected a JSON list of questions, got {type(data).__name__}")
+        # image paths are relative to the OmniMedVQA/ root: the folder above QA_information
+        root = next((str(p.parent) for p in path.parents if p.name == "QA_information"), str(path.parent))
+        for i, item in enumerate(data, start=1):
+            yield str(path), i, {**item, "_root": root} if isinstance(item, dict) else item
+
+
+def _convert_omnimed(raw: Any, where: tuple[str, int], opts: ImportOptions) -> Converted:
+    if not isinstance(raw, dict):
+        raise DataError(where[0], where[1], None, f"expected an object, got {type(raw).__name__}")
+    question = _text(raw, "question", where)
+    gold = _text(raw, "gt_answer", where)
+    options = {k: _text(raw, f"option_{k}", where) for k in OPTION_LETTERS
+               if _text(raw, f"option_{k}", where, required=False)}
+    # the gold is the option's text, not its letter
+    letters = [k for k, v in options.items() if v.strip().lower() == gold.strip().lower()]
+    if len(letters) != 1:
+        raise DataError(where[0], where[1], "gt_answer", f"{gold!r} is not exactly one of the options "
+                        f"{list(options.values())}")
+    image = _image_file(_text(raw, "image_path", where), opts.images or raw["_root"], where, "image_path")
+    record = {"id": f"omnimedvqa:{raw.get('question_id') or where[1]}", "question": question, "options": options,
+              "answer": letters[0], "answer_type": "mcq", "category": raw.get("dataset"),
+              # one source file spells the field `modality`
+              "modality_type": raw.get("modality_type") or raw.get("modality")}
+    if raw.get("question_type"):
+        record["question_type"] = raw["question_type"]
+    return Converted("mcq", record, [image])
+
+
+register_format(SourceFormat("omnimedvqa", _omnimed_rows, _convert_omnimed, license="per source dataset",
+                             summary="OmniMedVQA QA_information/*/<source>.json plus Images/"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

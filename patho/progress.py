@@ -1,7 +1,8 @@
-"""Row progress for the curate stages: a rich bar with rate and ETA on a terminal (the CLI), or throttled rows in a
-`metrics.jsonl` that the recipe runner's console follows (a `curate` phase), or both, or nothing (tests).
+"""Row progress for long jobs (the curate stages, benchmark generation, judge requests): a rich bar with rate
+and ETA on a terminal (the CLI), or throttled rows in a `metrics.jsonl` that the recipe runner's console follows (a
+phase), or both, or nothing (tests).
 
-A stage calls `progress.advance(n)`; it never prints.
+A job calls `progress.advance(n)`; it never prints.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`patho-r1 embed train CONFIG` and `patho-r1 embed eval --model BASE --adapter ADAPTER ...`."""
+"""`patho-r1 embed train | eval` (the HOMIE embedding head) and `patho-r1 clip train | eval` (PathoCLIP)."""
 
 from __future__ import annotations
 
@@ -43,3 +43,85 @@ def register(sub) -> None:
     e.add_argument("--out", default="runs/embed-eval")
     e.add_argument("--batch-size", type=int, default=32)
     e.set_defaults(func=_cmd_eval)
+
+
+def _cmd_clip_train(args) -> int:
+    from patho_r1.config import load_config
+    from patho_r1.embed.clip_config import ClipPhaseConfig
+    from patho_r1.embed.clip_train import run_clip
+
+    cfg = load_config(ClipPhaseConfig, args.config)
+    result = run_clip(cfg)
+    stages = {k: v for k, v in result.metrics.items() if k.startswith("stage")}
+    for name, m in stages.items():
+        drift = f", drift {m['drift']:.4f}" if m.get("drift") is not None else ""
+        print(f"clip {name}: {m['steps']} steps, loss {m['first_loss']:.3f} -> {m['last_loss']:.3f}{drift}")
+    print(f"clip: model in {result.model_dir}")
+    return 0
+
+
+def _label(path: str) -> str:
+    """runs/x/clip/model -> clip; openai/clip-vit-base-patch16 -> clip-vit-base-patch16."""
+    p = Path(path)
+    return p.parent.name if p.name == "model" and p.parent.name else p.name
+
+
+def _homie(adapter: str):
+    """The HOMIE embedder from its adapter folder; the base checkpoint is the one its manifest names."""
+    from patho_r1.checkpoint import read_manifest
+    from patho_r1.embed.model import Embedder
+
+    manifest = read_manifest(adapter)
+    base = (manifest.extra or {}).get("base_model") if manifest else None
+    if not base:
+        raise ValueError(f"{adapter}: no manifest naming the base model (an embed phase's model/ folder has one)")
+    return Embedder.from_pretrained(base, adapter=adapter)
+
+
+def _cmd_clip_eval(args) -> int:
+    from patho_r1.embed.clip import ClipEmbedder
+    from patho_r1.embed.clip_config import ClipEvalConfig
+    from patho_r1.embed.clip_eval import evaluate_model, write_comparison
+
+    world = Path(args.world) if args.world else None
+
+    def pick(given: str | None, in_world: str) -> str | None:
+        return given or (str(world / in_world) if world else None)
+
+    cfg = ClipEvalConfig(retrieval=pick(args.retrieval, "cpt/heldout.jsonl"),
+                         classification=pick(args.classification, "rl/heldout.jsonl"),
+                         few_shot_train=pick(args.few_shot_train, "rl/train.jsonl"), seeds=args.seeds,
+                         batch_size=args.batch_size)
+    composed = pick(args.composed, "embed/composed_heldout.jsonl")
+    if not (args.model or args.homie):
+        raise SystemExit("error: give at least one --model CLIP directory or --homie adapter")
+    results = {}
+    for spec in args.model or []:
+        label, _, path = spec.rpartition("=")
+        results[label or _label(path)] = evaluate_model(ClipEmbedder.from_pretrained(path), cfg, composed)
+    if args.homie:
+        results["homie"] = evaluate_model(_homie(args.homie), cfg, composed)
+    out = write_comparison(args.out, results, cfg)
+    print((out / "comparison.md").read_text())
+    print(f"written to {out}/ (comparison.md, comparison.json, few_shot.png)")
+    return 0
+
+
+def register_clip(sub) -> None:
+    p = sub.add_parser("clip", help="PathoCLIP: two-stage CLIP training and its retrieval/zero-/few-shot evaluation")
+    csub = p.add_subparsers(dest="clip_command", required=True)
+    t = csub.add_parser("train", help="stage I (morphology-rich captions), then stage II (a mix, anchored)")
+    t.add_argument("config")
+    t.set_defaults(func=_cmd_clip_train)
+    e = csub.add_parser("eval", help="one comparison table: CLIP directories and the HOMIE embedder")
+    e.add_argument("--model", action="append", help="a CLIP directory or hub id, optionally LABEL=PATH; repeatable")
+    e.add_argument("--homie", help="the embed phase's adapter folder (its manifest names the base model)")
+    e.add_argument("--world", help="a synthetic world: its held-out captions, MCQs and composed queries")
+    e.add_argument("--retrieval", help="caption JSONL for image <-> text retrieval")
+    e.add_argument("--classification", help="labelled JSONL (MCQ rows with category): zero-shot, probe test set")
+    e.add_argument("--few-shot-train", help="labelled JSONL the probe's shots come from")
+    e.add_argument("--composed", help="composed-query JSONL (HOMIE's tasks)")
+    e.add_argument("--seeds", type=int, default=10)
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--out", default="runs/clip-eval")
+    e.set_defaults(func=_cmd_clip_eval)

@@ -3,7 +3,7 @@
 * `recall_at_k`: a query counts as a hit at K when any of its positives is in the top K.
 * `zero_shot_metrics`: accuracy, balanced accuracy and weighted F1 (sklearn) of prompt-template classification.
 * `modality_gap`: `||mean(image) - mean(text)||_2` on L2-normalised embeddings (Liang et al. 2022).
-* `exact_search` (torch matmul + top-k) for small galleries; `VectorIndex` (faiss) for large ones, saved and reloaded.
+* `exact_search` (torch matmul + top-k) for small galleries; large ones: `embed.index.VectorIndex` (faiss, self-tuned).
 * `composed_retrieval`: the HOMIE-style tasks (multi-image -> text, image+text -> image, image+text -> text,
   video frames -> text), each with the prompt-fusion embedder and the "simple add" fusion baseline.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -63,55 +62,6 @@ def zero_shot_metrics(y_true: Sequence, y_pred: Sequence) -> dict:
     return {"accuracy": float(accuracy_score(y_true, y_pred)),
             "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
             "weighted_f1": float(f1_score(y_true, y_pred, average="weighted"))}
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Large candidate pools
-# ----------------------------------------------------------------------------------------------------------------------
-
-@dataclass
-class VectorIndex:
-    """A faiss inner-product index: `flat` (exact), `ivf` (inverted lists, fast to build for millions of vectors) or
-    `hnsw` (graph; slower to build, fastest to query)."""
-
-    index: object
-
-    @classmethod
-    def build(cls, vectors: np.ndarray, kind: str = "ivf", hnsw_m: int = 32, ef_search: int = 64,
-              nlist: int | None = None, nprobe: int = 16, seed: int = 0) -> VectorIndex:
-        import faiss
-
-        vectors = np.ascontiguousarray(vectors, np.float32)
-        d = vectors.shape[1]
-        if kind == "flat":
-            index = faiss.IndexFlatIP(d)
-        elif kind == "ivf":
-            nlist = nlist or max(1, min(4096, int(4 * np.sqrt(len(vectors)))))
-            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-            sample = np.random.default_rng(seed).choice(len(vectors), min(len(vectors), 40 * nlist), replace=False)
-            index.train(vectors[np.sort(sample)])
-            index.nprobe = nprobe
-        elif kind == "hnsw":
-            index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-            index.hnsw.efSearch = ef_search
-        else:
-            raise ValueError(f"unknown index kind {kind!r}; use 'flat', 'ivf' or 'hnsw'")
-        index.add(vectors)
-        return cls(index)
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.index.search(np.ascontiguousarray(queries, np.float32), k)
-
-    def save(self, path: str | Path) -> None:
-        import faiss
-
-        faiss.write_index(self.index, str(path))
-
-    @classmethod
-    def load(cls, path: str | Path) -> VectorIndex:
-        import faiss
-
-        return cls(faiss.read_index(str(path)))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -58,19 +58,21 @@ def _no_wandb(metrics, step=None) -> None:
 class _Log:
     """Every `every` steps: a row in metrics.jsonl, a progress line, and a wandb point."""
 
-    def __init__(self, path: Path, every: int, wandb_log=_no_wandb):
-        self.path, self.every, self.t0, self.wandb_log = path, every, time.time(), wandb_log
+    def __init__(self, path: Path, every: int, wandb_log=_no_wandb, phase: str = "embed"):
+        self.path, self.every, self.t0, self.wandb_log, self.phase = path, every, time.time(), wandb_log, phase
         path.parent.mkdir(parents=True, exist_ok=True)
 
-    def __call__(self, stage: str, step: int, total: int, loss: float, lr: float):
+    def __call__(self, stage: str, step: int, total: int, loss: float, lr: float, **extra: float):
         if _world()[0] != 0 or (step % self.every and step != total):
             return
-        row = {"phase": "embed", "stage": stage, "step": step, "total": total, "loss": loss, "learning_rate": lr,
-               "time": round(time.time() - self.t0, 2)}
+        row = {"phase": self.phase, "stage": stage, "step": step, "total": total, "loss": loss, "learning_rate": lr,
+               **extra, "time": round(time.time() - self.t0, 2)}
         with self.path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
-        self.wandb_log({f"{stage}/loss": loss, f"{stage}/learning_rate": lr})
-        print(f"[embed:{stage}] step {step}/{total} loss={loss:.4f} lr={lr:.3g}", flush=True)
+        self.wandb_log({f"{stage}/loss": loss, f"{stage}/learning_rate": lr, **{f"{stage}/{k}": v for k, v in
+                                                                                 extra.items()}})
+        more = "".join(f" {k}={v:.4g}" for k, v in extra.items())
+        print(f"[{self.phase}:{stage}] step {step}/{total} loss={loss:.4f} lr={lr:.3g}{more}", flush=True)
 
 
 def train_stage(embedder: Embedder, stage: StageConfig, name: str, cfg: EmbedPhaseConfig, log: _Log) -> int:

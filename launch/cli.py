@@ -26,6 +26,12 @@ from patho_r1.sft import cli as sft_cli
 def _cmd_tiny_model(args) -> int:
     from patho_r1.fixtures.tiny import TinySpec, build_tiny_model
 
+    if args.clip:
+        from patho_r1.fixtures.tiny_clip import build_tiny_clip
+
+        print(f"tiny CLIP written to {build_tiny_clip(args.out, seed=args.seed)}")
+        return 0
+
     spec = TinySpec(hidden_size=args.hidden_size, num_hidden_layers=args.layers, seed=args.seed)
     out = build_tiny_model(args.out, spec)
     print(f"tiny Qwen2.5-VL written to {out}")
@@ -126,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clip", action="store_true", help="instead: a tiny random-init CLIP (PathoCLIP's CPU stand-in)")
     p.set_defaults(func=_cmd_tiny_model)
 
     p = sub.add_parser("synth-data", help="generate the synthetic pathology world (all dataset kinds)")
@@ -146,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=_cmd_data_validate)
 
     _register_run(sub)
-    for register in (rewards_cli.register, sft_cli.register, rl_cli.register, embed_cli.register, eval_cli.register):
+    for register in (rewards_cli.register, sft_cli.register, rl_cli.register, embed_cli.register,
+                     embed_cli.register_clip, eval_cli.register):
         register(sub)
     curate_cli.register(sub, model_encoder=model_encoder)
     return parser

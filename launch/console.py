@@ -71,6 +71,12 @@ def driver_logging(log_dir: Path, verbose: bool) -> Iterator[Path]:
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for name in _NOISY:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+    # transformers prints through a handler of its own, so its INFO lines (a tiny model saved while preparing the
+    # run) would reach the console; route them through ours (the file) instead
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
     logging.captureWarnings(True)
     if not verbose:  # Hugging Face progress bars (weights written, datasets cast) are not the run's progress
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -81,6 +87,8 @@ def driver_logging(log_dir: Path, verbose: bool) -> Iterator[Path]:
             yield path
     finally:
         logging.captureWarnings(False)
+        hf_logging.disable_propagation()
+        hf_logging.enable_default_handler()
         root.removeHandler(to_file)
         root.removeHandler(to_console)
         to_file.close()

@@ -74,6 +74,9 @@ register_phase(PhaseType(
     "embed", "patho_r1.embed.config:EmbedPhaseConfig", "patho_r1.embed.train:run_embed", ray_train=True,
     writes_checkpoint=True, summary="the embedding head (a LoRA adapter beside the reasoner)"))
 register_phase(PhaseType(
+    "clip", "patho_r1.embed.clip_config:ClipPhaseConfig", "patho_r1.embed.clip_train:run_clip", ray_train=True,
+    writes_checkpoint=True, uses_model=False, summary="PathoCLIP: two-stage CLIP training on caption records"))
+register_phase(PhaseType(
     "eval", "patho_r1.eval.phase:EvalPhaseConfig", "patho_r1.eval.phase:run_eval", ray_train=False, headline=(),
     summary="score checkpoints on an MCQ set"))
 register_phase(PhaseType(

@@ -192,7 +192,8 @@ class Plan:
         return "\n".join(lines)
 
 
-_PLACEHOLDER = re.compile(r"\{(data|output|phase:[A-Za-z0-9_\-]+)\}")
+_PLACEHOLDER = re.compile(r"\{(data|output|tiny_clip|phase:[A-Za-z0-9_\-]+)\}")
+TINY_CLIP_DIR = "tiny-clip"  # `{tiny_clip}`: a tiny random-init CLIP under the output root, built when first needed
 
 
 def _substitute(value, mapping: dict[str, str], where: str, errors: list[str]):
@@ -228,7 +229,8 @@ def build_plan(raw: dict, source: str = "<recipe>") -> Plan:
         recipe.data.root = str(Path(recipe.data.root).expanduser().resolve())
     if recipe.model.base != "tiny" and Path(recipe.model.base).expanduser().exists():
         recipe.model.base = str(Path(recipe.model.base).expanduser().resolve())
-    mapping = {"data": recipe.data_root, "output": recipe.output_root, "phase:base": recipe.base_model_path}
+    mapping = {"data": recipe.data_root, "output": recipe.output_root, "phase:base": recipe.base_model_path,
+               "tiny_clip": str(Path(recipe.output_root) / TINY_CLIP_DIR)}
     previous_model = recipe.base_model_path
     phases: list[PlannedPhase] = []
     warnings: list[str] = []

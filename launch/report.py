@@ -37,7 +37,8 @@ def collect(run_dir: str | Path) -> dict:
         raise FileNotFoundError(f"{run_dir}: no {STATE_FILE}; is this a `patho-r1 run` output folder?")
     state = json.loads(state_file.read_text())
     report: dict = {"recipe": state.get("recipe", run_dir.name), "recipe_hash": state.get("recipe_hash"),
-                    "mcq": {}, "paired": [], "retrieval": {}, "curate": {}, "wall_time_s": {}, "training": {}}
+                    "mcq": {}, "paired": [], "retrieval": {}, "pathoclip": {}, "curate": {}, "wall_time_s": {},
+                    "training": {}}
     evals = [n for n, e in state["phases"].items()
              if (Path(e.get("output_dir") or run_dir / n) / "summary.json").is_file()]
     for name, entry in state["phases"].items():
@@ -57,6 +58,9 @@ def collect(run_dir: str | Path) -> dict:
                                      for p in json.loads((out / "paired.json").read_text())]
         if (out / "eval" / "metrics.json").is_file():
             report["retrieval"][name] = json.loads((out / "eval" / "metrics.json").read_text())
+        if (out / "eval" / "comparison.json").is_file():  # a clip phase's evaluation
+            report["pathoclip"][name] = {**json.loads((out / "eval" / "comparison.json").read_text()),
+                                         "plot": str(out / "eval" / "few_shot.png")}
         stages = curate_stages(out)
         if stages:
             report["curate"][name] = stages
@@ -154,6 +158,9 @@ def draw(report: dict, plot_dir: Path) -> dict[str, Path]:
         drawn[f"{name}: DAPO filtered fraction and rounds"] = plots.dynamic_sampling(
             rows, plot_dir / f"{name}_dynamic_sampling.png", name)
     drawn["held-out accuracy per checkpoint"] = plots.accuracy(report["mcq"], plot_dir / "accuracy.png")
+    for name, r in report["pathoclip"].items():
+        if Path(r["plot"]).is_file():
+            drawn[f"{name}: PathoCLIP few-shot linear probe"] = Path(r["plot"])
     for name, r in report["retrieval"].items():
         drawn[f"{name}: composed retrieval"] = plots.retrieval(r.get("tasks", {}), plot_dir / f"{name}_retrieval.png",
                                                                name)
@@ -186,6 +193,10 @@ def render_markdown(report: dict, figures: dict[str, Path] | None = None, root: 
             lines.append(f"| {task} | {m['recall@1']:.3f} | {m['recall@5']:.3f} | {m['chance@1']:.3f} | "
                          f"{m['recall@1'] / m['chance@1']:.1f}x | {m.get('simple_add_recall@1', float('nan')):.3f} |")
         lines.append("")
+    for name, r in report.get("pathoclip", {}).items():
+        from patho_r1.embed.clip_eval import comparison_markdown
+
+        lines += [f"## PathoCLIP ({name})", "", comparison_markdown(r["results"])]
     for name, stages in report.get("curate", {}).items():
         lines += _curate_markdown(name, stages)
     lines += ["## Wall time", "", "| phase | seconds |", "|---|---|"]
@@ -242,6 +253,16 @@ def phase_headline(out_dir: str | Path, metrics: dict) -> str:
     if (out / "eval" / "metrics.json").is_file():
         tasks = json.loads((out / "eval" / "metrics.json").read_text()).get("tasks", {})
         parts.append("R@1 " + " ".join(f"{task}={m['recall@1']:.2f}" for task, m in tasks.items()))
+    if (out / "eval" / "comparison.json").is_file():
+        for label, m in json.loads((out / "eval" / "comparison.json").read_text())["results"].items():
+            r, z = m.get("retrieval", {}), m.get("zero_shot", {})
+            parts.append(f"{label}: mean R={r.get('mean_recall', float('nan')):.2f} "
+                         f"zero-shot={z.get('accuracy', float('nan')):.2f}")
+    for stage in ("stage1", "stage2"):  # a clip phase's manifest metrics
+        if f"{stage}_last_loss" in metrics:
+            drift = f" drift={metrics[f'{stage}_drift']:.3f}" if f"{stage}_drift" in metrics else ""
+            parts.append(f"{stage} loss {metrics[f'{stage}_first_loss']:.2f}->{metrics[f'{stage}_last_loss']:.2f}"
+                         f"{drift}")
     stages = curate_stages(out)
     if stages:
         rows = [stage_rows(st["counts"]) for st in stages]

@@ -18,7 +18,7 @@ from patho_r1.checkpoint import Manifest, checkpoint_problem, lineage_digest, re
 from patho_r1.errors import ConfigError, PathoError
 from patho_r1.launch.console import RunConsole, driver_logging, route_ray_logging_to_file
 from patho_r1.launch.phases import get_phase
-from patho_r1.launch.recipe import Plan, PlannedPhase
+from patho_r1.launch.recipe import TINY_CLIP_DIR, Plan, PlannedPhase
 from patho_r1.launch.report import STATE_FILE, phase_headline, render_markdown, write_report
 
 LOG_DIR = "logs"
@@ -59,18 +59,27 @@ def prepare_inputs(plan: Plan) -> None:
         if not (base / "config.json").is_file():
             print(f"[prepare] building the tiny Qwen2.5-VL in {base}", flush=True)
             build_tiny_model(base, spec)
+    tiny_clip = Path(recipe.output_root) / TINY_CLIP_DIR
+    if any(p.config is not None and getattr(p.config, "model", None) == str(tiny_clip) for p in plan.phases) \
+            and not (tiny_clip / "config.json").is_file():
+        from patho_r1.fixtures.tiny_clip import build_tiny_clip
+
+        print(f"[prepare] building the tiny CLIP in {tiny_clip}", flush=True)
+        build_tiny_clip(tiny_clip)
     if recipe.data.synth is not None:
-        from patho_r1.fixtures.synth import generate_world
+        from patho_r1.fixtures.synth import WORLD_VERSION, generate_world
 
         root = Path(recipe.data_root)
-        wanted = {"seed": recipe.data.synth.seed, "config": asdict(recipe.data.synth.world_config())}
+        wanted = {"version": WORLD_VERSION, "seed": recipe.data.synth.seed,
+                  "config": asdict(recipe.data.synth.world_config())}
         marker = root / "world.json"
         if marker.is_file():
             have = json.loads(marker.read_text())
-            if {"seed": have.get("seed"), "config": have.get("config")} == wanted:
+            if {k: have.get(k) for k in wanted} == wanted:
                 return
             backup = _move_aside(root)
-            print(f"[prepare] world settings changed; previous world kept at {backup}", flush=True)
+            print(f"[prepare] world settings (or the world's format) changed; previous world kept at {backup}",
+                  flush=True)
         print(f"[prepare] generating the synthetic world (seed {recipe.data.synth.seed}) in {root}", flush=True)
         tmp = root.with_name(root.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -10,7 +10,8 @@ import torch
 from sklearn.metrics import balanced_accuracy_score, f1_score
 
 from patho_r1.embed.config import BootstrapConfig, EmbedPhaseConfig
-from patho_r1.embed.evaluate import VectorIndex, exact_search, modality_gap, recall_at_k, zero_shot_metrics
+from patho_r1.embed.evaluate import exact_search, modality_gap, recall_at_k, zero_shot_metrics
+from patho_r1.embed.index import VectorIndex
 from patho_r1.embed.loss import grad_cache_step, info_nce
 from patho_r1.embed.model import Embedder, EmbedInput, summary_messages
 from patho_r1.embed.train import bootstrap_filter, run_embed

@@ -1,0 +1,158 @@
+"""PathoCLIP training, in the Patho-R1 paper's two stages, on `caption` records (the data engine's output).
+
+    patho-r1 clip train CONFIG.yaml            # or a `clip` phase in a recipe
+
+Stage I trains image and text towers contrastively on a morphology-rich corpus.  Stage II continues on a mixed corpus
+and must not wash out what stage I learned.  Two mechanisms, both in `ClipStage`:
+
+- `anchor_weight` (L2-SP, Li et al. 2018, "Explicit inductive bias for transfer learning"): the loss gains
+  `w * sum((theta - theta_I)^2)` over every trained weight, `theta_I` being the weights stage I ended with.  This is
+  the recipes' choice: it bounds how far *every* weight drifts, costs one copy of the weights, and needs no second
+  forward pass (a distillation anchor would run the frozen stage I model on every batch).
+- `vision_lr_scale`: the image tower at a fraction of the learning rate, the lighter alternative.
+
+`drift` (the relative L2 distance from stage I's weights) is logged, and the tests check that the anchor limits it.
+
+The loss is `embed.loss.info_nce` (symmetric, negatives gathered across ranks) at CLIP's own learned temperature,
+and `grad_cache_step` when `grad_cache_chunk` is set: the same code the HOMIE embedder trains with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from patho_r1.checkpoint import Manifest, atomic_directory, lineage_digest, write_manifest
+from patho_r1.config import PhaseResult
+from patho_r1.data import CaptionRecord, load_records
+from patho_r1.embed.clip import ClipEmbedder
+from patho_r1.embed.clip_config import ClipPhaseConfig, ClipStage
+from patho_r1.embed.loss import average_gradients, grad_cache_step, info_nce
+from patho_r1.embed.train import _Log, _no_wandb, _world
+from patho_r1.training import wandb_run
+
+
+def load_pairs(stage: ClipStage) -> list[CaptionRecord]:
+    """Every file's caption records (each capped at `max_pairs`), pooled."""
+    return [r for path in stage.data for r in load_records(path, "caption")[: stage.max_pairs]]
+
+
+def snapshot(clip: ClipEmbedder) -> dict[str, torch.Tensor]:
+    """A detached copy of the trained weights: stage II's anchor."""
+    return {n: p.detach().clone() for n, p in clip.model.named_parameters() if p.requires_grad}
+
+
+def anchor_penalty(clip: ClipEmbedder, anchor: dict[str, torch.Tensor]) -> torch.Tensor:
+    """L2-SP: the squared distance of the trained weights from the anchor's."""
+    return sum(((p - anchor[n]) ** 2).sum() for n, p in clip.model.named_parameters() if n in anchor)
+
+
+def drift(clip: ClipEmbedder, anchor: dict[str, torch.Tensor]) -> float:
+    """||theta - theta_I|| / ||theta_I||: how far training moved the weights from the anchor, as a share."""
+    with torch.no_grad():
+        moved = math.sqrt(float(anchor_penalty(clip, anchor)))
+        size = math.sqrt(sum(float((a ** 2).sum()) for a in anchor.values()))
+    return moved / max(size, 1e-12)
+
+
+def _optimizer(clip: ClipEmbedder, stage: ClipStage) -> torch.optim.Optimizer:
+    vision = {id(p) for p in clip.vision_parameters}
+    params = [p for p in clip.model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if id(p) not in vision], "lr": stage.learning_rate},
+              {"params": [p for p in params if id(p) in vision], "lr": stage.learning_rate * stage.vision_lr_scale}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=stage.weight_decay)
+
+
+def train_stage(clip: ClipEmbedder, stage: ClipStage, name: str, cfg: ClipPhaseConfig, log: _Log,
+                anchor: dict[str, torch.Tensor] | None = None) -> dict:
+    """One stage; returns {"steps", "first_loss", "last_loss", "drift"} (losses: means over the first and last
+    tenth of the steps)."""
+    rank, world = _world()
+    rng = np.random.default_rng([cfg.seed, rank, len(name)])
+    records = load_pairs(stage)
+    n = int(len(records) * stage.epochs)
+    order = np.concatenate([rng.permutation(len(records)) for _ in range(math.ceil(stage.epochs))])[:n]
+    order = order[rank::world]
+    plan = [[records[i] for i in order[s:s + stage.batch_size]]
+            for s in range(0, len(order) - stage.batch_size + 1, stage.batch_size)]
+    if stage.max_steps:
+        plan = plan[: stage.max_steps]
+    if not plan:
+        raise ValueError(f"{name}: {len(records)} pairs make no batch of {stage.batch_size} per rank")
+    optimizer = _optimizer(clip, stage)
+    from transformers import get_cosine_schedule_with_warmup
+
+    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, len(plan) // 20), len(plan))
+    params = [p for p in clip.model.parameters() if p.requires_grad]
+    use_anchor = anchor is not None and stage.anchor_weight > 0
+    clip.train()
+    losses = []
+    for i, batch in enumerate(plan, start=1):
+        images = [{"images": r.images[:1]} for r in batch]
+        texts = [r.caption for r in batch]
+        # the temperature is CLIP's learned logit scale, read inside the loss so that it trains too
+        loss_fn = functools.partial(_clip_loss, clip)
+        if stage.grad_cache_chunk:
+            loss = grad_cache_step(clip, images, texts, stage.grad_cache_chunk, loss_fn)
+        else:
+            loss = loss_fn(clip(images), clip(texts))
+            loss.backward()
+        if use_anchor:
+            (stage.anchor_weight * anchor_penalty(clip, anchor)).backward()
+        average_gradients(params)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        extra = {"drift": drift(clip, anchor)} if anchor is not None and (i % log.every == 0 or i == len(plan)) \
+            else {}
+        log(name, i, len(plan), losses[-1], scheduler.get_last_lr()[0], **extra)
+    tenth = max(1, len(losses) // 10)
+    return {"steps": len(plan), "first_loss": float(np.mean(losses[:tenth])),
+            "last_loss": float(np.mean(losses[-tenth:])), "drift": drift(clip, anchor) if anchor else None}
+
+
+def _clip_loss(clip: ClipEmbedder, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    return info_nce(image_emb, text_emb, temperature=clip.temperature())
+
+
+def run_clip(cfg: ClipPhaseConfig) -> PhaseResult:
+    """Stage I, stage II (anchored to stage I), optional evaluation, then the checkpoint under OUTPUT_DIR/model."""
+    cfg.check_inputs()
+    out = Path(cfg.output_dir)
+    torch.manual_seed(cfg.seed)
+    clip = ClipEmbedder.from_pretrained(cfg.model)
+    if not cfg.runs_on_cpu():
+        clip.to(f"cuda:{torch.cuda.current_device()}")
+    is_main = _world()[0] == 0
+    metrics: dict = {}
+    with wandb_run(cfg, f"clip-{out.name}") if is_main else contextlib.nullcontext(_no_wandb) as wandb_log:
+        log = _Log(out / "metrics.jsonl", cfg.logging_steps, wandb_log, phase="clip")
+        metrics["stage1"] = train_stage(clip, cfg.stage1, "stage1", cfg, log)
+        if cfg.stage2:
+            metrics["stage2"] = train_stage(clip, cfg.stage2, "stage2", cfg, log, anchor=snapshot(clip))
+        steps = sum(m["steps"] for m in (metrics["stage1"], metrics.get("stage2") or {"steps": 0}))
+        if is_main:
+            clip.eval()
+            if cfg.eval:
+                from patho_r1.embed.clip_eval import evaluate_model, write_comparison
+
+                metrics["eval"] = evaluate_model(clip, cfg.eval)
+                write_comparison(out / "eval", {"pathoclip": metrics["eval"]}, cfg.eval)
+                wandb_log({"eval": metrics["eval"]})
+            with atomic_directory(out / "model") as tmp:
+                clip.save_pretrained(tmp)
+                parent = cfg.parent or cfg.model
+                stages = {k: v for k, v in metrics.items() if k != "eval"}
+                flat = {f"{stage}_{key}": float(value) for stage, m in stages.items() for key, value in m.items()
+                        if value is not None}
+                write_manifest(tmp, Manifest(phase="clip", step=steps, recipe_hash=cfg.recipe_hash, parent=parent,
+                                             parents={parent: lineage_digest(parent)}, complete=True, metrics=flat,
+                                             extra={"stages": stages}))
+    return PhaseResult(model_dir=out / "model", global_step=steps, metrics=metrics)

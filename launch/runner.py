@@ -17,6 +17,7 @@ from pathlib import Path
 from patho_r1.checkpoint import Manifest, checkpoint_problem, lineage_digest, read_manifest, write_manifest
 from patho_r1.errors import ConfigError, PathoError
 from patho_r1.launch.console import RunConsole, driver_logging, route_ray_logging_to_file
+from patho_r1.launch.liveness import DriverLease, forget_local_ray, reap_orphans, record_local_ray
 from patho_r1.launch.phases import get_phase
 from patho_r1.launch.recipe import TINY_CLIP_DIR, Plan, PlannedPhase
 from patho_r1.launch.report import STATE_FILE, phase_headline, render_markdown, write_report
@@ -150,7 +151,8 @@ def _root_cause(exc: BaseException) -> BaseException:
     return getattr(exc, "cause", None) or exc
 
 
-def run_training_phase(plan: Plan, phase: PlannedPhase, verbose: bool = False, resume: bool = False) -> dict:
+def run_training_phase(plan: Plan, phase: PlannedPhase, verbose: bool = False, resume: bool = False,
+                       driver: dict | None = None) -> dict:
     """One training phase on Ray Train workers (TorchTrainer: process group, placement group, restarts)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -165,7 +167,7 @@ def run_training_phase(plan: Plan, phase: PlannedPhase, verbose: bool = False, r
         train_loop_per_worker,
         train_loop_config={"phase_type": phase.type, "config": phase.config.model_dump(mode="json"),
                            "env": _worker_env(plan), "report": False, "log_file": _log_file(plan, phase, verbose),
-                           "resume": resume, "started": time.time()},
+                           "resume": resume, "started": time.time(), "driver": driver},
         scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
                                      resources_per_worker=per_worker, placement_strategy=res.placement_strategy),
         run_config=RunConfig(name=f"{plan.recipe.name}-{phase.name}",
@@ -185,7 +187,7 @@ def run_training_phase(plan: Plan, phase: PlannedPhase, verbose: bool = False, r
     return {"step": manifest.step, **manifest.metrics}
 
 
-def run_task_phase(plan: Plan, phase: PlannedPhase, verbose: bool = False) -> dict:
+def run_task_phase(plan: Plan, phase: PlannedPhase, verbose: bool = False, driver: dict | None = None) -> dict:
     """A non-training phase (evaluation) as one Ray task with the phase's resources."""
     import ray
 
@@ -196,7 +198,7 @@ def run_task_phase(plan: Plan, phase: PlannedPhase, verbose: bool = False) -> di
                         max_retries=max(res.max_failures, 0))(run_phase_task)
     try:
         out = ray.get(remote.remote(phase.type, phase.config.model_dump(mode="json"),
-                                    _log_file(plan, phase, verbose, rank="0")))
+                                    _log_file(plan, phase, verbose, rank="0"), driver))
     except Exception as exc:
         cause = _root_cause(exc)
         raise PhaseFailed(f"phase {phase.name!r} ({phase.type}) failed: {type(cause).__name__}: {cause}"
@@ -267,16 +269,23 @@ def _run_locked(plan: Plan, selected: list[PlannedPhase], root: Path, resume: bo
                 console: RunConsole) -> list[PhaseOutcome]:
     for warning in plan.warnings:
         console.line(f"[run] warning: {warning}")
-    with driver_logging(root / LOG_DIR, verbose) as log_path:
+    stopped = reap_orphans(root)  # we hold the lock: any registered process still alive is a killed run's
+    if stopped:
+        console.line(f"[run] stopped {len(stopped)} process(es) left running by an earlier, killed run of {root} "
+                     f"(pids {', '.join(str(e['pid']) for e in stopped)})")
+    with driver_logging(root / LOG_DIR, verbose) as log_path, DriverLease(root) as lease:
         state = _load_state(plan)
         state.update(recipe=plan.recipe.name, recipe_hash=plan.recipe_hash)
         prepare_inputs(plan)
         started_ray = init_ray(plan, verbose)
+        if started_ray and not plan.recipe.resources.ray_address:
+            record_local_ray(root)
         outcomes: list[PhaseOutcome] = []
         try:
             for i, phase in enumerate(selected, 1):
                 try:
-                    outcomes.append(_run_one(plan, phase, f"{i}/{len(selected)}", state, resume, verbose, console))
+                    outcomes.append(_run_one(plan, phase, f"{i}/{len(selected)}", state, resume, verbose, console,
+                                             lease.identity))
                 except PhaseFailed as exc:
                     state["phases"][phase.name] = asdict(exc.outcome)
                     _save_state(plan, state)
@@ -289,6 +298,7 @@ def _run_locked(plan: Plan, selected: list[PlannedPhase], root: Path, resume: bo
                 import ray
 
                 ray.shutdown()
+                forget_local_ray(root)
         numbers = write_report(root)
     if numbers["mcq"]:  # the one table that says whether it learned; the rest is in the report
         mcq = render_markdown(numbers).split("## Held-out MCQ\n")[1].split("\n## ")[0]
@@ -301,7 +311,7 @@ def _run_locked(plan: Plan, selected: list[PlannedPhase], root: Path, resume: bo
 
 
 def _run_one(plan: Plan, phase: PlannedPhase, position: str, state: dict, resume: bool, verbose: bool,
-             console: RunConsole) -> PhaseOutcome:
+             console: RunConsole, driver: dict | None = None) -> PhaseOutcome:
     out_dir = str(getattr(phase.config, "output_dir", Path(plan.recipe.output_root) / phase.name))
     manifest = read_manifest(phase.final_dir) if resume else None
     finished = manifest is not None and manifest.complete
@@ -334,9 +344,9 @@ def _run_one(plan: Plan, phase: PlannedPhase, position: str, state: dict, resume
     try:
         with console.phase_progress(phase.name, metrics_file, phase_type.headline):
             if phase_type.ray_train:
-                metrics = run_training_phase(plan, phase, verbose, resume)
+                metrics = run_training_phase(plan, phase, verbose, resume, driver)
             else:
-                metrics = run_task_phase(plan, phase, verbose)
+                metrics = run_task_phase(plan, phase, verbose, driver)
     except PhaseFailed as exc:
         console.line(f"[run] {phase.name} failed after {time.time() - t0:.1f}s")
         exc.outcome = PhaseOutcome(phase.name, phase.type, "failed", time.time() - t0, output_dir=out_dir)

@@ -12,6 +12,7 @@ from transformers import TrainerCallback
 
 from patho_r1.config import validate_config
 from patho_r1.launch.console import worker_output
+from patho_r1.launch.liveness import WorkerLease
 from patho_r1.launch.phases import get_phase
 
 
@@ -24,10 +25,21 @@ def run_phase(phase_type: str, config: dict[str, Any], callbacks=()) -> dict:
     return {"global_step": result.global_step, "model_dir": str(result.model_dir), "metrics": result.metrics}
 
 
-def run_phase_task(phase_type: str, config: dict[str, Any], log_file: str | None = None) -> dict:
-    """A phase as one Ray task (evaluation), its output in `log_file`."""
-    with worker_output(Path(log_file) if log_file else None):
+def run_phase_task(phase_type: str, config: dict[str, Any], log_file: str | None = None,
+                   driver: dict | None = None) -> dict:
+    """A phase as one Ray task (evaluation), its output in `log_file`; it stops if the driver dies."""
+    with worker_output(Path(log_file) if log_file else None), WorkerLease(driver, phase_type):
         return run_phase(phase_type, config)
+
+
+class _StopIfDriverGone(TrainerCallback):
+    """Checks the driver at every step end, before HF Trainer decides to save: no checkpoint for a dead driver."""
+
+    def __init__(self, lease: WorkerLease):
+        self.lease = lease
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.lease.check()
 
 
 class _RayProgress(TrainerCallback):
@@ -68,5 +80,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         config["resume"] = should_resume(config, loop_config.get("resume", False), loop_config.get("started", 0.0))
     log_file = loop_config.get("log_file")
     rank = ray.train.get_context().get_world_rank()
-    with worker_output(Path(log_file.format(rank=rank)) if log_file else None):
-        run_phase(phase.name, config, callbacks=[_RayProgress()] if loop_config.get("report") else [])
+    with worker_output(Path(log_file.format(rank=rank)) if log_file else None), \
+            WorkerLease(loop_config.get("driver"), f"{phase.name} rank {rank}") as lease:
+        callbacks = [_StopIfDriverGone(lease)] + ([_RayProgress()] if loop_config.get("report") else [])
+        run_phase(phase.name, config, callbacks=callbacks if phase.hf_trainer else [])

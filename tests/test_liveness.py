@@ -1,0 +1,128 @@
+"""Workers stop when their driver dies; a run reaps what a killed run left alive (launch/liveness.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+import yaml
+
+from patho_r1.launch.liveness import (
+    HEARTBEAT,
+    REGISTRY,
+    DriverLease,
+    _identity,
+    driver_alive,
+    reap_orphans,
+)
+
+
+def _sleeper() -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+
+
+def test_a_worker_exits_within_a_second_of_its_driver_dying(tmp_path):
+    driver = _sleeper()
+    identity = {**_identity(driver.pid), "run_dir": str(tmp_path)}
+    worker = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import json, time
+        from patho_r1.launch.liveness import WorkerLease
+        with WorkerLease(json.loads({json.dumps(json.dumps(identity))!s}), "sft rank 0"):
+            print("registered", flush=True)
+            time.sleep(60)
+            print("survived", flush=True)
+    """)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert worker.stdout.readline().strip() == "registered"
+    entry = json.loads(next((tmp_path / REGISTRY).glob("*.json")).read_text())
+    assert entry["pid"] == worker.pid and entry["role"] == "sft rank 0"
+    time.sleep(0.5)
+    assert worker.poll() is None  # the driver lives: the worker goes on
+    driver.kill()
+    driver.wait()
+    t0 = time.time()
+    out, err = worker.communicate(timeout=10)
+    assert time.time() - t0 < 1.5 and worker.returncode == 70
+    assert "survived" not in out and "the driver" in err and "is gone" in err
+
+
+def test_a_driver_on_another_host_is_judged_by_its_heartbeat(tmp_path):
+    remote = {"pid": 1, "create_time": 0.0, "host": "another-node", "run_dir": str(tmp_path)}
+    assert not driver_alive(remote)  # no heartbeat at all
+    with DriverLease(tmp_path):
+        time.sleep(0.2)
+        assert (tmp_path / HEARTBEAT).is_file() and driver_alive(remote)
+    assert not (tmp_path / HEARTBEAT).exists()
+    (tmp_path / HEARTBEAT).write_text("{}")
+    old = time.time() - 60
+    os.utime(tmp_path / HEARTBEAT, (old, old))
+    assert not driver_alive(remote)  # a stale heartbeat: the driver is gone
+
+
+def test_reaping_stops_a_killed_runs_live_processes_and_forgets_dead_ones(tmp_path):
+    orphan, finished = _sleeper(), _sleeper()
+    finished_identity = _identity(finished.pid)
+    finished.kill()
+    finished.wait()
+    (tmp_path / REGISTRY).mkdir()
+    for name, entry in (("orphan", _identity(orphan.pid)), ("finished", finished_identity),
+                        ("reused", {**_identity(os.getpid()), "create_time": 1.0})):  # a pid now someone else's
+        (tmp_path / REGISTRY / f"{name}.json").write_text(json.dumps(entry))
+    stopped = reap_orphans(tmp_path, grace_s=2)
+    assert [e["pid"] for e in stopped] == [orphan.pid]
+    assert orphan.wait(timeout=5) == -signal.SIGTERM
+    assert not list((tmp_path / REGISTRY).glob("*.json"))
+    assert reap_orphans(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_killing_the_driver_stops_its_workers_and_the_resumed_run_finishes(tmp_path):
+    """SIGKILL to the driver alone (not its process group): its Ray Train worker must stop at once, write no new
+    checkpoint afterwards, and the resumed run must find nothing of the old one running."""
+    from test_launch import _recipe, _run
+
+    common = {"max_length": 512, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
+              "warmup_ratio": 0.0}
+    raw = _recipe(tmp_path, [{"name": "sft", "type": "sft", "config": {"data": "{data}/sft/train.jsonl",
+                                                                        "max_steps": 400, "save_steps": 5}}],
+                  defaults=common, wandb={"mode": "disabled"}, resources={"cpus_per_worker": 1, "max_failures": 0})
+    raw["data"]["synth"].update(n_train_tiles=48, n_heldout_tiles=12, n_sft=40, n_rl=8, n_rl_heldout=6,
+                                n_embed_pairs=8, n_composed_per_task=2, n_eval_tiles=6, n_eval_mcq=3)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    with open(tmp_path / "first.log", "w") as log:
+        proc = _run([str(path)], log)
+        deadline = time.time() + 600
+        while not (out / "sft/checkpoints/checkpoint-10/trainer_state.json").exists():
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.time() < deadline, "no sft checkpoint appeared"
+            time.sleep(0.2)
+        workers = [json.loads(p.read_text()) for p in (out / REGISTRY).glob("*.json")]
+        assert any(w["role"] == "sft rank 0" for w in workers)
+        os.kill(proc.pid, signal.SIGKILL)
+        killed_at = time.time()
+        proc.wait()
+    before = {p.name for p in (out / "sft/checkpoints").glob("checkpoint-*")}
+    while any(psutil.pid_exists(w["pid"]) for w in workers) and time.time() < killed_at + 10:
+        time.sleep(0.05)
+    assert not any(psutil.pid_exists(w["pid"]) for w in workers)
+    assert time.time() - killed_at < 3, "the worker outlived its driver"
+    time.sleep(1)
+    after = {p.name for p in (out / "sft/checkpoints").glob("checkpoint-*")}
+    assert len(after - before) <= 1  # at most the save that was under way when the driver died
+    with open(tmp_path / "second.log", "w") as log:
+        proc = _run([str(path), "--resume"], log)
+        assert proc.wait(timeout=900) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    second = (tmp_path / "second.log").read_text()
+    assert "resuming from checkpoint-" in second
+    assert not list((out / REGISTRY).glob("*.json"))  # every worker unregistered on its way out
+    from patho_r1.checkpoint import read_manifest
+
+    assert read_manifest(out / "sft/model").step == 400

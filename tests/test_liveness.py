@@ -12,6 +12,7 @@ import time
 
 import psutil
 import pytest
+import torch
 import yaml
 
 from patho_r1.launch.liveness import (
@@ -126,3 +127,115 @@ def test_killing_the_driver_stops_its_workers_and_the_resumed_run_finishes(tmp_p
     from patho_r1.checkpoint import read_manifest
 
     assert read_manifest(out / "sft/model").step == 400
+
+
+def _steps(out, phase: str) -> list[int]:
+    """The steps a phase logged (its metrics.jsonl, a torn last line left out), in order."""
+    path = out / phase / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.strip().endswith("}")]
+
+
+def _complete(out, phase: str) -> bool:
+    from patho_r1.checkpoint import read_manifest
+
+    manifest = read_manifest(out / phase / "model")
+    return bool(manifest and manifest.complete)
+
+
+@pytest.mark.slow
+def test_kill_anywhere_then_resume_loses_at_most_save_steps_redoes_nothing_and_ends_bit_identical(tmp_path):
+    """The driver is killed at random moments (while preparing and starting Ray, at random training steps of each
+    phase, right after a checkpoint or between two), alone or with its whole process group, then resumed, until the
+    run completes.  Every kill loses at most `save_steps` steps of the phase it interrupts, no finished phase is
+    redone, and the final SFT weights equal those of a run that was never interrupted."""
+    import random
+    import re
+
+    from safetensors.torch import load_file
+    from test_launch import _recipe, _run
+
+    save_steps = 5
+    common = {"max_length": 512, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
+              "warmup_ratio": 0.0, "save_steps": save_steps, "save_total_limit": 2}
+    phases = [{"name": "cpt", "type": "cpt", "config": {"data": "{data}/cpt/train.jsonl", "max_steps": 40}},
+              {"name": "sft", "type": "sft", "config": {"data": "{data}/sft/train.jsonl", "max_steps": 80}}]
+
+    def recipe(root):
+        raw = _recipe(root, phases, defaults=common, wandb={"mode": "disabled"},
+                      resources={"cpus_per_worker": 1, "max_failures": 0})
+        raw["data"]["synth"].update(n_train_tiles=48, n_heldout_tiles=12, n_sft=40, n_rl=8, n_rl_heldout=6,
+                                    n_embed_pairs=8, n_composed_per_task=2, n_eval_tiles=6, n_eval_mcq=3)
+        path = root / "recipe.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "cut").mkdir()
+    with open(tmp_path / "ref.log", "w") as log:
+        assert _run([str(recipe(tmp_path / "ref"))], log).wait(timeout=900) == 0
+    path, out = recipe(tmp_path / "cut"), tmp_path / "cut" / "out"
+    rng = random.Random(7)
+    # where to kill: after some seconds (preparing, starting Ray), or once a phase logs a step at or past k
+    targets = [("time", rng.uniform(1, 8)), ("cpt", rng.randint(3, 20)), ("cpt", rng.randint(21, 38)),
+               ("sft", rng.randint(3, 40)), ("sft", rng.randint(41, 78))]
+    kills = []
+    for attempt in range(len(targets) + 3):
+        log_path = tmp_path / f"cut{attempt}.log"
+        target = targets[len(kills)] if len(kills) < len(targets) else None
+        seen = {p: len(_steps(out, p)) for p in ("cpt", "sft")}  # rows of earlier attempts do not count
+        with open(log_path, "w") as log:
+            proc = _run([str(path)] + (["--resume"] if attempt else []), log)
+            t0, fire = time.time(), False
+            while proc.poll() is None and target is not None and not fire:
+                if target[0] == "time":
+                    fire = time.time() - t0 >= target[1]
+                else:
+                    fire = any(step >= target[1] for step in _steps(out, target[0])[seen[target[0]]:]) \
+                        or _complete(out, target[0])
+                time.sleep(0.02)
+            if proc.poll() is None and fire:
+                workers = [json.loads(p.read_text()) for p in (out / REGISTRY).glob("*.json")]
+                alone = rng.random() < 0.5
+                if alone:
+                    os.kill(proc.pid, signal.SIGKILL)  # the driver alone: its workers must notice
+                else:
+                    os.killpg(proc.pid, signal.SIGKILL)  # everything it started
+                proc.wait()
+                deadline = time.time() + 5
+                while any(psutil.pid_exists(w["pid"]) for w in workers) and time.time() < deadline:
+                    time.sleep(0.05)
+                assert not any(psutil.pid_exists(w["pid"]) for w in workers), "a worker outlived its driver"
+                # what the killed run left, read once nothing of it runs any more
+                done = {p: _complete(out, p) for p in ("cpt", "sft")}
+                stamps = {p: (out / p / "model/patho_manifest.json").stat().st_mtime_ns for p in done if done[p]}
+                reached = {p: max(_steps(out, p), default=0) for p in ("cpt", "sft")}
+                kills.append({"target": target, "alone": alone, "done": done, "stamps": stamps, "reached": reached,
+                              "log": log_path})
+                continue
+            assert proc.wait(timeout=900) == 0, log_path.read_text()[-3000:]
+            break
+    assert len(kills) == len(targets), kills
+    logs = [k["log"] for k in kills[1:]] + [log_path]  # the run after each kill
+    resumed_mid_phase = 0
+    for kill, next_log in zip(kills, logs, strict=True):
+        text = next_log.read_text()
+        for phase, was_done in kill["done"].items():
+            if was_done:  # a finished phase is skipped, not redone
+                assert f"{phase}: complete, skipped" in text, (kill, text[-2000:])
+                continue
+            if f"{phase}: complete, skipped" in text:  # it finished while the driver was being killed: kept
+                continue
+            resumed = re.search(rf"\[run\] \d+/\d+ {phase} \[{phase}\] on .*resuming from checkpoint-(\d+)", text)
+            lost = kill["reached"][phase] - (int(resumed.group(1)) if resumed else 0)
+            assert 0 <= lost <= save_steps, (phase, lost, kill, text[-2000:])
+            resumed_mid_phase += resumed is not None
+    assert resumed_mid_phase >= 3  # the kills did land inside training, after checkpoints
+    for kill in kills:  # a finished phase is never rewritten afterwards
+        for phase, stamp in kill["stamps"].items():
+            assert (out / phase / "model/patho_manifest.json").stat().st_mtime_ns == stamp
+    ref = load_file(next((tmp_path / "ref/out/sft/model").glob("*.safetensors")))
+    cut = load_file(next((out / "sft/model").glob("*.safetensors")))
+    assert ref.keys() == cut.keys()
+    assert all(torch.equal(ref[k], cut[k]) for k in ref), "resumed SFT weights differ from an uninterrupted run's"

@@ -17,6 +17,7 @@ import yaml
 
 from patho_r1.launch.liveness import (
     HEARTBEAT,
+    RAY_PROCESSES,
     REGISTRY,
     DriverLease,
     _identity,
@@ -75,10 +76,12 @@ def test_reaping_stops_a_killed_runs_live_processes_and_forgets_dead_ones(tmp_pa
     for name, entry in (("orphan", _identity(orphan.pid)), ("finished", finished_identity),
                         ("reused", {**_identity(os.getpid()), "create_time": 1.0})):  # a pid now someone else's
         (tmp_path / REGISTRY / f"{name}.json").write_text(json.dumps(entry))
+    ray_helper = _sleeper()  # a local Ray process the killed driver had started
+    (tmp_path / RAY_PROCESSES).write_text(json.dumps([_identity(ray_helper.pid)]))
     stopped = reap_orphans(tmp_path, grace_s=2)
-    assert [e["pid"] for e in stopped] == [orphan.pid]
-    assert orphan.wait(timeout=5) == -signal.SIGTERM
-    assert not list((tmp_path / REGISTRY).glob("*.json"))
+    assert sorted(e["pid"] for e in stopped) == sorted([orphan.pid, ray_helper.pid])
+    assert orphan.wait(timeout=5) == -signal.SIGTERM and ray_helper.wait(timeout=5) == -signal.SIGTERM
+    assert not list((tmp_path / REGISTRY).glob("*.json")) and not (tmp_path / RAY_PROCESSES).exists()
     assert reap_orphans(tmp_path) == []
 
 

@@ -146,8 +146,9 @@ def reap_orphans(run_dir: str | Path, grace_s: float = 5.0) -> list[dict]:
 # The worker side
 # ----------------------------------------------------------------------------------------------------------------------
 
-def driver_alive(driver: dict) -> bool:
-    if driver.get("host") == socket.gethostname():
+def driver_alive(driver: dict, by_pid: bool | None = None) -> bool:
+    """By the driver's process when `by_pid` (default: when it runs on this host), else by its heartbeat's age."""
+    if by_pid if by_pid is not None else driver.get("host") == socket.gethostname():
         return _alive(driver)
     beat = Path(driver["run_dir"]) / HEARTBEAT
     try:
@@ -169,15 +170,19 @@ class WorkerLease:
         self.driver, self.role, self.interval_s = driver, role, interval_s
         self._stop = threading.Event()
         self._entry: Path | None = None
+        self._by_pid = False
 
     def check(self) -> None:
         """Exit now if the driver is gone (called at step ends too)."""
-        if self.driver is not None and not driver_alive(self.driver):
+        if self.driver is not None and not driver_alive(self.driver, self._by_pid):
             _stop_worker(self.driver)
 
     def __enter__(self) -> WorkerLease:
         if self.driver is None:  # a phase run outside `patho-r1 run`: nobody to watch
             return self
+        # by pid only when the driver is visible from here now: a container on the same host name but in its own
+        # pid namespace cannot see it, and must not take that for its death
+        self._by_pid = self.driver.get("host") == socket.gethostname() and _alive(self.driver)
         me = {**_identity(), "role": self.role, "started": time.time()}
         registry = Path(self.driver["run_dir"]) / REGISTRY
         registry.mkdir(parents=True, exist_ok=True)

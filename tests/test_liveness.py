@@ -54,6 +54,27 @@ def test_a_worker_exits_within_a_second_of_its_driver_dying(tmp_path):
     assert "survived" not in out and "the driver" in err and "is gone" in err
 
 
+def test_a_driver_invisible_from_the_worker_is_watched_by_its_heartbeat_not_taken_for_dead(tmp_path):
+    """Same host name, another pid namespace (a container): the driver's pid is not visible, so the worker must go
+    by the heartbeat, and stop only when that stops."""
+    import socket
+
+    unseen = {"pid": 2 ** 22 - 3, "create_time": 0.0, "host": socket.gethostname(), "run_dir": str(tmp_path)}
+    with DriverLease(tmp_path) as lease:
+        worker = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+            import json, time
+            from patho_r1.launch.liveness import WorkerLease
+            with WorkerLease(json.loads({json.dumps(json.dumps(unseen))!s}), "eval"):
+                print("registered", flush=True)
+                time.sleep(60)
+        """)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert worker.stdout.readline().strip() == "registered"
+        time.sleep(1.0)
+        assert worker.poll() is None and lease.identity["pid"] == os.getpid()
+    # the heartbeat file is gone with the lease: the worker stops
+    assert worker.wait(timeout=5) == 70
+
+
 def test_a_driver_on_another_host_is_judged_by_its_heartbeat(tmp_path):
     remote = {"pid": 1, "create_time": 0.0, "host": "another-node", "run_dir": str(tmp_path)}
     assert not driver_alive(remote)  # no heartbeat at all

@@ -72,6 +72,11 @@ def test_two_stage_training_lowers_the_loss_and_the_anchor_limits_stage_two_drif
     manifest = json.loads((anchored.model_dir / "patho_manifest.json").read_text())
     assert manifest["phase"] == "clip" and manifest["complete"]
     assert manifest["extra"]["stages"]["stage2"]["drift"] == pytest.approx(d_anchor)
+    assert manifest["metrics"]["stage2_drift"] == pytest.approx(d_anchor)  # what the run console's headline reads
+    from patho_r1.launch.report import phase_headline
+
+    assert f"stage2 loss {anchored.metrics['stage2']['first_loss']:.2f}->" in phase_headline(
+        tmp_path / "anchored", manifest["metrics"])
     rows = [json.loads(line) for line in (tmp_path / "anchored/metrics.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in rows} == {"stage1", "stage2"} and all("drift" in r for r in rows
                                                                        if r["stage"] == "stage2")

@@ -96,28 +96,40 @@ def _run(args, log):
 FAKE_KEY = "fake-wandb-key-never-logged-0123"
 
 
+def training_recipe(root, phases, **defaults):
+    """A small-world recipe for the kill-and-resume tests, written to `root/recipe.yaml`: one CPU, no retries,
+    wandb off, a logged row per step."""
+    common = {"max_length": 512, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
+              "warmup_ratio": 0.0, **defaults}
+    raw = _recipe(root, phases, defaults=common, wandb={"mode": "disabled"},
+                  resources={"cpus_per_worker": 1, "max_failures": 0})
+    raw["data"]["synth"].update(n_train_tiles=48, n_heldout_tiles=12, n_sft=40, n_rl=8, n_rl_heldout=6,
+                                n_embed_pairs=8, n_composed_per_task=2, n_eval_tiles=6, n_eval_mcq=3)
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def wait_for(path, proc, log_path, timeout: float = 600, every: float = 0.2) -> None:
+    """Until `path` exists, with the run still going (else its log's tail is the failure)."""
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(every)
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_without_redoing_finished_phases(tmp_path):
-    common = {"max_length": 512, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
-              "warmup_ratio": 0.0}
-    raw = _recipe(tmp_path, [
+    path = training_recipe(tmp_path, [
         {"name": "cpt", "type": "cpt", "config": {"data": "{data}/cpt/train.jsonl", "max_steps": 4}},
         {"name": "sft", "type": "sft", "config": {"data": "{data}/sft/train.jsonl", "max_steps": 400,
                                                   "save_steps": 5}},
-    ], defaults=common, wandb={"mode": "disabled"},
-        resources={"cpus_per_worker": 1, "max_failures": 0})
-    raw["data"]["synth"].update(n_train_tiles=48, n_heldout_tiles=12, n_sft=40, n_rl=8, n_rl_heldout=6,
-                                n_embed_pairs=8, n_composed_per_task=2, n_eval_tiles=6, n_eval_mcq=3)
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(raw))
+    ])
     out = tmp_path / "out"
     with open(tmp_path / "first.log", "w") as log:
         proc = _run([str(path)], log)
-        deadline = time.time() + 600
-        while not (out / "sft/checkpoints/checkpoint-10/trainer_state.json").exists():
-            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.time() < deadline, "no sft checkpoint appeared"
-            time.sleep(0.5)
+        wait_for(out / "sft/checkpoints/checkpoint-10/trainer_state.json", proc, tmp_path / "first.log", every=0.5)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert (out / "cpt/model/patho_manifest.json").is_file() and not (out / "sft/model").exists()

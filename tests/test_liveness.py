@@ -13,7 +13,6 @@ import time
 import psutil
 import pytest
 import torch
-import yaml
 
 from patho_r1.launch.liveness import (
     HEARTBEAT,
@@ -110,25 +109,14 @@ def test_reaping_stops_a_killed_runs_live_processes_and_forgets_dead_ones(tmp_pa
 def test_killing_the_driver_stops_its_workers_and_the_resumed_run_finishes(tmp_path):
     """SIGKILL to the driver alone (not its process group): its Ray Train worker must stop at once, write no new
     checkpoint afterwards, and the resumed run must find nothing of the old one running."""
-    from test_launch import _recipe, _run
+    from test_launch import _run, training_recipe, wait_for
 
-    common = {"max_length": 512, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
-              "warmup_ratio": 0.0}
-    raw = _recipe(tmp_path, [{"name": "sft", "type": "sft", "config": {"data": "{data}/sft/train.jsonl",
-                                                                        "max_steps": 400, "save_steps": 5}}],
-                  defaults=common, wandb={"mode": "disabled"}, resources={"cpus_per_worker": 1, "max_failures": 0})
-    raw["data"]["synth"].update(n_train_tiles=48, n_heldout_tiles=12, n_sft=40, n_rl=8, n_rl_heldout=6,
-                                n_embed_pairs=8, n_composed_per_task=2, n_eval_tiles=6, n_eval_mcq=3)
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(raw))
+    path = training_recipe(tmp_path, [{"name": "sft", "type": "sft", "config": {
+        "data": "{data}/sft/train.jsonl", "max_steps": 400, "save_steps": 5}}])
     out = tmp_path / "out"
     with open(tmp_path / "first.log", "w") as log:
         proc = _run([str(path)], log)
-        deadline = time.time() + 600
-        while not (out / "sft/checkpoints/checkpoint-10/trainer_state.json").exists():
-            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.time() < deadline, "no sft checkpoint appeared"
-            time.sleep(0.2)
+        wait_for(out / "sft/checkpoints/checkpoint-10/trainer_state.json", proc, tmp_path / "first.log")
         workers = [json.loads(p.read_text()) for p in (out / REGISTRY).glob("*.json")]
         assert any(w["role"] == "sft rank 0" for w in workers)
         os.kill(proc.pid, signal.SIGKILL)
@@ -178,22 +166,14 @@ def test_kill_anywhere_then_resume_loses_at_most_save_steps_redoes_nothing_and_e
     import re
 
     from safetensors.torch import load_file
-    from test_launch import _recipe, _run
+    from test_launch import _run, training_recipe
 
     save_steps = 5
-    common = {"max_length": 512, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
-              "warmup_ratio": 0.0, "save_steps": save_steps, "save_total_limit": 2}
     phases = [{"name": "cpt", "type": "cpt", "config": {"data": "{data}/cpt/train.jsonl", "max_steps": 40}},
               {"name": "sft", "type": "sft", "config": {"data": "{data}/sft/train.jsonl", "max_steps": 80}}]
 
     def recipe(root):
-        raw = _recipe(root, phases, defaults=common, wandb={"mode": "disabled"},
-                      resources={"cpus_per_worker": 1, "max_failures": 0})
-        raw["data"]["synth"].update(n_train_tiles=48, n_heldout_tiles=12, n_sft=40, n_rl=8, n_rl_heldout=6,
-                                    n_embed_pairs=8, n_composed_per_task=2, n_eval_tiles=6, n_eval_mcq=3)
-        path = root / "recipe.yaml"
-        path.write_text(yaml.safe_dump(raw))
-        return path
+        return training_recipe(root, phases, save_steps=save_steps, save_total_limit=2)
 
     (tmp_path / "ref").mkdir()
     (tmp_path / "cut").mkdir()

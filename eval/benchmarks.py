@@ -45,18 +45,15 @@ from patho_r1.data import MCQRecord, parse_record
 from patho_r1.errors import DataError
 from patho_r1.eval.generation import ChatRequest, Generator, SamplingConfig
 from patho_r1.eval.matching import (
-    exact_match_mcq,
     llava_med_normalize,
     llava_med_token_scores,
     pathmmu_correct,
-    vlmeval_yesno_correct,
 )
-from patho_r1.eval.mcq import build_request
+from patho_r1.eval.mcq import build_request, judge, judge_open_answers, response_length
 from patho_r1.eval.stats import wilson_interval
 from patho_r1.formats import ImportOptions, get_format
 from patho_r1.progress import RowProgress
-from patho_r1.rewards.accuracy import score_mcq, score_yesno
-from patho_r1.rewards.parsing import REASONING_SYSTEM_PROMPT, extract_answer, extract_final_answer, is_strict_format
+from patho_r1.rewards.parsing import REASONING_SYSTEM_PROMPT, extract_final_answer, is_strict_format
 
 # Chain of draft (Xu et al. 2025, arXiv:2502.18600) in Patho-R1's answer format: the paper compares it with CoT.
 CHAIN_OF_DRAFT_PROMPT = (
@@ -235,17 +232,14 @@ def score_row(bench: Benchmark, record: MCQRecord, response: str, n_tokens: int,
               yesno_mode: str = "patho", judge_verdict: bool | None = None) -> BenchRow:
     prediction = extract_final_answer(response)
     scores: dict[str, float | bool | None] = {}
-    if record.answer_type == "mcq":
-        vlmeval = exact_match_mcq(prediction, record.options, record.answer)
-        scores["vlmeval_correct"] = vlmeval
-        scores["strict_correct"] = score_mcq(extract_answer(response), record.answer, "strict") == 1.0
-        if bench.scorer == "pathmmu":
-            correct, scores["parsed"] = pathmmu_correct(prediction, record.options, record.answer, rng)
-        else:
-            correct = vlmeval
-    elif record.answer_type == "yesno":
-        correct = vlmeval_yesno_correct(prediction, record.answer) if yesno_mode == "vlmeval" else \
-            score_yesno(prediction, record.answer) == 1.0
+    if record.answer_type in ("mcq", "yesno"):
+        # the built-in scorer's verdict: VLMEvalKit's matching and the strict RL rule, yes/no in the chosen mode
+        verdict = judge(record, response, n_tokens, yesno_mode=yesno_mode)
+        correct = verdict.correct
+        if record.answer_type == "mcq":
+            scores["vlmeval_correct"], scores["strict_correct"] = verdict.correct, verdict.strict_correct
+            if bench.scorer == "pathmmu":
+                correct, scores["parsed"] = pathmmu_correct(prediction, record.options, record.answer, rng)
     else:
         scores.update(llava_med_token_scores(prediction, record.answer))
         scores["exact_match"] = llava_med_normalize(prediction) == llava_med_normalize(record.answer)
@@ -390,14 +384,8 @@ def evaluate_benchmark(bench: Benchmark, records: list[MCQRecord], generator: Ge
         responses += generator.generate(requests[start:start + chunk], sampling)
         progress.advance(len(requests[start:start + chunk]))
     progress.close()
-    count = (lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])) if tokenizer else \
-        (lambda s: len(s.split()))
-    open_idx = [i for i, r in enumerate(records) if r.answer_type not in ("mcq", "yesno")]
-    verdicts: dict[int, bool] = {}
-    if open_idx and llm_judge is not None:
-        asked = llm_judge.verdicts([(records[i].question, records[i].answer, extract_final_answer(responses[i]))
-                                    for i in open_idx])
-        verdicts = {i: v.correct for i, v in zip(open_idx, asked, strict=True)}
+    count = response_length(tokenizer)
+    verdicts = judge_open_answers(records, responses, llm_judge)  # without a judge, open rows get token metrics only
     rng = random.Random(seed)  # PathMMU's parser guesses with `random.seed(42)`, in row order
     rows = [score_row(bench, rec, resp, count(resp), rng, yesno_mode, verdicts.get(i))
             for i, (rec, resp) in enumerate(zip(records, responses, strict=True))]

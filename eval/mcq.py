@@ -155,6 +155,24 @@ def summarise(records: list[MCQRecord], rows: list[MCQRow], yesno_mode: str = "p
     )
 
 
+def response_length(tokenizer=None):
+    """How a response's length is counted: tokens when the tokenizer is at hand (the HF engine), else words."""
+    if tokenizer is None:
+        return lambda text: len(text.split())
+    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def judge_open_answers(records: list[MCQRecord], responses: list[str], llm_judge) -> dict[int, bool]:
+    """The judge's verdict on every open answer (row index -> correct), asked in one concurrent, cached batch rather
+    than one request at a time; {} without a judge or without open rows."""
+    open_idx = [i for i, r in enumerate(records) if r.answer_type not in ("mcq", "yesno")]
+    if not open_idx or llm_judge is None:
+        return {}
+    asked = llm_judge.verdicts([(records[i].question, records[i].answer, extract_final_answer(responses[i]))
+                                for i in open_idx])
+    return {i: v.correct for i, v in zip(open_idx, asked, strict=True)}
+
+
 def evaluate_mcq(generator: Generator, records: list[MCQRecord], sampling: SamplingConfig | None = None,
                  system_prompt: str | None = REASONING_SYSTEM_PROMPT, tokenizer=None, llm_judge=None,
                  yesno_mode: str = "patho") -> tuple[MCQReport, list[MCQRow]]:
@@ -166,15 +184,8 @@ def evaluate_mcq(generator: Generator, records: list[MCQRecord], sampling: Sampl
 
         llm_judge = LLMJudge.from_env()  # fail before generating, not after
     responses = generator.generate([build_request(r, system_prompt) for r in records], sampling)
-    count = (lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])) if tokenizer else \
-        (lambda s: len(s.split()))
-    # open answers go to the judge in one concurrent batch (cached, retried), not one request at a time
-    open_idx = [i for i, r in enumerate(records) if r.answer_type not in ("mcq", "yesno")]
-    verdicts: dict[int, bool] = {}
-    if open_idx:
-        asked = llm_judge.verdicts([(records[i].question, records[i].answer, extract_final_answer(responses[i]))
-                                    for i in open_idx])
-        verdicts = {i: v.correct for i, v in zip(open_idx, asked, strict=True)}
+    count = response_length(tokenizer)
+    verdicts = judge_open_answers(records, responses, llm_judge)
     rows = [judge(rec, resp, count(resp), llm_judge, yesno_mode, verdicts.get(i))
             for i, (rec, resp) in enumerate(zip(records, responses, strict=True))]
     return summarise(records, rows, yesno_mode), rows

@@ -13,7 +13,6 @@ PathoCLIP and other CLIP directories (`embed.clip.ClipEmbedder`) and the HOMIE e
 from __future__ import annotations
 
 import json
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,7 +20,13 @@ import numpy as np
 
 from patho_r1.data import CaptionRecord, MCQRecord, load_records
 from patho_r1.embed.clip_config import ClipEvalConfig
-from patho_r1.embed.evaluate import composed_retrieval, exact_search, recall_at_k, zero_shot_metrics
+from patho_r1.embed.evaluate import (
+    class_synonyms,
+    composed_retrieval,
+    exact_search,
+    recall_at_k,
+    zero_shot_classification,
+)
 
 TEMPLATES = ("an H&E image of {}.", "a histopathology image showing {}.", "a photomicrograph of {}.", "{}.")
 RETRIEVAL_KS = (1, 5, 10, 50)
@@ -44,34 +49,10 @@ def retrieval(embedder, records: Sequence[CaptionRecord], batch_size: int = 32) 
     return out
 
 
-def class_synonyms(records: Sequence[MCQRecord], most: int = 4) -> dict[str, list[str]]:
-    """Each class's names as the data spells them: the correct-option texts of its records, commonest first (at
-    most `most`), or the category with spaces for underscores when none has a lettered answer."""
-    spelled: dict[str, Counter] = {}
-    for r in records:
-        counts = spelled.setdefault(r.category, Counter())
-        if r.options and r.answer in r.options:
-            counts[r.options[r.answer]] += 1
-    return {c: [name for name, _ in counts.most_common(most)] or [c.replace("_", " ")]
-            for c, counts in spelled.items()}
-
-
 def zero_shot(embedder, records: Sequence[MCQRecord], synonyms: dict[str, list[str]], batch_size: int = 32) -> dict:
-    keys = sorted(synonyms)
-    prompts, owner = [], []
-    for k, key in enumerate(keys):
-        for name in synonyms[key]:
-            for template in TEMPLATES:
-                prompts.append(template.format(name))
-                owner.append(k)
-    emb = embedder.encode(prompts, batch_size=batch_size)
-    classes = np.zeros((len(keys), emb.shape[1]), np.float32)
-    np.add.at(classes, np.array(owner), emb)
-    classes /= np.linalg.norm(classes, axis=1, keepdims=True)
-    images = embedder.encode([{"images": r.images[:1]} for r in records], batch_size=batch_size)
-    pred = [keys[i] for i in (images @ classes.T).argmax(1)]
-    out = zero_shot_metrics([r.category for r in records], pred)
-    out["chance"] = 1.0 / len(keys)
+    out, _, _ = zero_shot_classification(embedder, [r.images[0] for r in records], [r.category for r in records],
+                                         synonyms, batch_size, templates=TEMPLATES)
+    out["chance"] = 1.0 / len(synonyms)
     return out
 
 

@@ -129,28 +129,43 @@ def composed_retrieval(embedder, records: Sequence[EmbedPairRecord], batch_size:
     return results
 
 
-def zero_shot_classification(embedder, image_refs: Sequence, labels: Sequence[str], class_names: dict[str, str],
-                             batch_size: int = 32) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Prompt-template zero-shot classification; also returns the image and class-text embeddings."""
+def zero_shot_classification(embedder, image_refs: Sequence, labels: Sequence[str],
+                             class_names: dict[str, str | Sequence[str]], batch_size: int = 32,
+                             templates: Sequence[str] = TEMPLATES) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Prompt-ensemble zero-shot classification: each class is the mean embedding of its name (or each of its
+    synonyms) in every template.  Also returns the image and class-text embeddings."""
     keys = sorted(class_names)
-    prompts = [t.format(class_names[k]) for k in keys for t in TEMPLATES]
-    text = embedder.encode(prompts, batch_size=batch_size).reshape(len(keys), len(TEMPLATES), -1).mean(1)
+    prompts, owner = [], []
+    for k, key in enumerate(keys):
+        names = [class_names[key]] if isinstance(class_names[key], str) else class_names[key]
+        for name in names:
+            prompts += [t.format(name) for t in templates]
+            owner += [k] * len(templates)
+    emb = embedder.encode(prompts, batch_size=batch_size)
+    text = np.zeros((len(keys), emb.shape[1]), np.float32)
+    np.add.at(text, np.array(owner), emb)
     text /= np.linalg.norm(text, axis=1, keepdims=True)
     images = embedder.encode([{"images": [ref]} for ref in image_refs], batch_size=batch_size)
     pred = [keys[i] for i in (images @ text.T).argmax(1)]
     return zero_shot_metrics(list(labels), pred), images, text
 
 
-def class_names(records: Sequence[MCQRecord]) -> dict[str, str]:
-    """Each class's name as the data spells it: the text of the correct option, most often given, of the records in
-    that category (`adenocarcinoma` -> "well-differentiated adenocarcinoma"); the category itself, with spaces for
-    underscores, when no record has a lettered answer."""
+def class_synonyms(records: Sequence[MCQRecord], most: int = 4) -> dict[str, list[str]]:
+    """Each class's names as the data spells them: the correct-option texts of its records, commonest first (at
+    most `most`; `adenocarcinoma` -> "well-differentiated adenocarcinoma"), or the category with spaces for
+    underscores when no record has a lettered answer."""
     spelled: dict[str, Counter] = {}
     for r in records:
         counts = spelled.setdefault(r.category, Counter())
         if r.options and r.answer in r.options:
             counts[r.options[r.answer]] += 1
-    return {c: (counts.most_common(1)[0][0] if counts else c.replace("_", " ")) for c, counts in spelled.items()}
+    return {c: [name for name, _ in counts.most_common(most)] or [c.replace("_", " ")]
+            for c, counts in spelled.items()}
+
+
+def class_names(records: Sequence[MCQRecord]) -> dict[str, str]:
+    """Each class's one name: its commonest spelling in the data (`class_synonyms`)."""
+    return {c: names[0] for c, names in class_synonyms(records, most=1).items()}
 
 
 def evaluate_embedder(embedder, composed: str | None = None, classification: str | None = None,

@@ -13,8 +13,9 @@ import torch
 from patho_r1.data import CaptionRecord, MCQRecord
 from patho_r1.embed.clip import ClipEmbedder
 from patho_r1.embed.clip_config import ClipPhaseConfig
-from patho_r1.embed.clip_eval import class_synonyms, few_shot, few_shot_box_plot, retrieval, zero_shot
+from patho_r1.embed.clip_eval import few_shot, few_shot_box_plot, retrieval, zero_shot
 from patho_r1.embed.clip_train import run_clip
+from patho_r1.embed.evaluate import class_synonyms
 from patho_r1.embed.index import VectorIndex, recall_against
 
 

@@ -32,8 +32,8 @@ from patho_r1.config import PhaseResult
 from patho_r1.data import CaptionRecord, load_records
 from patho_r1.embed.clip import ClipEmbedder
 from patho_r1.embed.clip_config import ClipPhaseConfig, ClipStage
-from patho_r1.embed.loss import average_gradients, grad_cache_step, info_nce
-from patho_r1.embed.train import _Log, _no_wandb, _world
+from patho_r1.embed.loss import grad_cache_step, info_nce
+from patho_r1.embed.train import _Log, _no_wandb, _world, epoch_batches, optimizer_step
 from patho_r1.training import wandb_run
 
 
@@ -72,14 +72,9 @@ def train_stage(clip: ClipEmbedder, stage: ClipStage, name: str, cfg: ClipPhaseC
                 anchor: dict[str, torch.Tensor] | None = None) -> dict:
     """One stage; returns {"steps", "first_loss", "last_loss", "drift"} (losses: means over the first and last
     tenth of the steps)."""
-    rank, world = _world()
-    rng = np.random.default_rng([cfg.seed, rank, len(name)])
+    rng = np.random.default_rng([cfg.seed, _world()[0], len(name)])
     records = load_pairs(stage)
-    n = int(len(records) * stage.epochs)
-    order = np.concatenate([rng.permutation(len(records)) for _ in range(math.ceil(stage.epochs))])[:n]
-    order = order[rank::world]
-    plan = [[records[i] for i in order[s:s + stage.batch_size]]
-            for s in range(0, len(order) - stage.batch_size + 1, stage.batch_size)]
+    plan = epoch_batches(records, stage.epochs, stage.batch_size, rng)
     if stage.max_steps:
         plan = plan[: stage.max_steps]
     if not plan:
@@ -104,11 +99,7 @@ def train_stage(clip: ClipEmbedder, stage: ClipStage, name: str, cfg: ClipPhaseC
             loss.backward()
         if use_anchor:
             (stage.anchor_weight * anchor_penalty(clip, anchor)).backward()
-        average_gradients(params)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(params, optimizer, scheduler)
         losses.append(float(loss.detach()))
         extra = {"drift": drift(clip, anchor)} if anchor is not None and (i % log.every == 0 or i == len(plan)) \
             else {}

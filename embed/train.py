@@ -75,18 +75,30 @@ class _Log:
         print(f"[{self.phase}:{stage}] step {step}/{total} loss={loss:.4f} lr={lr:.3g}{more}", flush=True)
 
 
+def epoch_batches(records: list, epochs: float, batch_size: int, rng: np.random.Generator) -> list[list]:
+    """This rank's full batches for `epochs` passes over `records` (a fresh shuffle each pass; a fractional epoch is
+    a prefix of the last one).  Every rank draws the same global order and takes every world-th item."""
+    rank, world = _world()
+    n = int(len(records) * epochs)
+    order = np.concatenate([rng.permutation(len(records)) for _ in range(math.ceil(epochs))])[:n]
+    order = order[rank::world]
+    return [[records[i] for i in order[s:s + batch_size]] for s in range(0, len(order) - batch_size + 1, batch_size)]
+
+
+def optimizer_step(params: list, optimizer, scheduler) -> None:
+    """Average the gradients over ranks (no DDP wraps the model: GradCache takes two passes), clip, step."""
+    average_gradients(params)
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def train_stage(embedder: Embedder, stage: StageConfig, name: str, cfg: EmbedPhaseConfig, log: _Log) -> int:
     """Run one stage's curriculum (datasets in order, each for its epochs).  Returns optimizer steps taken."""
-    rank, world = _world()
-    rng = np.random.default_rng([cfg.seed, rank, len(name)])
+    rng = np.random.default_rng([cfg.seed, _world()[0], len(name)])
     datasets = [(step, load_records(step.data, "embed_pair")[: step.max_pairs]) for step in stage.curriculum]
-    plan = []
-    for step, records in datasets:
-        n = int(len(records) * step.epochs)
-        order = np.concatenate([rng.permutation(len(records)) for _ in range(math.ceil(step.epochs))])[:n]
-        order = order[rank::world]  # each rank takes its share
-        plan += [[records[i] for i in order[s:s + stage.batch_size]]
-                 for s in range(0, len(order) - stage.batch_size + 1, stage.batch_size)]
+    plan = [batch for step, records in datasets for batch in epoch_batches(records, step.epochs, stage.batch_size, rng)]
     if stage.max_steps:
         plan = plan[: stage.max_steps]
     params = [p for p in embedder.parameters() if p.requires_grad]
@@ -108,11 +120,7 @@ def train_stage(embedder: Embedder, stage: StageConfig, name: str, cfg: EmbedPha
         else:
             loss = loss_fn(embedder(queries), embedder(positives))
             loss.backward()
-        average_gradients(params)  # DDP is not wrapping the model (GradCache's two passes), so by hand
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(params, optimizer, scheduler)
         log(name, i, len(plan), float(loss.detach()), scheduler.get_last_lr()[0])
     return len(plan)
 

@@ -66,22 +66,25 @@ def _label(path: str) -> str:
     return p.parent.name if p.name == "model" and p.parent.name else p.name
 
 
-def _homie(adapter: str):
-    """The HOMIE embedder from its adapter folder; the base checkpoint is the one its manifest names."""
+def _homie_base(adapter: str) -> str:
+    """The base checkpoint a HOMIE adapter folder's manifest names."""
     from patho_r1.checkpoint import read_manifest
-    from patho_r1.embed.model import Embedder
+    from patho_r1.errors import ConfigError
 
-    manifest = read_manifest(adapter)
+    manifest = read_manifest(adapter) if Path(adapter).is_dir() else None
     base = (manifest.extra or {}).get("base_model") if manifest else None
     if not base:
-        raise ValueError(f"{adapter}: no manifest naming the base model (an embed phase's model/ folder has one)")
-    return Embedder.from_pretrained(base, adapter=adapter)
+        raise ConfigError(f"--homie: {adapter} has no manifest naming the base model (an embed phase's model/ "
+                          "folder has one)")
+    return base
 
 
 def _cmd_clip_eval(args) -> int:
+    from patho_r1.config import check_model_reference
     from patho_r1.embed.clip import ClipEmbedder
     from patho_r1.embed.clip_config import ClipEvalConfig
     from patho_r1.embed.clip_eval import evaluate_model, write_comparison
+    from patho_r1.errors import ConfigError
 
     world = Path(args.world) if args.world else None
 
@@ -95,12 +98,22 @@ def _cmd_clip_eval(args) -> int:
     composed = pick(args.composed, "embed/composed_heldout.jsonl")
     if not (args.model or args.homie):
         raise SystemExit("error: give at least one --model CLIP directory or --homie adapter")
+    # every input checked before the first model loads
+    for flag, given in (("--retrieval", cfg.retrieval), ("--classification", cfg.classification),
+                        ("--few-shot-train", cfg.few_shot_train), ("--composed", composed)):
+        if given and not Path(given).is_file():
+            raise ConfigError(f"{flag}: {given} not found" + (" (in --world)" if world else ""))
+    models = [(label or _label(path), path) for label, _, path in (spec.rpartition("=") for spec in args.model or [])]
+    for _, path in models:
+        check_model_reference("--model", path)
+    homie_base = _homie_base(args.homie) if args.homie else None
     results = {}
-    for spec in args.model or []:
-        label, _, path = spec.rpartition("=")
-        results[label or _label(path)] = evaluate_model(ClipEmbedder.from_pretrained(path), cfg, composed)
+    for label, path in models:
+        results[label] = evaluate_model(ClipEmbedder.from_pretrained(path), cfg, composed)
     if args.homie:
-        results["homie"] = evaluate_model(_homie(args.homie), cfg, composed)
+        from patho_r1.embed.model import Embedder
+
+        results["homie"] = evaluate_model(Embedder.from_pretrained(homie_base, adapter=args.homie), cfg, composed)
     out = write_comparison(args.out, results, cfg)
     print((out / "comparison.md").read_text())
     print(f"written to {out}/ (comparison.md, comparison.json, few_shot.png)")

@@ -248,6 +248,20 @@ def test_clip_cli_trains_then_compares_with_the_homie_embedder(tiny_clip_dir, ti
     assert "| homie (simple add) |" in table and (tmp_path / "cmp/few_shot.png").is_file()
 
 
+def test_clip_eval_names_a_bad_input_before_loading_any_model(tiny_clip_dir, world_dir, tmp_path, capsys):
+    from patho_r1.launch.cli import main
+
+    for args, message in (
+        (["--model", str(tmp_path / "nope"), "--world", str(world_dir)], "--model: "),
+        (["--model", str(tiny_clip_dir), "--world", str(tmp_path / "no-world")], "--retrieval: "),
+        (["--homie", str(tmp_path), "--world", str(world_dir)], "--homie: "),
+    ):
+        assert main(["clip", "eval", *args, "--out", str(tmp_path / "cmp")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert not (tmp_path / "cmp").exists()
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The self-tuning index
 # ----------------------------------------------------------------------------------------------------------------------

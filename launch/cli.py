@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from patho_r1.curate import cli as curate_cli
 from patho_r1.embed import cli as embed_cli
@@ -42,9 +43,13 @@ def _cmd_synth_data(args) -> int:
     from patho_r1.fixtures.synth import WorldConfig, generate_world
 
     if args.public_formats:
+        from patho_r1.errors import ConfigError
         from patho_r1.fixtures.public_formats import write_all
 
-        print(json.dumps(write_all(args.out), indent=2))
+        out = Path(args.out)
+        if out.exists() and any(out.iterdir()):  # the samples are written fresh, never over earlier files
+            raise ConfigError(f"synth-data --public-formats: {out} is not empty; give a new or empty folder")
+        print(json.dumps(write_all(out), indent=2))
         return 0
 
     cfg = WorldConfig(tile_size=args.tile_size, n_train_tiles=args.n_train_tiles, n_heldout_tiles=args.n_heldout_tiles)

@@ -286,3 +286,14 @@ def test_bench_with_a_judge_then_the_rubric_cli_on_its_predictions(tiny_model_di
     assert rubric["mean_per_criterion"]["factual_accuracy"] == (8 + 3 * 3) / 4
     assert rubric["total"] == 42.5
     assert "total 42.5 / 100" in capsys.readouterr().out
+
+
+def test_synth_data_writes_every_public_sample_once_and_refuses_to_write_over_them(tmp_path, capsys):
+    from patho_r1.fixtures.public_formats import WRITERS
+    from patho_r1.launch.cli import main
+
+    assert main(["synth-data", str(tmp_path / "samples"), "--public-formats"]) == 0
+    paths = json.loads(capsys.readouterr().out)
+    assert set(paths) == set(WRITERS) and all((tmp_path / "samples" / name).is_dir() for name in paths)
+    assert main(["synth-data", str(tmp_path / "samples"), "--public-formats"]) == 2
+    assert "is not empty" in capsys.readouterr().err

@@ -81,6 +81,9 @@ def driver_logging(log_dir: Path, verbose: bool) -> Iterator[Path]:
     if not verbose:  # Hugging Face progress bars (weights written, datasets cast) are not the run's progress
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        # transformers read its setting when it was imported; its "Writing model shards" bar (a tiny model saved
+        # while preparing the run) would reach the console
+        hf_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")  # every warning once per place, into the log
@@ -89,6 +92,8 @@ def driver_logging(log_dir: Path, verbose: bool) -> Iterator[Path]:
         logging.captureWarnings(False)
         hf_logging.disable_propagation()
         hf_logging.enable_default_handler()
+        if not verbose:
+            hf_logging.enable_progress_bar()
         root.removeHandler(to_file)
         root.removeHandler(to_console)
         to_file.close()

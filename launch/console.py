@@ -83,6 +83,7 @@ def driver_logging(log_dir: Path, verbose: bool) -> Iterator[Path]:
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         # transformers read its setting when it was imported; its "Writing model shards" bar (a tiny model saved
         # while preparing the run) would reach the console
+        bars_were_on = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
@@ -92,8 +93,10 @@ def driver_logging(log_dir: Path, verbose: bool) -> Iterator[Path]:
         logging.captureWarnings(False)
         hf_logging.disable_propagation()
         hf_logging.enable_default_handler()
-        if not verbose:
-            hf_logging.enable_progress_bar()
+        if not verbose and bars_were_on:
+            with warnings.catch_warnings():  # huggingface_hub warns that the variable set above keeps its bars off
+                warnings.simplefilter("ignore")
+                hf_logging.enable_progress_bar()
         root.removeHandler(to_file)
         root.removeHandler(to_console)
         to_file.close()

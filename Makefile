@@ -9,7 +9,7 @@ STAMP := $(VENV)/.patho-r1-installed
 # for your platform, add your CPU wheel index here, e.g. make demo TORCH_PIP_ARGS="--index-url <cpu index>".
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
-EXTRAS ?= test,faiss
+EXTRAS ?= test,faiss,deepspeed
 RECIPE ?= recipes/demo.yaml
 PYTEST_ARGS ?=
 # VLMEvalKit's scorers for the agreement tests, without its dependencies (torchvision cannot sit beside CPU torch);

@@ -81,6 +81,7 @@ class Embedder(torch.nn.Module):
         self.processor = backbone.processor
         self.processor.tokenizer.padding_side = "left"  # the last token is then at position -1 in every row
         self.image_transform = image_transform
+        self.autocast_dtype: torch.dtype | None = None  # set by `keep_fp32_masters`
 
     # -- construction ---------------------------------------------------------------------------------------------
     @classmethod
@@ -103,6 +104,19 @@ class Embedder(torch.nn.Module):
         from peft import get_peft_model
 
         self.model = get_peft_model(self.model, lora_config, adapter_name=ADAPTER_NAME)
+
+    def keep_fp32_masters(self) -> int:
+        """Trainable weights in fp32, the forward under half-precision autocast: a half-precision base model's
+        trainable vision tower or projector (peft's `modules_to_save` copies them in the base dtype) would
+        otherwise take AdamW steps in bf16, which round away every update below half an ulp
+        (`patho_r1.training.Precision`).  LoRA adapters are fp32 already.  Returns the parameters upcast."""
+        half = [p for p in self.model.parameters() if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)]
+        base = {p.dtype for p in self.model.parameters() if not p.requires_grad}
+        for p in half:
+            p.data = p.data.float()
+        if torch.bfloat16 in base or torch.float16 in base:
+            self.autocast_dtype = torch.bfloat16 if torch.bfloat16 in base else torch.float16
+        return sum(p.numel() for p in half)
 
     @contextlib.contextmanager
     def reasoning(self):
@@ -144,7 +158,9 @@ class Embedder(torch.nn.Module):
     def forward(self, items: Sequence[Any], rng: np.random.Generator | None = None) -> torch.Tensor:
         """L2-normalised embeddings [len(items), hidden], differentiable."""
         batch = self.prepare([EmbedInput.of(x) for x in items], rng)
-        out = self._language_model_body()(**batch)
+        device = batch["input_ids"].device.type
+        with torch.autocast(device, dtype=self.autocast_dtype) if self.autocast_dtype else contextlib.nullcontext():
+            out = self._language_model_body()(**batch)
         last = out.last_hidden_state[:, -1]
         return F.normalize(last.float(), dim=-1)
 

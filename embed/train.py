@@ -160,6 +160,7 @@ def build_embedder(cfg: EmbedPhaseConfig) -> Embedder:
     embedder = Embedder.from_pretrained(cfg.model, dtype=cfg.dtype, min_pixels=cfg.min_pixels,
                                         max_pixels=cfg.max_pixels)
     embedder.add_adapter(lora)
+    embedder.keep_fp32_masters()
     if not cfg.runs_on_cpu():
         embedder.to(f"cuda:{torch.cuda.current_device()}")
     return embedder

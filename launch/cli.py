@@ -73,13 +73,47 @@ def _cmd_data_validate(args) -> int:
     return 0
 
 
+def _memory_plan(plan, args, *, required: bool):
+    """The planner's tables for a validated recipe; a phase that does not fit is an error unless --force.
+
+    `required`: `patho-r1 plan` fails when the model's config cannot be found offline; `run` says so and goes on.
+    """
+    from patho_r1.errors import ConfigError
+    from patho_r1.launch.planner import plan_recipe
+
+    try:
+        memory = plan_recipe(plan, gpu_name=getattr(args, "gpu", None), mfu=getattr(args, "mfu", 0.35))
+    except ConfigError as exc:
+        if required:
+            raise
+        print(f"warning: memory plan skipped: {exc}", file=sys.stderr)
+        return None
+    if memory.misfits and not args.force:
+        raise ConfigError(memory.error())
+    return memory
+
+
+def _cmd_plan(args) -> int:
+    from patho_r1.launch.recipe import load_plan
+
+    plan = load_plan(args.recipe)
+    memory = _memory_plan(plan, args, required=True)
+    print(memory.describe())
+    if memory.misfits:  # --force: shown, and said again at the end
+        print(memory.error(), file=sys.stderr)
+    return 0
+
+
 def _cmd_run(args) -> int:
     from patho_r1.launch.recipe import load_plan
     from patho_r1.launch.runner import run_recipe
 
     plan = load_plan(args.recipe)  # every field validated before anything starts
+    memory = _memory_plan(plan, args, required=False)
     if args.dry_run:
         print(plan.describe())
+        if memory is not None:
+            print(memory.describe())
         return 0
     phases = [p.strip() for p in args.phases.split(",")] if args.phases else None
     run_recipe(plan, phases=phases, resume=args.resume, verbose=args.verbose)
@@ -106,10 +140,21 @@ def _register_run(sub) -> None:
     p.add_argument("recipe")
     p.add_argument("--phases", help="comma-separated phase names to run (default: all)")
     p.add_argument("--resume", action="store_true", help="skip completed phases, resume a half-done one")
-    p.add_argument("--dry-run", action="store_true", help="validate and print the phase plan and resources")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the phase plan, resources and "
+                   "memory plan")
+    p.add_argument("--force", action="store_true", help="run even if the memory planner says a phase does not fit")
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                    help="everything on the console (Ray, workers, libraries), as well as in OUTPUT_ROOT/logs/")
     p.set_defaults(func=_cmd_run)
+
+    m = sub.add_parser("plan", help="per-GPU memory and step time of each phase of a recipe; an error when a "
+                       "phase does not fit, naming the changes that would make it fit")
+    m.add_argument("recipe")
+    m.add_argument("--gpu", help="GPU to plan for (default: resources.gpu_type, else H100-80GB): "
+                   "H100-80GB, H200, A100-80GB, A100-40GB, L40S")
+    m.add_argument("--mfu", type=float, default=0.35, help="model FLOPs utilisation the step times assume")
+    m.add_argument("--force", action="store_true", help="print the tables even when a phase does not fit (exit 0)")
+    m.set_defaults(func=_cmd_plan)
 
     r = sub.add_parser("report", help="redraw a run's report and plots from its logged metrics")
     r.add_argument("run_dir", help="a recipe's output_root, e.g. runs/demo")

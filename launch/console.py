@@ -51,6 +51,20 @@ class _StderrHandler(logging.StreamHandler):
         super().emit(record)
 
 
+class _OnlyTo(logging.Filter):
+    """A logger filter that hands each record to one handler and stops it there (the logger's own handlers and
+    propagation never see it)."""
+
+    def __init__(self, handler: logging.Handler):
+        super().__init__()
+        self.handler = handler
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= self.handler.level:
+            self.handler.handle(record)
+        return False
+
+
 @contextlib.contextmanager
 def driver_logging(log_dir: Path, verbose: bool) -> Iterator[Path]:
     """While a run lasts, route every logger to `log_dir/run.log` and keep the console for our own warnings and
@@ -68,6 +82,13 @@ def driver_logging(log_dir: Path, verbose: bool) -> Iterator[Path]:
     to_console.addFilter(lambda record: verbose or record.name.startswith("patho_r1"))
     root.addHandler(to_file)
     root.addHandler(to_console)
+    # DeepSpeed's logger prints to stdout through its own handler, and does not propagate: when transformers first
+    # imports it (saving a model) it announces "Setting accelerator to CPU".  A filter on that logger (it keeps
+    # filters added before DeepSpeed creates it) sends its records to the file instead.
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+    deepspeed_to_file = _OnlyTo(to_file)
+    if not verbose:
+        deepspeed_logger.addFilter(deepspeed_to_file)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for name in _NOISY:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -99,6 +120,7 @@ def driver_logging(log_dir: Path, verbose: bool) -> Iterator[Path]:
                 hf_logging.enable_progress_bar()
         root.removeHandler(to_file)
         root.removeHandler(to_console)
+        deepspeed_logger.removeFilter(deepspeed_to_file)
         to_file.close()
         root.setLevel(saved[0])
         for name, level in saved[1].items():

@@ -97,6 +97,17 @@ class ResourcesSpec(StrictModel):
     max_failures: int = Field(0, ge=-1, description="worker-group restarts per phase (-1: unlimited)")
     deepspeed: str | None = None
     rollout_engine: Literal["hf", "vllm"] | None = Field(None, description="overrides rl rollout.engine")
+    gpu_type: str | None = Field(None, description="what the planner checks memory against (patho-r1 plan): "
+                                 "H100-80GB (default), H200, A100-80GB, A100-40GB, L40S")
+
+    @field_validator("gpu_type")
+    @classmethod
+    def _known_gpu(cls, v):
+        from patho_r1.launch.planner import GPUS
+
+        if v is not None and v not in GPUS:
+            raise ValueError(f"unknown GPU {v!r}; known: {', '.join(GPUS)}")
+        return v
 
     def describe(self) -> str:
         accel = f"{self.gpus_per_worker:g} GPU" if self.use_gpu else "no GPU"

@@ -145,10 +145,11 @@ def is_complete(directory: str | Path) -> bool:
     return manifest is not None and manifest.complete and checkpoint_problem(directory) is None
 
 
-def save_checkpoint(model, processor, directory: str | Path, manifest: Manifest) -> Path:
-    """`save_pretrained` model + processor + manifest into `directory`, atomically."""
+def save_checkpoint(model, processor, directory: str | Path, manifest: Manifest, state_dict=None) -> Path:
+    """`save_pretrained` model + processor + manifest into `directory`, atomically.  `state_dict`: the weights to
+    write instead of the model's own (a ZeRO-3 model's own are partitions; its gathered state dict is given)."""
     with atomic_directory(directory) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         if processor is not None:
             processor.save_pretrained(tmp)
         write_manifest(tmp, manifest)

@@ -17,6 +17,7 @@ from transformers import TrainerCallback
 
 from patho_r1.checkpoint import Manifest, checkpoint_problem, lineage_digest, save_checkpoint
 from patho_r1.config import PhaseConfig, TrainConfig, WandbConfig
+from patho_r1.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +122,10 @@ class Precision:
         return self.compute == "float16"
 
 
-def precision(cfg: TrainConfig) -> Precision:
-    cpu = cfg.runs_on_cpu()
+def precision(cfg: TrainConfig, on_cpu: bool | None = None) -> Precision:
+    """`on_cpu`: the device the phase will run on, when it is not this machine's (the planner plans GPU phases on a
+    CPU machine); None reads the config."""
+    cpu = cfg.runs_on_cpu() if on_cpu is None else on_cpu
     compute = ("float32" if cpu else "bfloat16") if cfg.dtype == "auto" else cfg.dtype
     if compute == "float16" and cpu:
         compute = "float32"  # CPU autocast has no fp16; bf16 works there
@@ -277,6 +280,11 @@ def latest_checkpoint(cfg: TrainConfig) -> str | None:
     return None
 
 
+def _zero3(trainer) -> bool:
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return plugin is not None and plugin.zero_stage == 3
+
+
 def finalize(trainer, processor, cfg: TrainConfig, phase: str, metrics: dict[str, float] | None = None) -> Path:
     """Write the phase's final `save_pretrained` directory (model + processor + manifest), atomically.
 
@@ -285,6 +293,10 @@ def finalize(trainer, processor, cfg: TrainConfig, phase: str, metrics: dict[str
     """
     model = trainer.accelerator.unwrap_model(trainer.model) if hasattr(trainer, "accelerator") else trainer.model
     extra: dict[str, Any] = {"lora": cfg.lora is not None, "merged": False}
+    zero3 = getattr(trainer, "is_deepspeed_enabled", False) and _zero3(trainer)
+    if zero3 and cfg.lora is not None and cfg.merge_lora:
+        raise ConfigError("merge_lora: not supported with ZeRO-3 (the adapter would be merged into weight "
+                          "partitions); save the adapter and merge it afterwards")
     if cfg.lora is not None and cfg.merge_lora:
         model = model.merge_and_unload()
         extra["merged"] = True
@@ -294,12 +306,20 @@ def finalize(trainer, processor, cfg: TrainConfig, phase: str, metrics: dict[str
         # precision they compute in (vLLM reads the saved dtype), as Hugging Face checkpoints are.
         model = model.to(getattr(torch, compute))
         extra["saved_dtype"] = compute
+    state_dict = None
+    if zero3:
+        # Under ZeRO-3 each rank holds a slice of every weight, and the unwrapped model's `save_pretrained` would
+        # write those slices (empty tensors).  accelerate gathers the 16-bit weights (DeepSpeed's
+        # stage3_gather_16bit_weights_on_model_save, on in recipes/deepspeed/zero3.json); a collective, so every
+        # rank calls it, and rank 0 writes.
+        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+        extra["zero3_gathered"] = True
     parent = cfg.parent or cfg.model
     manifest = Manifest(phase=phase, step=int(trainer.state.global_step), recipe_hash=cfg.recipe_hash,
                         parent=parent, parents={parent: lineage_digest(parent)}, complete=True,
                         metrics={k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))},
                         extra=extra)
     if trainer.args.should_save:
-        out = save_checkpoint(model, processor, final_model_dir(cfg), manifest)
+        out = save_checkpoint(model, processor, final_model_dir(cfg), manifest, state_dict=state_dict)
         logger.info("%s: final model written to %s", phase, out)
     return final_model_dir(cfg)

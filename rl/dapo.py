@@ -14,10 +14,11 @@ How it works here, per generation batch (one call of `_generate_and_score_comple
    out) and verl's reference recipe (`filter_groups.metric: acc`): a group whose answers are all right or all wrong
    is dropped even when format or length rewards differ inside it.  `filter_metric: total` filters on the weighted
    sum instead.
-3. While fewer than the batch's number of groups are kept and fewer than `max_rounds` extra rounds were run, draw
-   the missing number of fresh prompts from a seeded refill sampler over the training set, generate and score them,
-   and keep their informative groups.  All processes run the same number of rounds (the decision is all-reduced),
-   because generation and reward gathering are collective operations.
+3. While some process has fewer than its batch's number of groups and fewer than `max_rounds` extra rounds were
+   run, each process draws its missing number of fresh prompts from a seeded refill stream over the training set
+   (shared by all processes, each taking its own slice), generates and scores them, and keeps their informative
+   groups.  All processes run the same rounds (the shortfalls are all-gathered), because generation and reward
+   gathering are collective operations.
 4. Assemble a batch of exactly the original size: kept groups first; if the cap was hit, the remaining slots are
    filled with filtered groups from the last round (no accuracy signal; whatever advantage the other rewards give).
 
@@ -26,13 +27,15 @@ Deviations from the paper, on purpose:
   fill with filtered groups (what plain GRPO would have trained on) and log `dynamic_sampling/cap_hit`
   instead of crashing or stalling the run.
 * **Refill prompts** come from an independent seeded permutation of the training set, not from the next batches of
-  the main dataloader, so the epoch accounting and resume of TRL's sampler are untouched.
+  the main dataloader, so the epoch accounting and resume of TRL's sampler are untouched.  With groups that depend
+  only on their prompt, N processes make the same decisions and log the same metrics as one process holding the
+  global batch (`tests/test_multiworker.py`).
 * **Missing scores.** A completion the filter reward did not score (it returned None) is left out of its group's
   spread; the total uses TRL's own rule (`patho_r1.rewards.weighted_total`).
 * **Groups must be process-local** (`per_device_train_batch_size * steps_per_generation` divisible by
   `num_generations`), so each process filters its own groups without moving data between ranks.
 
-Metrics: `dynamic_sampling/filtered_frac` (share of all generated groups that were dropped),
+Metrics, summed over all processes: `dynamic_sampling/filtered_frac` (share of all generated groups dropped),
 `dynamic_sampling/rounds`, `dynamic_sampling/cap_hit`, `dynamic_sampling/extra_groups`, plus `timing/rollout_s`
 (generation and scoring) and `timing/reward_s` (scoring) for every generation batch, and `timing/update_s` (the rest
 of the optimizer step: log-probabilities, loss, backward, optimizer) for every step.
@@ -284,15 +287,23 @@ class DynamicSamplingGRPOTrainer(ResumeWeightsMixin, GRPOTrainer):
         return output
 
     # -- refill prompts ---------------------------------------------------------------------------------------------
-    def _refill_prompts(self, n_groups: int) -> list[dict]:
-        rows = []
-        while len(rows) < n_groups:
-            if not self._refill_order:
-                g = torch.Generator().manual_seed(self._refill_seed + 7919 * self._refill_epoch
-                                                  + self.accelerator.process_index)
-                self._refill_order = torch.randperm(len(self.train_dataset), generator=g).tolist()
-                self._refill_epoch += 1
-            rows.append(self.train_dataset[self._refill_order.pop()])
+    def _refill_prompts(self, missing: list[int]) -> list[dict]:
+        """This rank's refill prompts, `missing[rank]` groups, from one refill stream all ranks share.
+
+        The stream is a seeded sequence of permutations of the training set, the same on every rank; each round,
+        rank r takes the `missing[r]` prompts after those of ranks 0..r-1, and the stream moves on by their sum.  So
+        the prompts drawn depend on the global shortfall only: one process holding the whole global batch draws the
+        same prompts, in the same order, as two ranks holding half of it each.
+        """
+        rank = self.accelerator.process_index
+        total = sum(missing)
+        while len(self._refill_order) < total:
+            g = torch.Generator().manual_seed(self._refill_seed + 7919 * self._refill_epoch)
+            self._refill_order += torch.randperm(len(self.train_dataset), generator=g).tolist()
+            self._refill_epoch += 1
+        start = sum(missing[:rank])
+        rows = [self.train_dataset[i] for i in self._refill_order[start:start + missing[rank]]]
+        del self._refill_order[:total]
         return [dict(row) for row in rows for _ in range(self.num_generations)]
 
     # -- the loop ---------------------------------------------------------------------------------------------------
@@ -304,14 +315,23 @@ class DynamicSamplingGRPOTrainer(ResumeWeightsMixin, GRPOTrainer):
         rounds = [(batch, mask)]
         kept, generated, extra_rounds = int(mask.sum()), target, 0
         while extra_rounds < self.max_rounds:
-            missing = torch.tensor([max(target - kept, 0)], device=self.accelerator.device)
-            if int(self.accelerator.gather(missing).max()) == 0:  # every process is full
+            # Every rank learns every rank's shortfall: the decision to refill, and which prompts each rank draws,
+            # are global (all processes run the same rounds, because generation and reward gathering are collective).
+            missing = self.accelerator.gather(torch.tensor([max(target - kept, 0)], device=self.accelerator.device))
+            missing = [int(m) for m in missing.tolist()]
+            if max(missing) == 0:
                 break
-            n_new = max(target - kept, 1)  # a full process still joins the round (collective ops)
-            batch, mask = self._score(self._refill_prompts(n_new))
-            rounds.append((batch, mask))
-            kept += int(mask.sum())
-            generated += n_new
+            mine = missing[self.accelerator.process_index]
+            if mine:
+                batch, mask = self._score(self._refill_prompts(missing))
+                rounds.append((batch, mask))
+                kept += int(mask.sum())
+                generated += mine
+            else:
+                # A full rank still takes part in the round's collectives, with one group it then throws away; its
+                # prompt is one it already has, so the shared refill stream is not consumed.
+                self._refill_prompts(missing)
+                self._score(inputs[: self.num_generations])
             extra_rounds += 1
         picks, informative = fill_batch(rounds, target)
         pad_id = self.processing_class.tokenizer.pad_token_id if hasattr(self.processing_class, "tokenizer") \
@@ -319,11 +339,15 @@ class DynamicSamplingGRPOTrainer(ResumeWeightsMixin, GRPOTrainer):
         parts = [select_rows(b, _rows_for_groups(idx, self.num_generations)) for b, idx in picks]
         out = concat_batches(parts, pad_id)
         out["num_items_in_batch"] = self.accelerator.gather(out["completion_mask"].sum()).sum()
-        selection = Selection(kept=informative, generated=generated, rounds=1 + extra_rounds,
-                              cap_hit=informative < target)
+        # Logged over all ranks (the main process logs), so a 2-rank run reports what one process holding the whole
+        # global batch would.
+        counts = self.accelerator.gather(torch.tensor([[informative, generated, target]],
+                                                      device=self.accelerator.device)).sum(dim=0).tolist()
+        selection = Selection(kept=int(counts[0]), generated=int(counts[1]), rounds=1 + extra_rounds,
+                              cap_hit=counts[0] < counts[2])
         metrics = self._metrics["train"]
         metrics["dynamic_sampling/filtered_frac"].append(selection.filtered_frac)
         metrics["dynamic_sampling/rounds"].append(float(selection.rounds))
         metrics["dynamic_sampling/cap_hit"].append(float(selection.cap_hit))
-        metrics["dynamic_sampling/extra_groups"].append(float(generated - target))
+        metrics["dynamic_sampling/extra_groups"].append(float(counts[1] - counts[2]))
         return out

@@ -24,7 +24,19 @@ from patho_r1.training import (
 
 
 class PathoSFTTrainer(ResumeWeightsMixin, SFTTrainer):
-    """TRL's SFTTrainer with weights that really come back on resume (see `ResumeWeightsMixin`)."""
+    """TRL's SFTTrainer with weights that really come back on resume (see `ResumeWeightsMixin`), and a loss that is
+    the mean over every trainable token of the optimizer step.
+
+    Qwen2.5-VL declares `accepts_loss_kwargs = False`, so `Trainer` never counts `num_items_in_batch`, and TRL's loss
+    became the mean of each micro-batch's token mean: with gradient accumulation or several ranks, a short sequence
+    weighed more than a long one, and 2 ranks x batch b did not compute what 1 rank x 2b computes.  TRL's
+    `compute_loss` normalises by `num_items_in_batch` itself (the model never sees it), so telling `Trainer` the model
+    takes it makes the count happen: summed over the accumulated micro-batches and gathered across ranks.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = True
 
 
 def sft_arguments(cfg: _SupervisedConfig, phase: str) -> SFTConfig:

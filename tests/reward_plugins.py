@@ -53,3 +53,25 @@ def odd_values(prompts=None, completions=None, **kwargs):
 
 def as_string(prompts=None, completions=None, **kwargs):
     return "1.0"
+
+
+def by_prompt(prompts=None, completions=None, **kwargs):
+    """Informative groups decided by the prompt alone: half the prompts (by a stable hash) score 0, 1, 0, 1, ...
+    down their rows, the rest 0 throughout.  With PATHO_TEST_REWARD_LOG set, each call appends the rank and the
+    prompts' hashes to that file, one JSON line per call."""
+    import json
+    import os
+    import zlib
+
+    def text(x):  # the prompt's words only: its images are objects whose repr holds a memory address
+        if isinstance(x, dict):
+            return "".join(text(v) for k, v in x.items() if k in ("text", "content"))
+        if isinstance(x, list):
+            return "".join(text(v) for v in x)
+        return x if isinstance(x, str) else ""
+
+    keys = [zlib.crc32(text(p).encode()) for p in prompts]
+    if os.environ.get("PATHO_TEST_REWARD_LOG"):
+        with open(os.environ["PATHO_TEST_REWARD_LOG"], "a") as f:
+            f.write(json.dumps({"rank": int(os.environ.get("RANK", 0)), "prompts": keys}) + "\n")
+    return [float(i % 2) if k % 2 == 0 else 0.0 for i, k in enumerate(keys)]

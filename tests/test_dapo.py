@@ -95,9 +95,9 @@ class _FakeTrainer(DynamicSamplingGRPOTrainer):
         self.calls += 1
         return _batch(n_groups, 3 + self.calls, 2 + self.calls, tag=self.calls), mask
 
-    def _refill_prompts(self, n_groups):
-        self.refill_requests.append(n_groups)
-        return [{}] * (n_groups * G)
+    def _refill_prompts(self, missing):
+        self.refill_requests.append(missing[0])
+        return [{}] * (missing[0] * G)
 
 
 def test_refill_loop_collects_informative_groups_until_the_batch_is_full():
@@ -126,6 +126,26 @@ def test_nothing_filtered_means_no_extra_round():
     trainer = _FakeTrainer([[True, True]], max_rounds=3)
     trainer._generate_and_score_completions([{}] * (2 * G))
     assert trainer.refill_requests == [] and trainer._metrics["train"]["dynamic_sampling/filtered_frac"] == [0.0]
+
+
+def _refill_rank(rank, dataset):
+    trainer = DynamicSamplingGRPOTrainer.__new__(DynamicSamplingGRPOTrainer)
+    trainer.accelerator = SimpleNamespace(process_index=rank)
+    trainer.num_generations, trainer.train_dataset = 1, dataset
+    trainer._refill_seed, trainer._refill_order, trainer._refill_epoch = 3, [], 0
+    return trainer
+
+
+def test_ranks_draw_disjoint_slices_of_one_refill_stream_that_one_process_draws_whole():
+    dataset = [{"id": i} for i in range(7)]
+    one = _refill_rank(0, dataset)
+    two = [_refill_rank(0, dataset), _refill_rank(1, dataset)]
+    for missing in ([2, 3], [0, 4], [3, 3]):  # 14 prompts: the stream runs into its second permutation
+        whole = [r["id"] for r in one._refill_prompts([sum(missing)])]
+        halves = [[r["id"] for r in t._refill_prompts(missing)] for t in two]
+        assert halves[0] + halves[1] == whole
+        assert [len(h) for h in halves] == missing
+    assert one._refill_epoch == 3 and sorted(whole) != whole  # shuffled, and fresh permutations were started
 
 
 def _real_trainer(tiny_model_dir, world_dir, tmp_path, **over):

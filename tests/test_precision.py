@@ -85,3 +85,30 @@ def test_the_weights_dtype_follows_who_keeps_the_master_copy(world_dir, tmp_path
     cfg = SFTPhaseConfig(model="m", data=str(world_dir / "sft/train.jsonl"), output_dir=str(tmp_path), dtype=dtype,
                          use_cpu=False, deepspeed=deepspeed, lora=lora)
     assert precision(cfg).weights == weights and precision(cfg).compute == dtype
+
+
+def test_bf16_embedding_head_trains_its_vision_tower_with_fp32_masters(tiny_model_dir, world_dir, tmp_path):
+    """HOMIE's stage 2 trains the vision tower beside the LoRA: peft copies it in the base dtype, so in bf16 its AdamW
+    steps were pure bf16.  A step at 1e-5 now moves (almost) every vision weight that got a gradient."""
+    from patho_r1.embed.config import EmbedPhaseConfig
+    from patho_r1.embed.train import _Log, build_embedder, train_stage
+
+    stage = {"curriculum": [{"data": str(world_dir / "embed/image_text_pairs.jsonl")}], "learning_rate": 1e-5,
+             "batch_size": 4, "max_steps": 2}  # the schedule warms up from 0 over the first step
+    cfg = EmbedPhaseConfig(model=str(tiny_model_dir), output_dir=str(tmp_path), dtype="bfloat16", use_cpu=True,
+                           train_vision_tower=True, stage2=stage, wandb={"mode": "disabled"})
+    embedder = build_embedder(cfg)
+    vision = {n: p for n, p in embedder.model.named_parameters() if p.requires_grad and ".visual." in n}
+    assert vision and all(p.dtype == torch.float32 for p in vision.values())
+    assert embedder.autocast_dtype == torch.bfloat16
+    assert {p.dtype for p in embedder.model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    before = {n: p.detach().clone() for n, p in vision.items()}
+    grads = {}
+    hooks = [p.register_post_accumulate_grad_hook(lambda p, n=n: grads.__setitem__(n, p.grad != 0))
+             for n, p in vision.items()]
+    train_stage(embedder, cfg.stage2, "stage2", cfg, _Log(tmp_path / "m.jsonl", 1, lambda *_: None))
+    for h in hooks:
+        h.remove()
+    moved = sum(int(((vision[n].detach() != before[n]) & g).sum()) for n, g in grads.items())
+    total = sum(int(g.sum()) for g in grads.values())
+    assert total > 10_000 and moved / total >= 0.99, (moved, total)

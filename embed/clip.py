@@ -11,6 +11,7 @@ parts ("simple add", the baseline HOMIE's paper gives such models).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,9 @@ class ClipEmbedder(torch.nn.Module):
     def __init__(self, model, tokenizer, image_processor):
         super().__init__()
         self.model, self.tokenizer, self.image_processor = model, tokenizer, image_processor
+        # Training keeps fp32 weights (the optimizer's masters) and computes in this dtype under autocast (None: the
+        # weights' own dtype).  Set by the clip phase from its `dtype`.
+        self.autocast_dtype: torch.dtype | None = None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype | None = None) -> ClipEmbedder:
@@ -79,13 +83,16 @@ class ClipEmbedder(torch.nn.Module):
         texts = [(i, it.text) for i, it in enumerate(items) if it.text]
         if any(not it.text and not it.n_visual() for it in items):
             raise ValueError("an input to embed has neither text nor images")
-        fused = torch.zeros(len(items), self.hidden_size, device=self.device, dtype=self.model.dtype)
-        if images:
-            fused = fused.index_add(0, torch.tensor([i for i, _ in images], device=self.device),
-                                    self.embed_images([ref for _, ref in images]))
-        if texts:
-            fused = fused.index_add(0, torch.tensor([i for i, _ in texts], device=self.device),
-                                    self.embed_texts([t for _, t in texts]))
+        fused = torch.zeros(len(items), self.hidden_size, device=self.device, dtype=torch.float32)
+        autocast = torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype \
+            else contextlib.nullcontext()
+        with autocast:
+            if images:
+                fused = fused.index_add(0, torch.tensor([i for i, _ in images], device=self.device),
+                                        self.embed_images([ref for _, ref in images]).float())
+            if texts:
+                fused = fused.index_add(0, torch.tensor([i for i, _ in texts], device=self.device),
+                                        self.embed_texts([t for _, t in texts]).float())
         return F.normalize(fused, dim=-1)
 
     def encode(self, items: Iterable[Any], batch_size: int = 32) -> np.ndarray:

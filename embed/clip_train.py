@@ -34,6 +34,7 @@ from patho_r1.embed.clip import ClipEmbedder
 from patho_r1.embed.clip_config import ClipPhaseConfig, ClipStage
 from patho_r1.embed.loss import grad_cache_step, info_nce
 from patho_r1.embed.train import _Log, _no_wandb, _world, epoch_batches, optimizer_step
+from patho_r1.errors import ConfigError
 from patho_r1.training import wandb_run
 
 
@@ -113,12 +114,22 @@ def _clip_loss(clip: ClipEmbedder, image_emb: torch.Tensor, text_emb: torch.Tens
     return info_nce(image_emb, text_emb, temperature=clip.temperature())
 
 
+def clip_compute_dtype(cfg: ClipPhaseConfig) -> torch.dtype | None:
+    """The autocast dtype of `dtype` (`auto`: bf16 on a GPU, fp32 on a CPU); None for fp32.  The weights stay fp32
+    either way, as in every phase (`patho_r1.training.Precision`)."""
+    compute = ("float32" if cfg.runs_on_cpu() else "bfloat16") if cfg.dtype == "auto" else cfg.dtype
+    if compute == "float16":
+        raise ConfigError("dtype: float16 needs loss scaling, which the clip phase does not do; use bfloat16")
+    return torch.bfloat16 if compute == "bfloat16" else None
+
+
 def run_clip(cfg: ClipPhaseConfig) -> PhaseResult:
     """Stage I, stage II (anchored to stage I), optional evaluation, then the checkpoint under OUTPUT_DIR/model."""
     cfg.check_inputs()
     out = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
-    clip = ClipEmbedder.from_pretrained(cfg.model)
+    clip = ClipEmbedder.from_pretrained(cfg.model)  # fp32 weights: the optimizer's master copy
+    clip.autocast_dtype = clip_compute_dtype(cfg)
     if not cfg.runs_on_cpu():
         clip.to(f"cuda:{torch.cuda.current_device()}")
     is_main = _world()[0] == 0

@@ -308,3 +308,36 @@ def test_the_tuned_setting_is_the_smallest_that_reaches_the_target():
     # the held-out sample went in afterwards under its own row numbers: every vector finds itself first
     assert tuned.index.ntotal == 4000
     assert np.array_equal(tuned.search(vectors, 1)[1][:, 0], np.arange(4000))
+
+
+def test_bf16_clip_phase_computes_under_autocast_with_fp32_weights_that_move(tiny_clip_dir, world_dir, tmp_path):
+    """`dtype: bfloat16` used to be ignored (every matmul fp32).  Now the towers run in bf16 under autocast while the
+    weights the optimizer updates stay fp32: a step at 1e-5 moves nearly every weight with a gradient."""
+    from patho_r1.embed.clip_train import _Log, clip_compute_dtype, train_stage
+
+    cfg = ClipPhaseConfig.model_validate({
+        "model": str(tiny_clip_dir), "output_dir": str(tmp_path), "use_cpu": True, "dtype": "bfloat16",
+        "wandb": {"mode": "disabled"},
+        "stage1": {"data": [str(world_dir / "cpt/train.jsonl")], "learning_rate": 1e-5, "batch_size": 8,
+                   "max_steps": 2}})  # the schedule warms up from 0 over the first step
+    clip = ClipEmbedder.from_pretrained(tiny_clip_dir)
+    clip.autocast_dtype = clip_compute_dtype(cfg)
+    seen = []
+    hook = clip.model.visual_projection.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    params = {n: p for n, p in clip.model.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in params.items()}
+    grads = {}  # which elements had a gradient at the last step (the optimizer step sets .grad to None)
+    hooks = [p.register_post_accumulate_grad_hook(lambda p, n=n: grads.__setitem__(n, p.grad != 0))
+             for n, p in params.items()]
+    train_stage(clip, cfg.stage1, "stage1", cfg, _Log(tmp_path / "m.jsonl", 1, lambda *_: None, phase="clip"))
+    for h in [hook, *hooks]:
+        h.remove()
+    assert seen and set(seen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in params.values())
+    moved = sum(int(((params[n].detach() != before[n]) & g).sum()) for n, g in grads.items())
+    total = sum(int(g.sum()) for g in grads.values())
+    assert total > 1000 and moved / total >= 0.99, (moved, total)
+    from patho_r1.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="float16 needs loss scaling"):
+        clip_compute_dtype(cfg.model_copy(update={"dtype": "float16"}))

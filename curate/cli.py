@@ -248,12 +248,16 @@ def register(sub, model_encoder=None) -> None:
     q.add_argument("--pool", help="curated folder of captions to draw from (default: up the parent chain)")
     q.add_argument("--exclude", nargs="*", default=[], help="more SFT data to stay apart from")
     q.add_argument("--n-options", type=int, default=4)
+    q.add_argument("--teacher-distractors", choices=["balance", "keep"], default=None,
+                   help="source teacher: re-draw the distractors so no option text gives the answer away (balance, "
+                   "the default) or keep the teacher's own")
     endpoint(q, required=False)
     common(q)
     q.set_defaults(func=lambda a: _run(a, {k: v for k, v in {
         "stage": "mcq", "n": a.n, "source": a.source, "labels": a.labels, "pool": a.pool, "exclude": a.exclude,
         "n_options": a.n_options, "endpoint": endpoint_spec(a), "prompts": a.prompts,
-        "with_image": a.with_image}.items() if v is not None}, model_encoder))
+        "with_image": a.with_image, "teacher_distractors": a.teacher_distractors}.items() if v is not None},
+        model_encoder))
 
 
 class _Args:

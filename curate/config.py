@@ -272,11 +272,17 @@ class MCQStage(StrictModel):
     with_image: bool = False
     default_level: Literal["easy", "medium", "hard"] = "medium"
     question: str = Field("What is the most likely diagnosis?", description="source rules: the question")
+    teacher_distractors: Literal["balance", "keep"] = Field(
+        "balance", description="source teacher: `balance` re-draws each question's distractors from the answers of "
+        "the other questions, in proportion to how often each is an answer (same tissue system first), so no option "
+        "text gives the answer away; `keep` keeps the teacher's own, which fails the no-image check when the "
+        "teacher draws distractors uniformly")
     heldout: float = Field(0.1, ge=0, lt=1, description="share written to heldout.jsonl for the RL phase's "
                            "held-out accuracy")
 
     def identity(self, grid_digest: str) -> dict:
-        data = self.model_dump(mode="json", exclude={"endpoint"})
+        # what the teacher is asked; how its distractors are used afterwards does not change its replies
+        data = self.model_dump(mode="json", exclude={"endpoint", "teacher_distractors"})
         return {**data, "endpoint": self.endpoint.identity() if self.endpoint else None, "grid": grid_digest}
 
     @model_validator(mode="after")

@@ -162,6 +162,57 @@ def rule_distractors(pool: list[dict], rows: list[dict], n_options: int, rng: np
     return out
 
 
+def balance_teacher_distractors(questions: list[tuple[dict, str, str, list[str]] | None], rng: np.random.Generator,
+                                counts: Counter, rounds: int = 25) -> list[tuple[dict, str, str, list[str]] | None]:
+    """The teacher's questions and answers with distractors re-drawn from the answers of the other questions.
+
+    A teacher that picks distractors uniformly makes common diagnoses the answer more often than a distractor, and
+    its invented distractors are never the answer: a rule that never looks at the image (how often has this option
+    text been the answer?) then beats chance.  Here every option text is one of the answers, and each answer text t
+    is drawn as a distractor about (k - 1) x its answer count times, so that it is the answer of about 1/k of the
+    questions that show it.  Drawing in proportion to the answer counts falls short for common answers (a question
+    shows a text once at most), so the weights are fitted: draw, count, raise the weights of the texts drawn too
+    rarely, `rounds` times.  (An answer of more than 1/k of all questions cannot reach its share.)  The teacher still
+    writes each question and its answer; a question with fewer other answers than it has distractors is dropped
+    (`too_few_answers`)."""
+    made = [i for i, q in enumerate(questions) if q is not None]
+    if not made:
+        return questions
+    keys = [normalize(questions[i][2]) for i in made]
+    texts = sorted(set(keys))
+    shown = {}
+    for i, key in zip(made, keys, strict=True):
+        shown.setdefault(key, questions[i][2])
+    index = {t: j for j, t in enumerate(texts)}
+    own = np.array([index[k] for k in keys])
+    need = np.array([len(questions[i][3]) for i in made])
+    answer_counts = np.bincount(own, minlength=len(texts)).astype(float)
+    target = answer_counts * need.mean()  # distractor appearances that make each text the answer 1/k of the time
+    log_w = np.log(answer_counts)
+
+    def draw() -> np.ndarray:  # Gumbel top-k: weighted sampling without replacement, one row per question
+        scores = log_w[None, :] + rng.gumbel(size=(len(made), len(texts)))
+        scores[np.arange(len(made)), own] = -np.inf  # never a question's own answer
+        return np.argsort(-scores, axis=1)[:, : need.max()]
+
+    for _ in range(rounds):
+        picks = draw()
+        mask = np.arange(picks.shape[1])[None, :] < need[:, None]
+        got = np.bincount(picks[mask], minlength=len(texts))
+        log_w += 0.7 * (np.log(target + 0.5) - np.log(got + 0.5))
+    picks = draw()
+    out = list(questions)
+    for row, i in enumerate(made):
+        chosen = [texts[j] for j in picks[row, : need[row]] if np.isfinite(log_w[j])]
+        if len(chosen) < need[row] or len(texts) - 1 < need[row]:
+            counts["too_few_answers"] += 1
+            out[i] = None
+            continue
+        q = questions[i]
+        out[i] = (q[0], q[1], q[2], [shown[t] for t in chosen])
+    return out
+
+
 def no_image_baselines(items: list[dict]) -> dict:
     """Accuracy of the best rules that never look at the image: the commonest letter, the longest option, and
     option-text priors (how often each option text is correct, cross-fitted over two halves)."""
@@ -279,6 +330,8 @@ def run_mcq(stage: MCQStage, parent: Path, out: Path, writer, progress, seed: in
                      for row, d in zip(drawn, distractors, strict=True)]
     else:
         questions = _teacher_questions(stage, drawn, pool, out, seed, progress, counts, resume)
+        if stage.teacher_distractors == "balance":
+            questions = balance_teacher_distractors(questions, rng, counts)
     made = [q for q in questions if q is not None]
     counts["no_question"] = len(questions) - len(made)
     letters = balanced_letters([len(q[3]) + 1 for q in made], rng)

@@ -7,7 +7,8 @@
 
 Input rows need `id` and `response`; `reasoning`, `gold`, `options`, `finish_reason`, `subfield`, `task`, `images`
 are used where present.  Rows are read in chunks: the row rules run on each row, then the batch rules (near-
-duplicates) on the rows the row rules kept, in input order, so the first of two near-copies is the one kept.
+duplicates) on the rows the row rules kept.  Rows are taken in `id` order, not file order, so the first of two
+near-copies (the one kept) is the same whatever order a concurrent teacher wrote them in.
 """
 
 from __future__ import annotations
@@ -28,21 +29,37 @@ _TOKEN = re.compile(r"\w+|[^\w\s]")
 
 
 def _read_rows(path: Path):
-    """The rows of a teacher-output JSONL; a bad line names the file, line and field."""
-    with path.open(encoding="utf-8") as fh:
+    """The rows of a teacher-output JSONL in a canonical order (by `id`), whatever order they were written in; a bad
+    line names the file, line and field.
+
+    A concurrent teacher appends replies in completion order, and the near-duplicate rule keeps the first of two
+    near-copies: in file order, two runs of the same teacher could keep different rows.  So the first pass reads each
+    line's id and byte offset, and the second reads the lines again in id order (from the page cache, usually)."""
+    index: list[tuple[str, int, int]] = []  # (id, byte offset, line number)
+    with path.open("rb") as fh:
+        offset = 0
         for n, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(path, n, None, f"not JSON: {exc.msg}") from None
-            if not isinstance(row, dict):
-                raise DataError(path, n, None, f"expected an object, got {type(row).__name__}")
-            for key in ("id", "response"):
-                if not isinstance(row.get(key), str if key == "response" else (str, int)):
-                    raise DataError(path, n, key, "missing" if key not in row else "not a string")
-            yield row
+            if line.strip():
+                index.append((str(_check_row(path, n, line)["id"]), offset, n))
+            offset += len(line)
+    index.sort()
+    with path.open("rb") as fh:
+        for _, offset, _ in index:
+            fh.seek(offset)
+            yield json.loads(fh.readline())
+
+
+def _check_row(path: Path, n: int, line: bytes) -> dict:
+    try:
+        row = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(path, n, None, f"not JSON: {getattr(exc, 'msg', exc)}") from None
+    if not isinstance(row, dict):
+        raise DataError(path, n, None, f"expected an object, got {type(row).__name__}")
+    for key in ("id", "response"):
+        if not isinstance(row.get(key), str if key == "response" else (str, int)):
+            raise DataError(path, n, key, "missing" if key not in row else "not a string")
+    return row
 
 
 class _TokenCounter:

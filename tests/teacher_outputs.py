@@ -314,14 +314,15 @@ BAD = [
         "What does the signal pattern show?", ["Amplification", "Polysomy", "Normal", "Deletion"],
         "Clusters of red signals well above the green: amplification. But the ratio is borderline, so polysomy.",
         "B")),
-    # near-duplicate: a copy of an earlier good output with one word changed
-    dict(id="b31", task="mcq", subfield="histopathology", gold="Tubular adenoma", expect="near_duplicate",
+    # near-duplicate: a copy of a good output with one word changed; the filter takes rows in id order, so these ids
+    # sort after the originals (g01, g09) and the copies are the ones dropped
+    dict(id="n31", task="mcq", subfield="histopathology", gold="Tubular adenoma", expect="near_duplicate",
          response=mcq("A polypoid colonic lesion is shown at low power. Which diagnosis fits best?",
                       ["Hyperplastic polyp", "Tubular adenoma", "Invasive adenocarcinoma", "Juvenile polyp"],
                       "The crypts are elongated and lined by pencillate, hyperchromatic nuclei that reach the surface, "
                       "and there is no serration. The lamina propria is intact and no desmoplastic stroma is seen, so "
                       "invasion is not shown.", "B")),
-    dict(id="b32", task="description", subfield="histopathology", gold="chronic gastritis", expect="near_duplicate",
+    dict(id="n32", task="description", subfield="histopathology", gold="chronic gastritis", expect="near_duplicate",
          response=single("Please describe this biopsy.",
                          "Start with the mucosa and glands, then the lamina propria infiltrate, then look for "
                          "organisms and intestinal metaplasia.",

@@ -122,6 +122,24 @@ def test_filters_precision_and_recall_on_hand_written_outputs(tmp_path):
     assert "| repetition |" in (tmp_path / "out/filter_report.md").read_text()
 
 
+def test_filter_output_does_not_depend_on_the_order_the_teacher_wrote_its_replies(tmp_path):
+    """A concurrent teacher writes replies in completion order; the near-duplicate rule keeps the first of two
+    near-copies.  Rows are taken in id order, so a shuffled file keeps the same rows, written in the same order."""
+    import random
+
+    lines = [json.dumps({k: v for k, v in c.items() if k != "expect"}) + "\n" for c in CASES]
+    copies = [c for c in CASES if c["expect"] == "near_duplicate"]
+    assert copies  # the hand-written set has near-copies, so order could matter
+    outputs = []
+    for seed in (0, 1):
+        random.Random(seed).shuffle(lines)
+        src = tmp_path / f"outputs-{seed}.jsonl"
+        src.write_text("".join(lines))
+        run_stage(FilterStage(input=str(src)), None, tmp_path / f"out-{seed}")
+        outputs.append([(tmp_path / f"out-{seed}" / name).read_text() for name in ("kept.jsonl", "rejected.jsonl")])
+    assert outputs[0] == outputs[1]
+
+
 def test_filter_names_file_line_and_field_of_bad_input(tmp_path):
     from patho_r1.errors import DataError
 

@@ -46,6 +46,8 @@ class EmbedPhaseConfig(PhaseConfig):
     lora: LoraSpec = Field(default_factory=LoraSpec)
     train_vision_tower: bool = False
     train_projector: bool = False
+    gradient_checkpointing: bool = Field(False, description="recompute each layer in the backward pass: activations "
+                                         "of the layer inputs only (`patho-r1 plan` shows the difference)")
     stage1: StageConfig | None = Field(None, description="text-only pairs into the LoRA")
     stage2: StageConfig | None = Field(None, description="image-text pairs with a curriculum")
     stain_augment: StainAugmentConfig | None = None

@@ -118,6 +118,13 @@ class Embedder(torch.nn.Module):
             self.autocast_dtype = torch.bfloat16 if torch.bfloat16 in base else torch.float16
         return sum(p.numel() for p in half)
 
+    def enable_gradient_checkpointing(self) -> None:
+        """HF's per-layer checkpointing (non-reentrant: it works with a frozen base and PEFT adapters, whose inputs
+        carry no gradient of their own), in the language model and the vision tower."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.config.use_cache = False
+
     @contextlib.contextmanager
     def reasoning(self):
         """The same weights as the reasoner: the embedding adapter switched off."""

@@ -161,6 +161,8 @@ def build_embedder(cfg: EmbedPhaseConfig) -> Embedder:
                                         max_pixels=cfg.max_pixels)
     embedder.add_adapter(lora)
     embedder.keep_fp32_masters()
+    if cfg.gradient_checkpointing:
+        embedder.enable_gradient_checkpointing()
     if not cfg.runs_on_cpu():
         embedder.to(f"cuda:{torch.cuda.current_device()}")
     return embedder

@@ -308,7 +308,8 @@ def model_state_rows(setup: Setup, shape: ModelShape) -> list[Row]:
         rows = []
         if setup.lora:
             rows.append(Row("weights", setup.compute_bytes * p, "frozen base in the compute dtype"))
-            rows.append(Row("LoRA weights+grads+AdamW", 16 * t, "fp32 adapters, 16 B/param"))
+            rows.append(Row("trainable weights+grads+AdamW", 16 * t, "fp32 (LoRA adapters, trained copies), "
+                            "16 B/param"))
         else:
             wbytes = 4 if setup.fp32_masters or setup.compute_bytes == 4 else setup.compute_bytes
             kind = "fp32 masters" if setup.fp32_masters else ("fp32" if wbytes == 4 else "half precision")
@@ -317,7 +318,7 @@ def model_state_rows(setup: Setup, shape: ModelShape) -> list[Row]:
             rows.append(Row("AdamW states", 8 * t, "fp32 m and v, 8 B/trainable param"))
             if setup.fp32_masters:
                 rows.append(Row("autocast weight copies", 2 * t, "bf16 casts cached during a step"))
-        if n > 1:
+        if n > 1 and setup.kind != "embed":  # the embedding head averages its gradients itself
             rows.append(Row("DDP gradient buckets", 4 * t, "fp32, a second copy of the gradients"))
         return rows
     full = t == p and not setup.lora
@@ -372,6 +373,8 @@ class ActivationModel:
         # SFT/CPT: transformers' loss upcasts the logits to fp32 (a copy and its gradient beside the half-precision
         # logits and theirs); RL: TRL divides by the temperature and log-softmaxes them row by row, in their dtype.
         per_logit = 4 * a if setup.kind == "rl" else 2 * a + (8 if a == 2 else 0)
+        if not setup.logit_tokens:
+            return [acts]  # the embedding head reads the last hidden state; no LM head runs
         logits = Row("logits", b * setup.logit_tokens * shape.vocab * per_logit,
                      f"{b} x {setup.logit_tokens} positions x {shape.vocab} vocab")
         return [acts, logits]
@@ -448,7 +451,7 @@ def estimate(phase: str, setup: Setup, shape: ModelShape, gpu: GPUSpec | None, m
 # ------------------------------------------------------------------------------------------- from recipe to setup
 
 
-PLANNED_TYPES = ("cpt", "sft", "rl")
+PLANNED_TYPES = ("cpt", "sft", "rl", "embed")
 # Qwen2-VL's image processor's max_pixels when a phase sets none (16,384 merged tokens): the planner's upper bound.
 PROCESSOR_MAX_PIXELS = 12_845_056
 
@@ -461,6 +464,8 @@ def phase_setup(planned, shape: ModelShape, world: int, default_max_pixels: int 
     cfg = planned.config
     if planned.type not in PLANNED_TYPES or cfg is None:
         return None
+    if planned.type == "embed":
+        return _embed_setup(cfg, shape, world, default_max_pixels, on_cpu=not planned.resources.use_gpu)
     on_cpu = not planned.resources.use_gpu
     mixed = precision(cfg, on_cpu=on_cpu)
     ds = DeepSpeedSetup.read(cfg.deepspeed) if cfg.deepspeed else None
@@ -490,11 +495,44 @@ def phase_setup(planned, shape: ModelShape, world: int, default_max_pixels: int 
                  num_generations=cfg.num_generations, **common)
 
 
+# The embedding head's inputs: the summary prompt and a caption, besides the image's tokens (an assumption: the phase
+# has no length limit of its own).
+EMBED_TEXT_TOKENS = 64
+
+
+def _embed_setup(cfg, shape: ModelShape, world: int, default_max_pixels: int, on_cpu: bool) -> Setup:
+    """The embedding head: a LoRA adapter on the frozen backbone (in the compute dtype), plus the vision tower and
+    projector when they train (peft copies them; fp32 masters, 16 B/param).  Activations: stage 2's (else stage 1's)
+    GradCache chunk, or without GradCache both sides of its batch, every sequence an image plus
+    `EMBED_TEXT_TOKENS`.  No LM head runs, so no logits; gradients are averaged by hand, so no DDP buckets."""
+    compute = ("float32" if on_cpu else "bfloat16") if cfg.dtype == "auto" else cfg.dtype
+    trainable = shape.lora_parameters(cfg.lora.target_modules, cfg.lora.r)
+    if cfg.train_vision_tower:
+        trainable += shape.vision + shape.projector
+    elif cfg.train_projector:
+        trainable += shape.projector
+    largest = cfg.stage2 or cfg.stage1  # stage 2's images dominate; stage 1 is text only
+    live = largest.grad_cache_chunk or 2 * largest.batch_size
+    chunks = math.ceil(2 * largest.batch_size / live)  # queries and positives, a chunk at a time
+    patches = 4 * math.ceil((cfg.max_pixels or default_max_pixels) / (28 * 28)) if cfg.stage2 else 0
+    return Setup(kind="embed", world=world, micro_batch=live, grad_accum=chunks,
+                 seq_tokens=patches // 4 + EMBED_TEXT_TOKENS, logit_tokens=0, patches=patches,
+                 checkpointing=cfg.gradient_checkpointing, compute_bytes=4 if compute == "float32" else 2,
+                 fp32_masters=False, trainable=trainable, lora=True, deepspeed=None)
+
+
 def candidate_fixes(setup: Setup, shape: ModelShape) -> list[tuple[str, Setup]]:
     """Changes a user can make in the recipe, most conservative first: each is re-planned, and those that fit are
     named in the error."""
     r = dataclasses.replace
     out: list[tuple[str, Setup]] = []
+    if setup.kind == "embed":  # no DeepSpeed path: checkpointing, a smaller GradCache chunk
+        if not setup.checkpointing:
+            out.append(("gradient_checkpointing: true", r(setup, checkpointing=True)))
+        if setup.micro_batch > 1:
+            out.append((f"grad_cache_chunk: {setup.micro_batch // 2} (the same contrastive batch)",
+                        r(setup, micro_batch=setup.micro_batch // 2)))
+        return out
     ds = setup.deepspeed
     if ds is None or ds.stage < 2:
         out.append(("ZeRO-2 (resources.deepspeed: recipes/deepspeed/zero2.json)",
@@ -525,6 +563,10 @@ def candidate_fixes(setup: Setup, shape: ModelShape) -> list[tuple[str, Setup]]:
     return out
 
 
+def _setting(change: str) -> str:
+    return change.split(":")[0].split(" ")[0]
+
+
 def fitting_fixes(phase: str, setup: Setup, shape: ModelShape, gpu: GPUSpec | None, mfu: float,
                   limit: int = 4) -> list[tuple[str, int]]:
     """The single changes that make the phase fit, then pairs of them (the second chosen after the first is
@@ -541,8 +583,10 @@ def fitting_fixes(phase: str, setup: Setup, shape: ModelShape, gpu: GPUSpec | No
         if frozenset([change]) in seen:
             continue  # it fits alone; adding to it is not a smaller change
         for second, both in candidate_fixes(fixed, shape):
-            # a second ZeRO change replaces the first; the same pair in the other order is the same fix
-            label = second if change.startswith("ZeRO") and second.startswith("ZeRO") else f"{change} and {second}"
+            # a second change of the same setting (two ZeRO stages, two chunk sizes) replaces the first; the same pair
+            # in the other order is the same fix
+            same = _setting(change) == _setting(second) or (change.startswith("ZeRO") and second.startswith("ZeRO"))
+            label = second if same else f"{change} and {second}"
             key = frozenset(label.split(" and "))
             if key in seen or frozenset([second]) in seen:
                 continue
@@ -596,7 +640,8 @@ def _phase_table(p: PhaseEstimate) -> str:
     if p.setup is None:
         return f"  {p.phase} [{p.kind}]: not planned ({'; '.join(p.notes)})"
     s = p.setup
-    how = s.deepspeed.describe() if s.deepspeed else ("DDP" if s.world > 1 else "one process")
+    how = s.deepspeed.describe() if s.deepspeed else ("one process" if s.world == 1 else
+                                                      "gradients all-reduced" if s.kind == "embed" else "DDP")
     head = (f"  {p.phase} [{p.kind}] {s.world} rank(s), {how}, {'LoRA' if s.lora else 'full'}, trainable "
             f"{s.trainable / 1e9:.3f}B, micro-batch {s.micro_batch} x {s.seq_tokens} tokens")
     width = max(len(r.name) for r in p.rows)
@@ -656,5 +701,4 @@ def plan_recipe(plan, gpu_name: str | None = None, mfu: float = 0.35) -> RecipeP
 
 def _unplanned_reason(kind: str) -> str:
     return {"eval": "inference only: the model's weights plus the engine's KV cache",
-            "embed": "LoRA embedding head; GradCache bounds its activations by the chunk",
             "clip": "a separate CLIP model", "curate": "no GPU training"}.get(kind, "not a training phase")

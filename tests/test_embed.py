@@ -300,3 +300,41 @@ def test_two_ranks_give_the_loss_and_gradients_of_one_process_with_the_global_ba
     assert ranks["loss"] == pytest.approx(loss, rel=1e-6)
     for theirs, ours in zip(ranks["grads"], grads, strict=True):
         torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_checkpointing_gives_the_embedding_head_the_same_loss_and_gradients(tiny_model_dir, world_dir,
+                                                                                    tmp_path):
+    """Recomputing layers in the backward pass changes memory, not numbers: the same loss and LoRA gradients."""
+    from patho_r1.data import load_records
+    from patho_r1.embed.config import EmbedPhaseConfig
+    from patho_r1.embed.loss import info_nce
+    from patho_r1.embed.train import build_embedder
+
+    pairs = load_records(world_dir / "embed/image_text_pairs.jsonl", "embed_pair")[:6]
+    results = []
+    for checkpointing in (False, True):
+        cfg = EmbedPhaseConfig(model=str(tiny_model_dir), output_dir=str(tmp_path), use_cpu=True,
+                               train_vision_tower=True, gradient_checkpointing=checkpointing,
+                               stage2={"curriculum": [{"data": str(world_dir / "embed/image_text_pairs.jsonl")}]},
+                               wandb={"mode": "disabled"})
+        embedder = build_embedder(cfg)
+        embedder.train()
+        base = embedder.model.get_base_model()
+        assert base.is_gradient_checkpointing == checkpointing
+        saved = []  # what autograd keeps for the backward pass: with checkpointing, the layer inputs only
+
+        def pack(t, saved=saved):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = info_nce(embedder([p.query for p in pairs]), embedder([p.positive for p in pairs]),
+                            temperature=0.05)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in embedder.model.named_parameters() if p.grad is not None}
+        results.append((float(loss.detach()), grads, sum(saved)))
+    (loss0, g0, saved0), (loss1, g1, saved1) = results
+    assert saved1 < 0.5 * saved0, (saved1, saved0)  # measured: about 1/6
+    assert loss1 == pytest.approx(loss0, rel=1e-5)
+    assert g0.keys() == g1.keys() and any("lora" in n for n in g0) and any(".visual." in n for n in g0)
+    assert all(torch.allclose(g0[n], g1[n], rtol=1e-4, atol=1e-6) for n in g0)

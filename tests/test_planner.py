@@ -170,3 +170,17 @@ def test_unknown_models_and_gpus_are_one_line_errors(tmp_path):
     raw["resources"]["gpu_type"] = "H300"
     with pytest.raises(ConfigError, match="gpu_type: unknown GPU 'H300'"):
         build_plan(raw, source="x")
+
+
+def test_the_homie_recipe_fits_only_with_gradient_checkpointing(tmp_path):
+    """The embedding head runs a GradCache chunk of 8 native-resolution images (1,280 tokens each) through 28 layers:
+    with every layer's activations kept that is ~168 GiB; checkpointed, 37."""
+    memory = plan_recipe(load_plan("recipes/homie-7b.yaml"))
+    (embed,) = memory.phases
+    assert embed.setup.lora and embed.setup.checkpointing and embed.fits
+    assert embed.tokens_per_step == 2 * 48 * 8 * (1280 + planner.EMBED_TEXT_TOKENS)  # both sides, every rank
+    assert "logits" not in {r.name for r in embed.rows}  # no LM head runs
+    raw = yaml.safe_load(open("recipes/homie-7b.yaml"))
+    raw["phases"][0]["config"]["gradient_checkpointing"] = False
+    (misfit,) = plan_recipe(build_plan(raw, source="homie")).misfits
+    assert misfit.peak > 2 * embed.peak and misfit.fixes[0][0] == "gradient_checkpointing: true"

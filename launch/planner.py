@@ -292,6 +292,10 @@ def zero3_gpu_bytes(total: int, largest: int, world: int, offload_optimizer: boo
                  cpu_offload_params=offload_params)[1]
 
 
+def _states_source() -> str:
+    return "DeepSpeed's estimator" if deepspeed_estimators() else "DeepSpeed's formula (DeepSpeed not installed)"
+
+
 def model_state_rows(setup: Setup, shape: ModelShape) -> list[Row]:
     """Weights, gradients and optimizer states on one GPU.
 
@@ -325,13 +329,13 @@ def model_state_rows(setup: Setup, shape: ModelShape) -> list[Row]:
     if ds.stage in (1, 2):
         if ds.stage == 2 and full:
             return [Row("model states", zero2_gpu_bytes(p, n, ds.offload_optimizer),
-                        f"{ds.describe()}, DeepSpeed's estimator")]
+                        f"{ds.describe()}, {_states_source()}")]
         opt = 0 if ds.offload_optimizer else (18 * t // n if ds.stage == 2 else (2 * t + 16 * t // n))
         return [Row("model states", 2 * p + opt, f"{ds.describe()}: 16-bit weights on every rank, "
                     f"{'offloaded' if ds.offload_optimizer else 'sharded'} trainable states")]
     if full:
         return [Row("model states", zero3_gpu_bytes(p, shape.largest_layer, n, ds.offload_optimizer,
-                                                     ds.offload_params), f"{ds.describe()}, DeepSpeed's estimator")]
+                                                     ds.offload_params), f"{ds.describe()}, {_states_source()}")]
     frozen = 0 if ds.offload_params else 2 * (p - t) // n
     trained = 0 if ds.offload_optimizer and ds.offload_params else (2 * t // n if ds.offload_optimizer
                                                                    else 18 * t // n)

@@ -120,34 +120,36 @@ def phase_configs(model_dir: Path, world: Path, out: Path, on_gpu: bool, steps: 
             for part, (cls, data) in raw.items()}
 
 
-def predicted_peak(cfg, phase_type: str, model_dir: Path, gpu_name: str | None) -> dict:
-    """The planner's per-GPU peak for this very config (one rank), without the runtime reserve it adds."""
-    from transformers import AutoConfig
+def plan_part(cfg, part: str, shape, gpu_name: str | None):
+    """The planner's estimate for this very config, on one rank (448-px images)."""
+    from patho_r1.launch.planner import GPUS, estimate, phase_setup
 
-    from patho_r1.launch.planner import GPUS, RUNTIME_RESERVE, estimate, model_shape, phase_setup
-
-    shape = model_shape(AutoConfig.from_pretrained(model_dir))
-    planned = SimpleNamespace(type=phase_type, config=cfg, resources=SimpleNamespace(use_gpu=not cfg.use_cpu))
+    kind = "rl" if part == "rl" else "sft"
+    planned = SimpleNamespace(type=kind, config=cfg, resources=SimpleNamespace(use_gpu=not cfg.use_cpu))
     setup = phase_setup(planned, shape, world=1, default_max_pixels=448 * 448)
-    est = estimate(phase_type, setup, shape, GPUS.get(gpu_name) if gpu_name else None, mfu=0.35)
+    return estimate(part, setup, shape, GPUS.get(gpu_name) if gpu_name else None, mfu=0.35)
+
+
+def predicted_peak(est, shape, gpu_name: str | None) -> dict:
+    """The planner's per-GPU peak, without the runtime reserve it adds (what `max_memory_reserved` can see)."""
+    from patho_r1.launch.planner import RUNTIME_RESERVE
+
     reserve = RUNTIME_RESERVE if gpu_name else 0
     return {"predicted_peak_gib": round((est.peak - reserve) / 2**30, 3), "parameters": shape.total,
             "rows_gib": {r.name: round(r.bytes / 2**30, 3) for r in est.rows}}
 
 
-def fit_or_lora(cfg, part: str, planner_shape, gpu_name: str) -> tuple[object, str]:
+def fit_or_lora(cfg, part: str, shape, gpu_name: str):
     """The part's config as it is if the planner says it fits one GPU, else with LoRA r=64 (a 7B model's full
-    fine-tuning with fp32 masters needs ~130 GiB of model states alone).  Returns the config and what was chosen."""
+    fine-tuning with fp32 masters needs ~130 GiB of model states alone).  Returns the config, what was chosen and
+    the planner's estimate for it."""
     from patho_r1.config import LoraSpec
-    from patho_r1.launch.planner import GPUS, estimate, phase_setup
 
-    kind = "rl" if part == "rl" else "sft"
-    planned = SimpleNamespace(type=kind, config=cfg, resources=SimpleNamespace(use_gpu=True))
-    est = estimate(part, phase_setup(planned, planner_shape, world=1, default_max_pixels=448 * 448), planner_shape,
-                   GPUS[gpu_name], mfu=0.35)
+    est = plan_part(cfg, part, shape, gpu_name)
     if est.fits:
-        return cfg, "full"
-    return cfg.model_copy(update={"lora": LoraSpec(r=64)}), f"lora r=64 (full needs {est.peak / 2**30:.0f} GiB)"
+        return cfg, "full", est
+    lora = cfg.model_copy(update={"lora": LoraSpec(r=64)})
+    return lora, f"lora r=64 (full needs {est.peak / 2**30:.0f} GiB)", plan_part(lora, part, shape, gpu_name)
 
 
 def _gpu_name() -> str | None:
@@ -307,13 +309,16 @@ def worker(part: str, shape: str, work: Path, steps: int, profile: bool) -> dict
     model_dir, world = build_workspace(shape, work, on_gpu)
     cfg = phase_configs(model_dir, world, work / f"out-{shape}", on_gpu, steps)[part]
     result = {"build_s": round(time.perf_counter() - t0, 1), "mode": "full"}
+    from transformers import AutoConfig
+
+    from patho_r1.launch.planner import model_shape
+
+    planner_shape = model_shape(AutoConfig.from_pretrained(model_dir))
     if gpu_name:
-        from transformers import AutoConfig
-
-        from patho_r1.launch.planner import model_shape
-
-        cfg, result["mode"] = fit_or_lora(cfg, part, model_shape(AutoConfig.from_pretrained(model_dir)), gpu_name)
-    result.update(predicted_peak(cfg, "rl" if part == "rl" else "sft", model_dir, gpu_name))
+        cfg, result["mode"], est = fit_or_lora(cfg, part, planner_shape, gpu_name)
+    else:
+        est = plan_part(cfg, part, planner_shape, None)
+    result.update(predicted_peak(est, planner_shape, gpu_name))
     if part == "rl":
         result.update(run_rl_part(cfg, gpu_name))
     else:
@@ -325,7 +330,7 @@ def worker(part: str, shape: str, work: Path, steps: int, profile: bool) -> dict
 
 def check(shapes: list[str], work: Path) -> dict:
     """CPU: every part's config validates and the planner plans it, for every shape (models on the meta device)."""
-    from patho_r1.launch.planner import GPUS, estimate, model_shape, phase_setup
+    from patho_r1.launch.planner import model_shape
 
     out = {}
     for shape in shapes:
@@ -333,11 +338,7 @@ def check(shapes: list[str], work: Path) -> dict:
         planner_shape = model_shape(config)
         configs = phase_configs(work / "unbuilt-model", work / "unbuilt-world", work / "out", True, 4)
         for part, cfg in configs.items():
-            cfg, mode = fit_or_lora(cfg, part, planner_shape, "H200")
-            kind = "rl" if part == "rl" else "sft"
-            planned = SimpleNamespace(type=kind, config=cfg, resources=SimpleNamespace(use_gpu=True))
-            setup = phase_setup(planned, planner_shape, world=1, default_max_pixels=448 * 448)
-            est = estimate(part, setup, planner_shape, GPUS["H200"], mfu=0.35)
+            _, mode, est = fit_or_lora(cfg, part, planner_shape, "H200")
             out[f"{shape}/{part}"] = {"parameters": planner_shape.total, "mode": mode, "fits_h200": est.fits,
                                       "predicted_peak_gib": round(est.peak / 2**30, 2)}
     return out

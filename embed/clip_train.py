@@ -35,7 +35,7 @@ from patho_r1.embed.clip_config import ClipPhaseConfig, ClipStage
 from patho_r1.embed.loss import grad_cache_step, info_nce
 from patho_r1.embed.train import _Log, _no_wandb, _world, epoch_batches, optimizer_step
 from patho_r1.errors import ConfigError
-from patho_r1.training import wandb_run
+from patho_r1.training import compute_dtype, wandb_run
 
 
 def load_pairs(stage: ClipStage) -> list[CaptionRecord]:
@@ -117,7 +117,7 @@ def _clip_loss(clip: ClipEmbedder, image_emb: torch.Tensor, text_emb: torch.Tens
 def clip_compute_dtype(cfg: ClipPhaseConfig) -> torch.dtype | None:
     """The autocast dtype of `dtype` (`auto`: bf16 on a GPU, fp32 on a CPU); None for fp32.  The weights stay fp32
     either way, as in every phase (`patho_r1.training.Precision`)."""
-    compute = ("float32" if cfg.runs_on_cpu() else "bfloat16") if cfg.dtype == "auto" else cfg.dtype
+    compute = compute_dtype(cfg.dtype, cfg.runs_on_cpu())
     if compute == "float16":
         raise ConfigError("dtype: float16 needs loss scaling, which the clip phase does not do; use bfloat16")
     return torch.bfloat16 if compute == "bfloat16" else None

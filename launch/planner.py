@@ -21,6 +21,7 @@ published Qwen2.5-VL checkpoints).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -246,6 +247,7 @@ class PhaseEstimate:
         return self.capacity is None or self.peak <= self.capacity
 
 
+@functools.cache
 def deepspeed_estimators():
     """DeepSpeed's two model-state estimators, or None without DeepSpeed.  Its import warns on stdout that it found
     no GPU ("Setting accelerator to CPU"), which is true and useless on the machine one plans on: silenced."""
@@ -456,6 +458,12 @@ def estimate(phase: str, setup: Setup, shape: ModelShape, gpu: GPUSpec | None, m
 
 
 PLANNED_TYPES = ("cpt", "sft", "rl", "embed")
+
+
+def vision_patches(max_pixels: int) -> int:
+    """Vision-tower patches of an image at `max_pixels`: one merged token per 28 x 28 pixels, four 14-px patches
+    each."""
+    return 4 * math.ceil(max_pixels / (28 * 28))
 # Qwen2-VL's image processor's max_pixels when a phase sets none (16,384 merged tokens): the planner's upper bound.
 PROCESSOR_MAX_PIXELS = 12_845_056
 
@@ -478,7 +486,7 @@ def phase_setup(planned, shape: ModelShape, world: int, default_max_pixels: int 
     else:
         trainable = shape.total - (shape.vision if cfg.freeze_vision_tower else 0) \
             - (shape.projector if cfg.freeze_projector else 0)
-    patches = 4 * math.ceil((cfg.max_pixels or default_max_pixels) / (28 * 28))  # 14-px patches, merged 2 x 2
+    patches = vision_patches(cfg.max_pixels or default_max_pixels)
     common = dict(world=world, micro_batch=cfg.per_device_train_batch_size,
                   grad_accum=cfg.gradient_accumulation_steps, patches=patches,
                   checkpointing=cfg.gradient_checkpointing, compute_bytes=4 if mixed.compute == "float32" else 2,
@@ -509,7 +517,9 @@ def _embed_setup(cfg, shape: ModelShape, world: int, default_max_pixels: int, on
     projector when they train (peft copies them; fp32 masters, 16 B/param).  Activations: stage 2's (else stage 1's)
     GradCache chunk, or without GradCache both sides of its batch, every sequence an image plus
     `EMBED_TEXT_TOKENS`.  No LM head runs, so no logits; gradients are averaged by hand, so no DDP buckets."""
-    compute = ("float32" if on_cpu else "bfloat16") if cfg.dtype == "auto" else cfg.dtype
+    from patho_r1.training import compute_dtype
+
+    compute = compute_dtype(cfg.dtype, on_cpu)
     trainable = shape.lora_parameters(cfg.lora.target_modules, cfg.lora.r)
     if cfg.train_vision_tower:
         trainable += shape.vision + shape.projector
@@ -518,7 +528,7 @@ def _embed_setup(cfg, shape: ModelShape, world: int, default_max_pixels: int, on
     largest = cfg.stage2 or cfg.stage1  # stage 2's images dominate; stage 1 is text only
     live = largest.grad_cache_chunk or 2 * largest.batch_size
     chunks = math.ceil(2 * largest.batch_size / live)  # queries and positives, a chunk at a time
-    patches = 4 * math.ceil((cfg.max_pixels or default_max_pixels) / (28 * 28)) if cfg.stage2 else 0
+    patches = vision_patches(cfg.max_pixels or default_max_pixels) if cfg.stage2 else 0
     return Setup(kind="embed", world=world, micro_batch=live, grad_accum=chunks,
                  seq_tokens=patches // 4 + EMBED_TEXT_TOKENS, logit_tokens=0, patches=patches,
                  checkpointing=cfg.gradient_checkpointing, compute_bytes=4 if compute == "float32" else 2,

@@ -122,11 +122,16 @@ class Precision:
         return self.compute == "float16"
 
 
+def compute_dtype(dtype: str, on_cpu: bool) -> str:
+    """A phase's `dtype` as the precision it computes in: `auto` is bf16 on a GPU and fp32 on a CPU."""
+    return ("float32" if on_cpu else "bfloat16") if dtype == "auto" else dtype
+
+
 def precision(cfg: TrainConfig, on_cpu: bool | None = None) -> Precision:
     """`on_cpu`: the device the phase will run on, when it is not this machine's (the planner plans GPU phases on a
     CPU machine); None reads the config."""
     cpu = cfg.runs_on_cpu() if on_cpu is None else on_cpu
-    compute = ("float32" if cpu else "bfloat16") if cfg.dtype == "auto" else cfg.dtype
+    compute = compute_dtype(cfg.dtype, cpu)
     if compute == "float16" and cpu:
         compute = "float32"  # CPU autocast has no fp16; bf16 works there
     master_elsewhere = cfg.deepspeed is not None or cfg.lora is not None
@@ -293,7 +298,8 @@ def finalize(trainer, processor, cfg: TrainConfig, phase: str, metrics: dict[str
     """
     model = trainer.accelerator.unwrap_model(trainer.model) if hasattr(trainer, "accelerator") else trainer.model
     extra: dict[str, Any] = {"lora": cfg.lora is not None, "merged": False}
-    zero3 = getattr(trainer, "is_deepspeed_enabled", False) and _zero3(trainer)
+    deepspeed = getattr(trainer, "is_deepspeed_enabled", False)
+    zero3 = deepspeed and _zero3(trainer)
     if zero3 and cfg.lora is not None and cfg.merge_lora:
         raise ConfigError("merge_lora: not supported with ZeRO-3 (the adapter would be merged into weight "
                           "partitions); save the adapter and merge it afterwards")
@@ -301,7 +307,7 @@ def finalize(trainer, processor, cfg: TrainConfig, phase: str, metrics: dict[str
         model = model.merge_and_unload()
         extra["merged"] = True
     compute = precision(cfg).compute
-    if model.dtype == torch.float32 and compute != "float32" and not getattr(trainer, "is_deepspeed_enabled", False):
+    if model.dtype == torch.float32 and compute != "float32" and not deepspeed:
         # fp32 master weights were for the optimizer; the checkpoint is what inference and the next phase load, in the
         # precision they compute in (vLLM reads the saved dtype), as Hugging Face checkpoints are.
         model = model.to(getattr(torch, compute))

@@ -676,6 +676,8 @@ def _phase_table(p: PhaseEstimate) -> str:
 
 def plan_recipe(plan, gpu_name: str | None = None, mfu: float = 0.35) -> RecipePlan:
     """Plan every phase of a validated recipe (`patho_r1.launch.recipe.Plan`)."""
+    if not 0 < mfu <= 1:
+        raise ConfigError(f"plan: --mfu {mfu} is not a fraction of the GPU's peak; give one in (0, 1], e.g. 0.35")
     recipe = plan.recipe
     if not any(p.type in PLANNED_TYPES for p in plan.phases):
         return RecipePlan(recipe=plan.source, gpu=None, model_source="", shape=None, mfu=mfu,

@@ -160,6 +160,8 @@ def test_plan_and_dry_run_print_the_table(capsys):
     out = capsys.readouterr().out
     assert "memory plan: recipes/demo.yaml" in out and "peak per worker" in out and "tiny random-init" in out
     assert main(["plan", "recipes/demo.yaml", "--gpu", "B300"]) == 2
+    assert main(["plan", "recipes/patho-r1-3b.yaml", "--mfu", "0"]) == 2  # a one-line error, not a ZeroDivisionError
+    assert "--mfu 0.0 is not a fraction" in capsys.readouterr().err
 
 
 def test_unknown_models_and_gpus_are_one_line_errors(tmp_path):

@@ -196,11 +196,13 @@ def filter_rate(base: Path, n: int) -> None:
                 text = text.replace("</think>", f" Also noted: {extra}.</think>", 1)
                 fh.write(json.dumps({"id": f"r{j}", "task": t, "response": text, "finish_reason": finish,
                                      "gold": gold, "subfield": "histopathology"}) + "\n")
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     manifest = run_stage(FilterStage(input=str(src)), None, base / f"filtered-{n}", resume=False)
-    seconds = time.perf_counter() - t0
-    print(f"filter: {n:,} outputs in {seconds:.1f} s = {n / seconds:,.0f} rows/s (goal 20,000 on one core); "
-          f"kept {manifest.counts['kept']:,}, rejected by rule {manifest.counts['rejected_by_rule']}")
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    # CPU seconds as well: on a shared machine the wall clock also counts time the process was waiting for a core
+    print(f"filter: {n:,} outputs in {seconds:.1f} s = {n / seconds:,.0f} rows/s, {n / cpu:,.0f} rows per CPU "
+          f"second (goal 20,000 on one core); kept {manifest.counts['kept']:,}, rejected by rule "
+          f"{manifest.counts['rejected_by_rule']}")
 
 
 def corpus(args, base: Path) -> None:

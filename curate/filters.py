@@ -21,8 +21,9 @@ import re
 import unicodedata
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from patho_r1.curate.chunk_text import SENTENCE, WORD, ChunkText
 from patho_r1.curate.teacher_output import ParsedReply, answer_letter
 
 RowCheck = Callable[["Candidate"], "str | None"]
@@ -53,17 +54,21 @@ def register_filter(name: str, *, batch: bool = False):
 
 @dataclass
 class Candidate:
-    """One teacher output as the rules see it."""
+    """One teacher output as the rules see it.  `text` holds the word statistics of the chunk it was read in
+    (`candidates` builds one for many rows); a candidate made on its own gets a chunk of one."""
 
     row: dict
     parsed: ParsedReply
     response: str
     n_tokens: int
+    text: ChunkText | None = None
+    index: int = 0  # this row's place in `text`
+    task: str = field(init=False)  # the row's task; rows of another pipeline without one: MCQs when they carry options
 
-    @property
-    def task(self) -> str:
-        """The row's task; rows of another pipeline without one are MCQs when they carry options."""
-        return self.row.get("task") or ("mcq" if self.row.get("options") else "reasoning")
+    def __post_init__(self):
+        if self.text is None:
+            self.text, self.index = _chunk_text([self.parsed], [self.response]), 0
+        self.task = self.row.get("task") or ("mcq" if self.row.get("options") else "reasoning")
 
     @functools.cached_property
     def body(self) -> str:
@@ -72,8 +77,28 @@ class Candidate:
 
     @functools.cached_property
     def words(self) -> list[str]:
-        """The body's lower-cased words (the repetition and near-duplicate rules both read them)."""
-        return _WORD.findall(self.body.lower())
+        """The body's lower-cased words (`text.word_hashes` holds their hashes, for the whole chunk at once)."""
+        return WORD.findall(self.body.lower())
+
+    @property
+    def word_hashes(self):
+        return self.text.word_hashes(self.index)
+
+
+def _chunk_text(parsed: list[ParsedReply], responses: list[str]) -> ChunkText:
+    """Bodies: each think and answer; extras: the questions (or the whole reply, when it has no turns)."""
+    return ChunkText([[s for t in p.turns for s in (t.think or "", t.answer or "")] for p in parsed],
+                     [" ".join(t.question or "" for t in p.turns) if p.turns else r
+                      for p, r in zip(parsed, responses, strict=True)])
+
+
+def candidates(rows: list[dict], parsed: list[ParsedReply], n_tokens: list[int] | None = None) -> list[Candidate]:
+    """Candidates for a chunk of rows, sharing one `ChunkText`; `n_tokens` (a tokenizer's counts) defaults to the
+    words-and-punctuation count of each row's questions, thinks and answers."""
+    text = _chunk_text(parsed, [row["response"] for row in rows])
+    counts = text.tokens.tolist() if n_tokens is None else n_tokens
+    return [Candidate(row, p, row["response"], n, text, i)
+            for i, (row, p, n) in enumerate(zip(rows, parsed, counts, strict=True))]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -104,7 +129,7 @@ def truncation(cfg):
     def check(c: Candidate) -> str | None:
         if c.row.get("finish_reason") == "length":
             return "finish_reason length (hit max_tokens)"
-        if not c.response.rstrip().lower().endswith("</answer>"):
+        if c.response.rstrip()[-9:].lower() != "</answer>":
             return "does not end with </answer>"
         return None
 
@@ -124,25 +149,26 @@ def length(cfg):
     return check
 
 
-_WORD = re.compile(r"\w+")
-_SENTENCE = re.compile(r"[^.!?\n]+")
-
-
 @register_filter("repetition")
 def repetition(cfg):
     """No degenerate loops: the share of repeated word n-grams, and sentences or lines said again and again."""
     n = cfg.ngram
 
     def check(c: Candidate) -> str | None:
-        words = c.words
-        if len(words) >= cfg.min_words_for_ratio:
-            total = len(words) - n + 1
-            ratio = 1.0 - len(set(zip(*(words[i:] for i in range(n)), strict=False))) / total
+        # the chunk's counts find the rows that may fail (they can only overcount repeats); the words decide
+        text, i = c.text, c.index
+        distinct, total = text.distinct_ngrams(n)
+        if text.n_words(i) >= cfg.min_words_for_ratio and total[i] > 0 \
+                and 1.0 - distinct[i] / total[i] > cfg.max_ngram_repeat:
+            words = c.words
+            ratio = 1.0 - len(set(zip(*(words[k:] for k in range(n)), strict=False))) / int(total[i])
             if ratio > cfg.max_ngram_repeat:
                 return f"{ratio:.2f} of {n}-grams repeated > {cfg.max_ngram_repeat}"
+        if not text.may_repeat_sentence(cfg.max_sentence_repeats)[i]:
+            return None
         for turn in c.parsed.turns:  # a loop repeats within one think or answer; turns may share a phrase
-            for text in (turn.think, turn.answer):
-                said = [s.strip().lower() for s in _SENTENCE.findall(text or "") if s.count(" ") >= 2]
+            for part in (turn.think, turn.answer):
+                said = [s.strip().lower() for s in SENTENCE.findall(part or "") if s.count(" ") >= 2]
                 if len(said) - len(set(said)) >= cfg.max_sentence_repeats - 1:  # else no sentence can loop
                     sentence, times = Counter(said).most_common(1)[0]
                     if times >= cfg.max_sentence_repeats:
@@ -179,6 +205,8 @@ def _script(ch: str) -> str:
 def language_mix(cfg):
     """No foreign-script characters in English text (a CJK term, a Cyrillic letter), by Unicode script."""
     def check(c: Candidate) -> str | None:
+        if c.response.isascii():  # no foreign script in it; the common case, at C speed
+            return None
         runs = _FOREIGN.findall(c.response)
         n = sum(map(len, runs))
         if n > cfg.max_foreign_chars:
@@ -190,7 +218,10 @@ def language_mix(cfg):
 
 
 def normalize(text: str) -> str:
-    return " ".join(_WORD.findall(text.lower().replace("_", " ")))
+    return " ".join(WORD.findall(text.lower().replace("_", " ")))
+
+
+_normalized_gold = functools.lru_cache(maxsize=1 << 16)(normalize)  # a few thousand diagnoses, asked every row
 
 
 @register_filter("answer_consistency")
@@ -212,13 +243,13 @@ def answer_consistency(cfg):
                 return None
             if len(str(gold)) == 1 and str(gold).upper() in "ABCDEF":
                 return None if letter == str(gold).upper() else f"MCQ answer {letter} != gold {gold}"
-            chosen, target = normalize(options[letter]), normalize(str(gold))
+            chosen, target = normalize(options[letter]), _normalized_gold(str(gold))
             if target and (target == chosen or f" {target} " in f" {chosen} "):
                 return None
             return f"MCQ answer {letter} ({options[letter][:30]!r}) is not the gold {str(gold)[:30]!r}"
         if gold is None or turn.answer is None:
             return None
-        if f" {normalize(str(gold))} " not in f" {normalize(turn.answer)} ":
+        if f" {_normalized_gold(str(gold))} " not in f" {normalize(turn.answer)} ":
             return f"the answer does not name the gold {str(gold)[:30]!r}"
         return None
 
@@ -235,32 +266,39 @@ def near_duplicate(cfg):
     itself teaches one sample many times."""
     import numpy as np
 
-    from patho_r1.curate.minhash import MinHashSpec, WordHashes, band_keys, word_signatures
+    from patho_r1.curate.minhash import MinHashSpec, band_keys, word_signatures
 
     spec = MinHashSpec(cfg.near_duplicate_threshold, cfg.num_perm, cfg.shingle)
-    hashes = WordHashes()
-    seen: dict[tuple[int, int], int] = {}  # (band, key) -> index of the first kept output with it
+    seen: list[dict[int, int]] = [{} for _ in range(spec.bands[0])]  # per band: key -> first kept output with it
     kept_ids: list[str] = []
-    kept_sigs: list[np.ndarray] = []
+    # the kept outputs' signatures, in one array grown by doubling: a million small arrays would be a million
+    # objects for the garbage collector to walk at every full collection (a third of the filter's time, measured)
+    kept_sigs = np.empty((1024, spec.num_perm), dtype=np.uint32)
 
     def check(batch: list[Candidate]) -> list[str | None]:
+        nonlocal kept_sigs
         if not batch:
             return []
-        sigs = word_signatures([hashes(c.words) for c in batch], spec.num_perm, spec.shingle)
+        sigs = word_signatures([c.word_hashes for c in batch], spec.num_perm, spec.shingle)
         keys = band_keys(sigs, *spec.bands)
+        if len(kept_ids) + len(batch) > len(kept_sigs):
+            grown = np.empty((2 * (len(kept_ids) + len(batch)), spec.num_perm), dtype=np.uint32)
+            grown[:len(kept_ids)] = kept_sigs[:len(kept_ids)]
+            kept_sigs = grown
         out: list[str | None] = []
         for c, sig, row_keys in zip(batch, sigs, keys.tolist(), strict=True):
             # a shared band makes a candidate; the signatures' agreement decides (LSH alone lets some through)
-            hits = {seen[(b, k)] for b, k in enumerate(row_keys) if (b, k) in seen}
-            match = next((i for i in sorted(hits) if (kept_sigs[i] == sig).mean() >= spec.threshold), None)
+            hits = [i for band, k in zip(seen, row_keys, strict=True) if (i := band.get(k)) is not None]
+            match = next((i for i in sorted(set(hits)) if (kept_sigs[i] == sig).mean() >= spec.threshold),
+                         None) if hits else None
             if match is not None:
                 out.append(f"near-duplicate of {kept_ids[match]}")
                 continue
             index = len(kept_ids)
             kept_ids.append(str(c.row.get("id")))
-            kept_sigs.append(sig)
-            for b, k in enumerate(row_keys):
-                seen.setdefault((b, k), index)
+            kept_sigs[index] = sig
+            for band, k in zip(seen, row_keys, strict=True):
+                band.setdefault(k, index)
             out.append(None)
         return out
 

@@ -12,7 +12,6 @@ the hash function and the band/row split are datasketch's own (`MinHash(...).per
 from __future__ import annotations
 
 import re
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -34,6 +33,13 @@ def shingles(text: str, n: int = 3) -> list[str]:
 
 def n_words(text: str) -> int:
     return len(_WORD.findall(text.lower()))
+
+
+def changes(x: np.ndarray) -> np.ndarray:
+    """True where a sorted array's value differs from the one before (and at the first)."""
+    out = np.ones(len(x), dtype=bool)
+    np.not_equal(x[1:], x[:-1], out=out[1:])
+    return out
 
 
 @lru_cache(maxsize=8)
@@ -73,44 +79,36 @@ def signatures(texts: Sequence[str], num_perm: int = 64, shingle: int = 3, seed:
     if not vocab:
         return out
     hashed = np.fromiter((sha1_hash32(s.encode("utf-8")) for s in vocab), dtype=np.uint32, count=len(vocab))
-    with np.errstate(over="ignore"):  # multiplication mod 2^32 is the intended arithmetic
-        permuted = _fmix32(hashed)[:, None] * a[None, :] + b[None, :]
     rows = np.asarray(row_of)
-    values = permuted[np.asarray(token_ids)]
-    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
-    out[rows[starts]] = np.minimum.reduceat(values, starts, axis=0)
+    starts = np.flatnonzero(changes(rows))
+    out[rows[starts]] = _min_per_row(_fmix32(hashed)[np.asarray(token_ids)], starts, a, b)
     return out
 
 
-class WordHashes:
-    """A 32-bit hash per word (crc32, remembered): the word-level route to signatures, for one process's own
-    comparisons (the filter's near-duplicates), where matching datasketch value for value is not needed."""
-
-    def __init__(self):
-        self._of: dict[str, int] = {}
-
-    def __call__(self, words: Sequence[str]) -> list[int]:
-        of = self._of
-        out = []
-        for w in words:
-            h = of.get(w)
-            if h is None:
-                h = of[w] = zlib.crc32(w.encode("utf-8"))
-            out.append(h)
-        return out
+def _min_per_row(h32: np.ndarray, starts: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(len(starts), num_perm): per group of consecutive shingle hashes (from each of `starts`), the minimum of
+    a*h + b mod 2^32 for each permutation (a, b).  One permutation at a time: a 1-D pass stays in cache, and is
+    about 20x faster than reducing the (shingles, num_perm) matrix along its rows."""
+    out = np.empty((len(starts), len(a)), dtype=np.uint32)
+    with np.errstate(over="ignore"):  # multiplication mod 2^32 is the intended arithmetic
+        for j in range(len(a)):
+            permuted = h32 * a[j]
+            permuted += b[j]
+            out[:, j] = np.minimum.reduceat(permuted, starts)
+    return out
 
 
-def word_signatures(rows: Sequence[Sequence[int]], num_perm: int = 32, shingle: int = 3, seed: int = 1
-                    ) -> np.ndarray:
-    """(len(rows), num_perm) MinHash signatures of word n-gram shingles, from each row's word hashes, computed in
-    numpy: no shingle strings are built.  The same permutations as `signatures`, over another shingle hash, so the
-    Jaccard estimates behave alike but the values differ; a row with no words gets the all-max signature."""
+def word_signatures(rows: Sequence[np.ndarray], num_perm: int = 32, shingle: int = 3, seed: int = 1) -> np.ndarray:
+    """(len(rows), num_perm) MinHash signatures of word n-gram shingles, from each row's uint64 word hashes
+    (`ChunkText.word_hashes`: one process's own comparisons, the filter's near-duplicates), computed in numpy: no
+    shingle strings are built.  The same permutations as `signatures`, over another shingle hash, so the Jaccard
+    estimates behave alike but the values differ; a row with no words gets the all-max signature."""
     a, b = permutations(num_perm, seed)
     out = np.full((len(rows), num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
     lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
     if not lengths.sum():
         return out
-    flat = np.fromiter((h for r in rows for h in r), dtype=np.uint64, count=int(lengths.sum()))
+    flat = np.concatenate([np.asarray(r, dtype=np.uint64) for r in rows])
     ends = np.cumsum(lengths)
     starts = ends - lengths
     # shingle k of a row starts at word k; a row shorter than `shingle` words is one shingle of all its words
@@ -125,9 +123,8 @@ def word_signatures(rows: Sequence[Sequence[int]], num_perm: int = 32, shingle: 
             word = np.where(idx < limit, flat[np.minimum(idx, len(flat) - 1)], np.uint64(0))
             h = (h ^ word) * np.uint64(0x100000001B3)
         h32 = _fmix32((h ^ (h >> np.uint64(32))).astype(np.uint32))
-        permuted = h32[:, None] * a[None, :] + b[None, :]
-    starts_sh = np.flatnonzero(np.r_[True, row_of[1:] != row_of[:-1]])
-    out[row_of[starts_sh]] = np.minimum.reduceat(permuted, starts_sh, axis=0)
+    starts_sh = np.flatnonzero(changes(row_of))
+    out[row_of[starts_sh]] = _min_per_row(h32, starts_sh, a, b)
     return out
 
 

@@ -135,6 +135,10 @@ def _hard_link(source: str | Path, path: str) -> bool:
     return True
 
 
+# One encoder for every row: json.dumps builds a new one at each call when given options.
+_encode = json.JSONEncoder(ensure_ascii=False, sort_keys=True).encode
+
+
 class _HashingWriter:
     """A JSONL file written line by line, hashed as it is written (the manifest's digest costs no second read)."""
 
@@ -145,7 +149,7 @@ class _HashingWriter:
         self.n = 0
 
     def write(self, row: dict) -> None:
-        line = json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n"
+        line = _encode(row) + "\n"
         self.fh.write(line)
         self.sha.update(line.encode("utf-8"))
         self.n += 1

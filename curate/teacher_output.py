@@ -19,9 +19,14 @@ _TAG = re.compile(r"<(/?)(question|options|think|answer)\s*>", re.IGNORECASE)
 _OPTION_LINE = re.compile(r"^\s*\(?([A-F])\s*[.):]\s*(.+?)\s*$")
 _LETTER = re.compile(r"\s*\(?([A-F])(\)|[.:])?\s*(.*)", re.DOTALL)
 _ORDER = ("question", "options", "think", "answer")
+# One turn exactly as the contract writes it, with no '<' inside a tag's text: most replies are made of these, and
+# parse in one match a turn instead of the general walk over every tag.  Anything else takes the general walk.
+_PLAIN_TURN = re.compile(r"\s*<question>([^<]*)</question>\s*(?:(<options>)([^<]*)</options>\s*)?"
+                         r"<think>([^<]*)</think>\s*<answer>([^<]*)</answer>")
+_PLAIN_REPLY = re.compile(rf"(?:{_PLAIN_TURN.pattern})+\s*")
 
 
-@dataclass
+@dataclass(slots=True)
 class Turn:
     question: str | None = None
     options: dict[str, str] = field(default_factory=dict)
@@ -41,8 +46,46 @@ class ParsedReply:
 
 
 def parse_reply(response: str, reasoning: str | None = None) -> ParsedReply:
-    turns: list[Turn] = []
+    turns = _plain_turns(response)
     problems: list[str] = []
+    if turns is not None and all(t.question and t.think and t.answer for t in turns):
+        return ParsedReply(turns, problems)  # the common case: every tag there and filled, nothing to add
+    if turns is None:
+        turns = _walk_tags(response, problems)
+    from_reasoning = False
+    if turns and turns[0].think is None and reasoning and reasoning.strip():
+        turns[0].think, from_reasoning = reasoning.strip(), True
+    for i, turn in enumerate(turns, start=1):
+        for tag in ("question", "think", "answer"):
+            value = getattr(turn, tag)
+            if value is None:
+                problems.append(f"turn {i} has no <{tag}>")
+            elif not value:
+                problems.append(f"turn {i} has an empty <{tag}>")
+    if not turns:
+        problems.append("no <question>, <think> or <answer> tags")
+    return ParsedReply(turns, problems, from_reasoning)
+
+
+def _plain_turns(response: str) -> list[Turn] | None:
+    """The turns of a reply made only of plain turns (what `_walk_tags` would find, with no problems), else None."""
+    if not _PLAIN_REPLY.fullmatch(response):
+        return None
+    turns = []
+    # findall's matches lie back to back, as fullmatch found them
+    for question, has_options, options, think, answer in _PLAIN_TURN.findall(response):
+        turn = Turn(question.strip(), {}, think.strip(), answer.strip())
+        if has_options:
+            turn.options = parse_options(options.strip())
+            if not turn.options:
+                return None  # the walk names the problem
+        turns.append(turn)
+    return turns
+
+
+def _walk_tags(response: str, problems: list[str]) -> list[Turn]:
+    """Any reply: each tag in turn, every departure from the contract a line in `problems`."""
+    turns: list[Turn] = []
     open_tag, open_at, last_end = None, 0, 0
     for m in _TAG.finditer(response):
         closing, tag = m.group(1) == "/", m.group(2).lower()
@@ -69,19 +112,7 @@ def parse_reply(response: str, reasoning: str | None = None) -> ParsedReply:
         tail = response[last_end:].strip()
         if tail:
             problems.append(f"text outside the tags: {tail[:40]!r}")
-    from_reasoning = False
-    if turns and turns[0].think is None and reasoning and reasoning.strip():
-        turns[0].think, from_reasoning = reasoning.strip(), True
-    for i, turn in enumerate(turns, start=1):
-        for tag in ("question", "think", "answer"):
-            value = getattr(turn, tag)
-            if value is None:
-                problems.append(f"turn {i} has no <{tag}>")
-            elif not value:
-                problems.append(f"turn {i} has an empty <{tag}>")
-    if not turns:
-        problems.append("no <question>, <think> or <answer> tags")
-    return ParsedReply(turns, problems, from_reasoning)
+    return turns
 
 
 def _place(turns: list[Turn], tag: str, text: str, problems: list[str]) -> None:

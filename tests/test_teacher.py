@@ -140,6 +140,94 @@ def test_filter_output_does_not_depend_on_the_order_the_teacher_wrote_its_replie
     assert outputs[0] == outputs[1]
 
 
+def _random_texts(seed: int, n: int) -> list[list[str]]:
+    """Texts that try the byte classes: ASCII words, digits, '_', punctuation, every ASCII whitespace (\\x1c-\\x1f
+    too), non-ASCII words and punctuation, and sentences said again and again."""
+    import random
+
+    rng = random.Random(seed)
+    atoms = ["cell", "Cell", "nuclei", "x_1", "42", "mu", "\u03bcm", "na\u00efve", "\u4e2d\u6587", "\u0130", ",", ";",
+             "-", "(", ")", "'", ".", "!", "?", "\u2014", "\u00b0", " ", " ", " ", "\t", "\n", "\x0b", "\x1c", "\r"]
+    loops = ["The stroma is dense.", "I see pink cells! ", "a b c", " \t Same  words here?"]
+    rows = []
+    for i in range(n):
+        ascii_only = i % 3 != 0
+        pool = [a for a in atoms if a.isascii()] if ascii_only else atoms
+        parts = []
+        for _ in range(rng.randint(0, 4)):
+            text = "".join(rng.choice(pool) + rng.choice(["", " "]) for _ in range(rng.randint(0, 60)))
+            if rng.random() < 0.4:  # a loop, or two copies (not enough), spread through the text
+                loop = rng.choice(loops)
+                for _ in range(rng.choice([2, 3, 5])):
+                    at = rng.randint(0, len(text))
+                    text = text[:at] + "\n" + loop + "\n" + text[at:]
+            parts.append(text)
+        rows.append(parts)
+    return rows
+
+
+def test_chunk_text_counts_equal_the_regexes_they_replace(monkeypatch):
+    """The filter's numpy pass over a chunk (words, token counts, n-gram counts, the sentence-loop screen) against
+    the plain-Python definitions, on texts built to hit every byte class, ASCII and not."""
+    from patho_r1.curate import chunk_text
+    from patho_r1.curate.chunk_text import SENTENCE, TOKEN, WORD, ChunkText
+
+    same = ["\u03bcm cells are here. A b c. A b c. A b c."] * 3  # alike rows of other characters come first
+    bodies = [same, same, same, *_random_texts(0, 400)]
+    extras = [" ".join(parts[:1]) + " What is shown?" for parts in bodies]
+    chunk = ChunkText(bodies, extras)
+    distinct, total = chunk.distinct_ngrams(3)
+    screen = chunk.may_repeat_sentence(3)
+    cleared = looping = 0
+    for i, (parts, extra) in enumerate(zip(bodies, extras, strict=True)):
+        words = WORD.findall("\n".join(parts).lower())
+        assert chunk.n_words(i) == len(words)
+        assert chunk.tokens[i] == sum(len(TOKEN.findall(t)) for t in (*parts, extra))
+        grams = list(zip(words, words[1:], words[2:], strict=False))
+        assert (distinct[i], total[i]) == (len(set(grams)), len(grams))
+        for j, k in [(a, b) for a in range(len(words)) for b in range(a)][:200]:  # equal words hash alike
+            assert (words[j] == words[k]) == (chunk.word_hashes(i)[j] == chunk.word_hashes(i)[k])
+        loops = any(max(Counter(s.strip().lower() for s in SENTENCE.findall(p) if s.strip().count(" ") >= 2)
+                        .values(), default=0) >= 3 for p in parts)
+        assert screen[i] or not loops  # the screen never clears a row that loops
+        cleared += not screen[i]
+        looping += loops
+    assert cleared > 100 and looping > 30  # it does clear rows, or it would be no screen
+    monkeypatch.setattr(chunk_text, "_WINDOW", 40)  # hashed in windows of 40 bytes (some words are longer)
+    assert (ChunkText(bodies, extras)._hashes == chunk._hashes).all()
+    assert ChunkText([], []).tokens.tolist() == []
+
+
+def test_parsing_a_plain_reply_fast_gives_what_the_tag_walk_gives(monkeypatch):
+    """`parse_reply` takes well-formed replies in one regex match a turn; every reply, well formed or not, parses
+    to what the general walk over the tags finds."""
+    import random
+
+    from patho_r1.curate import teacher_output
+
+    rng = random.Random(0)
+    # each slot of a turn: mostly what the contract writes (first), sometimes a departure from it
+    slots = [["<question> Q?\n</question>", "<question></question>", "<QUESTION>Q</QUESTION>", "", "<question>"],
+             ["", "<options>\nA. one\nB. two\n</options>", "<options>none</options>", "<options></options>",
+              "<options>B. two\nA. one</options>"],
+             ["<think>\nlook </think>", "<think>x < y</think>", "<think></think>", "<think >t</think >", "",
+              "<think>a<think>b</think>"],
+             ["<answer>A</answer>", "<answer> B. two </answer>", "<answer>", "", "</answer>"],
+             ["\n", "", "  ", "stray", "</think>"]]
+
+    def turn():
+        return "".join(slot[0] if rng.random() < 0.93 else rng.choice(slot) for slot in slots)
+
+    replies = ["".join(turn() for _ in range(rng.randint(0, 4))) for _ in range(3000)]
+    reasonings = [rng.choice([None, "", " thought "]) for _ in replies]
+    plain = sum(teacher_output._plain_turns(r) is not None for r in replies)
+    assert 300 < plain < 2700, plain  # both roads are taken
+    fast = [teacher_output.parse_reply(r, why) for r, why in zip(replies, reasonings, strict=True)]
+    monkeypatch.setattr(teacher_output, "_plain_turns", lambda response: None)
+    walked = [teacher_output.parse_reply(r, why) for r, why in zip(replies, reasonings, strict=True)]
+    assert fast == walked
+
+
 def test_filter_names_file_line_and_field_of_bad_input(tmp_path):
     from patho_r1.errors import DataError
 
@@ -149,6 +237,11 @@ def test_filter_names_file_line_and_field_of_bad_input(tmp_path):
         run_stage(FilterStage(input=str(src)), None, tmp_path / "out")
     assert "bad.jsonl" in str(info.value) and ":2" in str(info.value) and "response" in str(info.value)
     assert not (tmp_path / "out").exists()  # nothing half-written
+    # the first pass reads a leading id without parsing the line; a line that gives "id" twice is caught in the second
+    src.write_text('{"id": "a", "response": "<question>q</question>", "id": "b"}\n')
+    with pytest.raises(DataError) as info:
+        run_stage(FilterStage(input=str(src)), None, tmp_path / "out")
+    assert ":1" in str(info.value) and "id" in str(info.value) and "more than once" in str(info.value)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -419,19 +512,23 @@ def test_synth_teacher_endpoint_in_a_curate_phase(cluster_dir, tmp_path):
 def test_word_signatures_estimate_shingle_jaccard():
     import numpy as np
 
-    from patho_r1.curate.minhash import WordHashes, shingles, word_signatures
+    from patho_r1.curate.chunk_text import ChunkText
+    from patho_r1.curate.minhash import shingles, word_signatures
+
+    def hashes(*texts):
+        chunk = ChunkText([[t] for t in texts], [""] * len(texts))
+        return [chunk.word_hashes(i) for i in range(len(texts))]
 
     rng = np.random.default_rng(0)
     vocab = [f"w{i}" for i in range(300)]
     base = [vocab[i] for i in rng.integers(0, 300, 60)]
-    hashes = WordHashes()
     for changed in (0, 3, 10, 30):
         other = list(base)
         for i in rng.choice(60, changed, replace=False):
             other[i] = "x" + other[i]
         a, b = set(shingles(" ".join(base))), set(shingles(" ".join(other)))
         truth = len(a & b) / len(a | b)
-        sigs = word_signatures([hashes(base), hashes(other)], num_perm=256)
+        sigs = word_signatures(hashes(" ".join(base), " ".join(other)), num_perm=256)
         assert abs((sigs[0] == sigs[1]).mean() - truth) < 0.1, (changed, truth)
-    short = word_signatures([hashes(["a", "b"]), hashes(["a", "b"]), []], num_perm=32)
+    short = word_signatures(hashes("a b", "A, b.", ""), num_perm=32)
     assert (short[0] == short[1]).all() and (short[2] == np.iinfo(np.uint32).max).all()

@@ -50,7 +50,8 @@ class DedupFeatures:
 
     def __call__(self, lines: list[str]) -> dict[str, np.ndarray]:
         parsed = [json.loads(line) for line in lines]
-        images = np.array([image_key(r, Path(self.base)) for r in parsed], dtype=np.uint64)
+        base = Path(self.base)
+        images = np.array([image_key(r, base) for r in parsed], dtype=np.uint64)
         sigs, bands = self.minhash.sign([row_text(self.kind, r) for r in parsed],
                                         salt=None if self.kind == "caption" else images)
         return {"sig": sigs, "bands": bands, "image": images}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -30,10 +31,10 @@ def row_text(kind: str, row: dict) -> str:
 
 def image_digest(ref: str, base: Path) -> str:
     """The sha256 of an image's bytes: the file name in our content-addressed store, else hashed from the file."""
-    stem = Path(ref).stem
+    stem = os.path.splitext(os.path.basename(ref))[0]  # os.path, not pathlib: once per row
     if _HEX64.match(stem):
         return stem
-    path = Path(ref) if Path(ref).is_absolute() else base / ref
+    path = Path(ref) if os.path.isabs(ref) else base / ref
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 

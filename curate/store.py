@@ -13,6 +13,7 @@ folder's store with paths relative to their own folder, so a chain of stage fold
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -103,23 +104,26 @@ class ImageStore:
     def __init__(self, root: str | Path, link: bool = False):
         self.root = str(root)
         self.link = link  # hard-link source files instead of copying them (same filesystem; else copied)
+        self._folders: set[str] = set()  # the ab/ folders made (256 at most): no stat per row
 
     def put(self, data: bytes, source: str | Path | None = None) -> tuple[str, str]:
         """Store `data` (read from the file `source`, if it came from one); returns (its path relative to the
         store's parent folder, its sha256)."""
         digest = hashlib.sha256(data).hexdigest()
         rel = f"{digest[:2]}/{digest}.{image_extension(data)}"
-        path = os.path.join(self.root, rel)
-        if not os.path.exists(path):  # os.path, not pathlib: once per row
+        path = os.path.join(self.root, rel)  # os.path, not pathlib: once per row
+        if digest[:2] not in self._folders:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            # Written in place, not via a temporary name: the store lives in the stage's temporary folder, which
-            # only becomes the dataset once complete; exclusive creation lets one of two parallel writers win.
-            try:
-                if not (self.link and source is not None and _hard_link(source, path)):
-                    with open(path, "xb") as fh:
-                        fh.write(data)
-            except FileExistsError:
-                pass
+            self._folders.add(digest[:2])
+        # Written in place, not via a temporary name: the store lives in the stage's temporary folder, which only
+        # becomes the dataset once complete.  Creation is exclusive, so an image stored before (by this row's twin,
+        # or a parallel writer) fails here without a byte written, and without a stat first.
+        try:
+            if not (self.link and source is not None and _hard_link(source, path)):
+                with open(path, "xb") as fh:
+                    fh.write(data)
+        except FileExistsError:
+            pass
         return f"{IMAGE_DIR}/{rel}", digest
 
 
@@ -212,9 +216,19 @@ def relative_images(row: dict, src_dir: Path, dest_dir: Path) -> dict:
     """A row read from `src_dir`, with its image paths rewritten relative to `dest_dir` (stage chaining)."""
     if not row.get("images"):
         return row
+    prefix = _relative_folder(str(src_dir), str(dest_dir))
     images = []
     for ref in row["images"]:
         if isinstance(ref, str) and not os.path.isabs(ref) and len(ref) < 4096:
-            ref = os.path.relpath(os.path.normpath(src_dir / ref), dest_dir)
+            # src/ref seen from dest: the folder's relative path, then ref (lexical, as relpath is); a plain ref
+            # (no '.' or '..' part, no '//') needs no normalising, and relpath per row was a fifth of the dedup
+            plain = "/." not in "/" + ref and "//" not in ref
+            ref = ref if prefix == "." and plain else f"{prefix}/{ref}" if plain else os.path.normpath(
+                os.path.join(prefix, ref))
         images.append(ref)
     return {**row, "images": images}
+
+
+@functools.lru_cache(maxsize=64)
+def _relative_folder(src_dir: str, dest_dir: str) -> str:
+    return os.path.relpath(os.path.abspath(src_dir), os.path.abspath(dest_dir))

@@ -65,14 +65,15 @@ def _child(task: str, src: str, work: str, engine: str, images: str = "copy") ->
     work_dir = Path(work)
     t0 = time.perf_counter()
     if task == "import+dedup":
+        # resume=False: a rerun over the same work folder measures the work, not a skipped stage
         run_stage(ImportStage(sources=[{"format": "quilt-1m", "path": src}], images=images), None,
-                  work_dir / "import")
+                  work_dir / "import", resume=False)
         t1 = time.perf_counter()
-        manifest = run_stage(DedupStage(engine=engine), work_dir / "import", work_dir / "dedup")
+        manifest = run_stage(DedupStage(engine=engine), work_dir / "import", work_dir / "dedup", resume=False)
         extra = {"import_s": t1 - t0, "dedup_s": time.perf_counter() - t1, "removed": manifest.counts["removed"]}
     else:
         manifest = run_stage(TagStage(seed=None, keyword_labels=True, review=0, engine=engine), Path(src),
-                             work_dir / f"tag-{engine}")
+                             work_dir / f"tag-{engine}", resume=False)
         extra = {"subfields": manifest.counts["subfields"]}
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

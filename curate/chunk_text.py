@@ -8,8 +8,8 @@ them), so one pass here splits and hashes the words of a chunk as one byte array
 - `word_hashes(i)`: a 64-bit hash per word of row i's body (its thinks and answers, lower-cased `\\w+` words);
 - `tokens`: the words-and-punctuation count (`\\w+|[^\\w\\s]`) of each row's body plus its extra text (questions);
 - `distinct_ngrams(n)`: per row, how many distinct word n-grams its body holds, and how many it has;
-- `may_repeat_sentence(times)`: per row, whether some sentence of 3+ words might be said `times` times within one
-  think or answer.
+- `may_repeat_sentence(times)`: per row, whether some sentence (2+ spaces, as the repetition rule counts them) might
+  be said `times` times within one think or answer.
 
 The counts are exact for ASCII rows (the byte classes are built from the very regexes they replace).  Rows with
 other characters are split by the regexes themselves, their words then joined by spaces for hashing.  The n-gram

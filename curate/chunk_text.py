@@ -63,7 +63,7 @@ def hash_words(data: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.nda
     while done < len(starts):
         base = int(starts[done])
         last = max(int(np.searchsorted(starts, base + _WINDOW, side="left")), done + 1)  # runs [done, last)
-        while last > done + 1 and ends[last - 1] > base + _WINDOW:  # the last run crosses the window: next one
+        if last > done + 1 and ends[last - 1] > base + _WINDOW:  # the last run crosses the window: next one
             last -= 1
         stop = int(ends[last - 1])
         powers, inverse = _power_tables(stop - base + 1)

@@ -73,7 +73,7 @@ class Candidate:
     @functools.cached_property
     def body(self) -> str:
         """What the student learns from: every think and answer, without the questions."""
-        return "\n".join(f"{t.think or ''}\n{t.answer or ''}" for t in self.parsed.turns)
+        return "\n".join(_body_parts(self.parsed))
 
     @functools.cached_property
     def words(self) -> list[str]:
@@ -85,9 +85,14 @@ class Candidate:
         return self.text.word_hashes(self.index)
 
 
+def _body_parts(parsed: ParsedReply) -> list[str]:
+    """Each think and answer, in order: the texts a loop is counted within."""
+    return [s for t in parsed.turns for s in (t.think or "", t.answer or "")]
+
+
 def _chunk_text(parsed: list[ParsedReply], responses: list[str]) -> ChunkText:
     """Bodies: each think and answer; extras: the questions (or the whole reply, when it has no turns)."""
-    return ChunkText([[s for t in p.turns for s in (t.think or "", t.answer or "")] for p in parsed],
+    return ChunkText([_body_parts(p) for p in parsed],
                      [" ".join(t.question or "" for t in p.turns) if p.turns else r
                       for p, r in zip(parsed, responses, strict=True)])
 

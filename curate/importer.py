@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from patho_r1.curate.config import ImportStage, SourceSpec
-from patho_r1.curate.store import IMAGE_DIR, ImageStore, StageWriter
+from patho_r1.curate.store import IMAGE_DIR, UNKNOWN_EXTENSION, ImageStore, StageWriter
 from patho_r1.data import parse_record
 from patho_r1.errors import DataError
 from patho_r1.formats import Converted, ImportOptions, get_format
@@ -60,7 +60,7 @@ class _Images:
             try:
                 # a file with a known image signature is taken as one (`patho-r1 data validate` opens every image
                 # of a stage's files); others must open in PIL, whose header parsing was a third of the import
-                if rel.endswith(".img"):
+                if rel.endswith(f".{UNKNOWN_EXTENSION}"):
                     Image.open(io.BytesIO(data))
             except (UnidentifiedImageError, OSError, SyntaxError) as exc:
                 (self.root / rel).unlink(missing_ok=True)

@@ -89,11 +89,14 @@ def is_done(directory: str | Path, cfg_hash: str, inputs: dict[str, str]) -> boo
             and manifest.inputs == inputs)
 
 
+UNKNOWN_EXTENSION = "img"  # bytes with none of the signatures above
+
+
 def image_extension(data: bytes) -> str:
     for magic, ext in _MAGIC:
         if data.startswith(magic):
             return ext
-    return "img"
+    return UNKNOWN_EXTENSION
 
 
 class ImageStore:

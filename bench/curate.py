@@ -5,7 +5,8 @@
 Writes a Quilt-1M-style export of synthetic caption rows (every caption and every image file its own; the pixels
 drawn from a pool of `--images` rendered tiles), then prints for each size,
 each measured in a fresh process so that its peak resident memory is its own:
-(1) import + dedup rows per second and peak memory, with images copied into the store and hard-linked into it
+(1) import + dedup rows per second and peak memory, with images copied into the store and hard-linked into it,
+    on the engine `--engine` picks (auto: a process pool on 2+ cores), and at the first size also in one process
     (the goals: >= 20k rows/s on 2 cores, memory flat in the row count);
 (2) subfield tagging rows per second (features embedder, in process and on Ray Data);
 (3) the dedup against datasketch's own path (MinHash.update_batch per row, MinHashLSH.insert) on the same rows:
@@ -25,6 +26,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,8 +37,14 @@ import numpy as np
 
 
 def write_export(out: Path, n: int, n_images: int) -> Path:
+    """The export, written unless `out` already holds one of `n` rows (a rerun over the same --workdir)."""
     from patho_r1.fixtures.raw import SUBFIELDS, caption, render
     from patho_r1.fixtures.synth import png_bytes
+    from patho_r1.progress import count_lines
+
+    done = out / "quilt_1M_lookup.csv"
+    if done.is_file() and count_lines(done) == n + 1 and (out / "images" / f"{(n - 1) // 10000:03d}").is_dir():
+        return done
 
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -66,21 +74,25 @@ def _child(task: str, src: str, work: str, engine: str, images: str = "copy") ->
     t0 = time.perf_counter()
     if task == "import+dedup":
         # resume=False: a rerun over the same work folder measures the work, not a skipped stage
-        run_stage(ImportStage(sources=[{"format": "quilt-1m", "path": src}], images=images), None,
-                  work_dir / "import", resume=False)
+        imported = run_stage(ImportStage(sources=[{"format": "quilt-1m", "path": src}], images=images,
+                                         engine=engine), None, work_dir / "import", resume=False)
         t1 = time.perf_counter()
         manifest = run_stage(DedupStage(engine=engine), work_dir / "import", work_dir / "dedup", resume=False)
-        extra = {"import_s": t1 - t0, "dedup_s": time.perf_counter() - t1, "removed": manifest.counts["removed"]}
+        extra = {"import_s": t1 - t0, "dedup_s": time.perf_counter() - t1, "removed": manifest.counts["removed"],
+                 "engine": f"{imported.counts['engine']}/{manifest.counts['engine']}"}
     else:
         manifest = run_stage(TagStage(seed=None, keyword_labels=True, review=0, engine=engine), Path(src),
                              work_dir / f"tag-{engine}", resume=False)
         extra = {"subfields": manifest.counts["subfields"]}
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak, **extra}))
+    worker = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest pool worker's
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak, "worker_peak_mb": worker, **extra}))
 
 
 def measure(task: str, src: Path, work: Path, engine: str, images: str = "copy") -> dict:
+    if task == "import+dedup":  # an earlier run's folders: deleted here, not inside the timed stages
+        shutil.rmtree(work, ignore_errors=True)
     out = subprocess.run([sys.executable, __file__, "--child", task, str(src), str(work), engine, images],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -213,9 +225,14 @@ def corpus(args, base: Path) -> None:
         for images in ("copy", "link"):
             r = measure("import+dedup", src, base / f"work-{n}-{images}", args.engine, images)
             results.setdefault(images, {})[n] = r
-            print(f"{n:>9,} rows  import+dedup ({images} images) {n / r['seconds']:>9,.0f} rows/s  (import "
-                  f"{n / r['import_s']:,.0f}, dedup {n / r['dedup_s']:,.0f})  peak RSS {r['peak_rss_mb']:,.0f} MB  "
-                  f"removed {r['removed']}")
+            print(f"{n:>9,} rows  import+dedup ({images} images, {r['engine']}) {n / r['seconds']:>9,.0f} rows/s  "
+                  f"(import {n / r['import_s']:,.0f}, dedup {n / r['dedup_s']:,.0f})  peak RSS "
+                  f"{r['peak_rss_mb']:,.0f} MB (driver), {r['worker_peak_mb']:,.0f} MB (largest worker)  removed "
+                  f"{r['removed']}")
+        if n == args.rows[0] and args.engine == "auto":  # the pool against one process, in this run
+            r = measure("import+dedup", src, base / f"work-{n}-link-local", "local", "link")
+            print(f"{n:>9,} rows  import+dedup (link images, local) {n / r['seconds']:>9,.0f} rows/s: auto's "
+                  f"{results['link'][n]['seconds'] / r['seconds']:.2f}x of the time in one process")
     sizes = sorted(results["copy"])
     if len(sizes) > 1:
         for images, by_size in results.items():

@@ -25,7 +25,7 @@ from functools import cached_property
 
 import numpy as np
 
-from patho_r1.curate.minhash import changes
+from patho_r1.curate.word_hash import PRIME, changes, hash_words, mix, prefix_sums, runs
 
 WORD = re.compile(r"\w+")
 TOKEN = re.compile(r"\w+|[^\w\s]")
@@ -38,60 +38,6 @@ _IS_WORD = np.array([bool(re.fullmatch(r"\w", c)) for c in _ASCII] + [True] * 12
 _IS_SPACE = np.array([bool(re.fullmatch(r"\s", c)) for c in _ASCII] + [False] * 128)
 _IS_PUNCT = ~_IS_WORD & ~_IS_SPACE
 _IS_SENTENCE = np.array([bool(SENTENCE.fullmatch(c)) for c in _ASCII] + [True] * 128)
-_PRIME = 0x100000001B3  # FNV-1a's 64-bit prime
-_WINDOW = 1 << 21  # bytes hashed against one table of powers (two tables of 16 MB)
-_tables = (np.ones(1, dtype=np.uint64), np.ones(1, dtype=np.uint64))
-
-
-def _power_tables(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(PRIME**k, PRIME**-k) mod 2**64 for k < n, grown on demand and kept (the prime is odd: it has an inverse)."""
-    global _tables
-    if len(_tables[0]) < n:
-        size = max(n, 2 * len(_tables[0]))
-        with np.errstate(over="ignore"):
-            _tables = tuple(np.cumprod(np.concatenate(([np.uint64(1)], np.full(size - 1, base))))
-                            for base in (np.uint64(_PRIME), np.uint64(pow(_PRIME, -1, 1 << 64))))
-    return _tables
-
-
-def hash_words(data: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """A 64-bit hash of each byte run data[starts[i]:ends[i]]: its bytes as a polynomial in PRIME, counted from the
-    run's own first byte, so equal runs hash alike wherever they stand.  From prefix sums over windows of the data
-    (the power of each byte's position, then the inverse power of the run's start), cut between runs."""
-    out = np.empty(len(starts), dtype=np.uint64)
-    done = 0
-    while done < len(starts):
-        base = int(starts[done])
-        last = max(int(np.searchsorted(starts, base + _WINDOW, side="left")), done + 1)  # runs [done, last)
-        if last > done + 1 and ends[last - 1] > base + _WINDOW:  # the last run crosses the window: next one
-            last -= 1
-        stop = int(ends[last - 1])
-        powers, inverse = _power_tables(stop - base + 1)
-        with np.errstate(over="ignore"):
-            cum = np.zeros(stop - base + 1, dtype=np.uint64)
-            np.cumsum(data[base:stop] * powers[:stop - base], out=cum[1:])
-            s, e = starts[done:last] - base, ends[done:last] - base
-            out[done:last] = (cum[e] - cum[s]) * inverse[s]
-        done = last
-    return out
-
-
-def _prefix_sums(x: np.ndarray, dtype) -> np.ndarray:
-    """[0, x0, x0+x1, ...]: len(x) + 1 sums, so the sum over [a, b) is out[b] - out[a].  (Not np.r_, whose index
-    parsing costs more than the sum over a chunk.)"""
-    out = np.zeros(len(x) + 1, dtype=dtype)
-    np.cumsum(x, dtype=dtype, out=out[1:])
-    return out
-
-
-def mix(h: np.ndarray) -> np.ndarray:
-    """MurmurHash3's 64-bit finalizer: spreads a polynomial hash's bits before they are truncated or compared."""
-    with np.errstate(over="ignore"):
-        h = (h ^ (h >> np.uint64(33))) * np.uint64(0xFF51AFD7ED558CCD)
-        h = (h ^ (h >> np.uint64(33))) * np.uint64(0xC4CEB9FE1A85EC53)
-        return h ^ (h >> np.uint64(33))
-
-
 class ChunkText:
     """`bodies[i]`: row i's texts that loops are counted within (each think and answer); `extras[i]`: text that only
     the token count reads (the questions).
@@ -131,9 +77,7 @@ class ChunkText:
         self._part_start = self.body_start[self._part_row] + before - row_first
 
         # words: runs of word bytes
-        is_word = _IS_WORD[self.data].view(np.int8)
-        edges = np.flatnonzero(np.diff(is_word, prepend=np.int8(0), append=np.int8(0)))
-        starts, ends = edges[0::2], edges[1::2]  # a run of word bytes starts, then ends
+        starts, ends = runs(_IS_WORD[self.data])
         n_body = int(np.searchsorted(starts, self.bodies_end))
         body_row = np.searchsorted(self.body_start, starts[:n_body], side="right") - 1
         tail_row = np.searchsorted(self.tail_start, starts[n_body:], side="right") - 1
@@ -141,7 +85,7 @@ class ChunkText:
         self._all_words_per_row = body_words + np.bincount(tail_row, minlength=self.n)
         self._hashes = hash_words(self.data, starts[:n_body], ends[:n_body])  # the bodies' words, row after row
         self._word_starts = starts[:n_body]
-        self.word_offsets = _prefix_sums(body_words, np.int64)
+        self.word_offsets = prefix_sums(body_words, np.int64)
 
     def word_hashes(self, i: int) -> np.ndarray:
         return self._hashes[self.word_offsets[i]:self.word_offsets[i + 1]]
@@ -152,7 +96,7 @@ class ChunkText:
     @cached_property
     def tokens(self) -> np.ndarray:
         """Words plus punctuation characters of each row's body and extra text: `len(TOKEN.findall(...))`."""
-        punct = _prefix_sums(_IS_PUNCT[self.data], np.int32)
+        punct = prefix_sums(_IS_PUNCT[self.data], np.int32)
         out = (self._all_words_per_row + punct[self.body_end] - punct[self.body_start]
                + punct[self.tail_end] - punct[self.tail_start])
         for i in np.flatnonzero(~self.ascii):
@@ -176,7 +120,7 @@ class ChunkText:
         with np.errstate(over="ignore"):
             h = np.zeros(len(first), dtype=np.uint64)
             for j in range(n):
-                h = (h ^ self._hashes[first + j]) * np.uint64(_PRIME)
+                h = (h ^ self._hashes[first + j]) * np.uint64(PRIME)
         key = np.sort((row.astype(np.uint64) << np.uint64(40)) | (mix(h) >> np.uint64(24)))
         new = changes(key)
         return np.bincount(row, weights=new, minlength=self.n).astype(np.int64), total
@@ -196,7 +140,7 @@ class ChunkText:
         body = self.data[:self.bodies_end]
         edges = np.diff(_IS_SENTENCE[body].view(np.int8), prepend=np.int8(0), append=np.int8(0))
         seg_start, seg_end = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-        spaces = _prefix_sums(body == 32, np.int32)
+        spaces = prefix_sums(body == 32, np.int32)
         # sentences of 2+ spaces, in ASCII rows (the others' stand-in words are in this region too)
         keep = (spaces[seg_end] - spaces[seg_start] >= 2) & self.ascii[
             np.searchsorted(self.body_start, seg_start, side="right") - 1]
@@ -204,7 +148,7 @@ class ChunkText:
         if not len(seg_start):
             return out
         with np.errstate(over="ignore"):
-            word_sum = _prefix_sums(self._hashes, np.uint64)
+            word_sum = prefix_sums(self._hashes, np.uint64)
             key = mix(word_sum[np.searchsorted(self._word_starts, seg_end)]
                       - word_sum[np.searchsorted(self._word_starts, seg_start)])
         # which think or answer each sentence is in

@@ -21,6 +21,8 @@ import json
 import time
 from pathlib import Path
 
+from patho_r1.curate.config import ENGINES
+
 
 def _columns(text: str | None) -> dict[str, str]:
     if not text:
@@ -130,7 +132,7 @@ def register(sub, model_encoder=None) -> None:
                        "hf: a Hugging Face image encoder")
         q.add_argument("--model", help="model path for the patho / hf embedder")
         q.add_argument("--adapter", help="embedding adapter for the patho embedder")
-        q.add_argument("--engine", choices=["auto", "local", "ray"], default="auto")
+        q.add_argument("--engine", choices=ENGINES, default="auto")
 
     def spec(a):
         return {"kind": a.embedder, "model": a.model, "adapter": a.adapter}
@@ -146,7 +148,7 @@ def register(sub, model_encoder=None) -> None:
                    help="skip: bad rows go to rejects.jsonl with the reason")
     q.add_argument("--link-images", action="store_true", help="hard-link image files into the store instead of "
                    "copying them (no second copy; the sources must then not be edited in place)")
-    q.add_argument("--engine", choices=["auto", "local", "ray"], default="auto")
+    q.add_argument("--engine", choices=ENGINES, default="auto")
     common(q, with_input=False)
     q.set_defaults(func=lambda a: _run(a, {"stage": "import", "on_error": a.on_error,
                                            "images": "link" if a.link_images else "copy", "sources": [
@@ -155,7 +157,7 @@ def register(sub, model_encoder=None) -> None:
 
     q = stages.add_parser("dedup", help="exact image duplicates and near-duplicate texts (MinHash LSH)")
     q.add_argument("--threshold", type=float, default=0.8)
-    q.add_argument("--engine", choices=["auto", "local", "ray"], default="auto")
+    q.add_argument("--engine", choices=ENGINES, default="auto")
     common(q)
     q.set_defaults(func=lambda a: _run(a, {"stage": "dedup", "threshold": a.threshold, "engine": a.engine},
                                        model_encoder))
@@ -163,7 +165,7 @@ def register(sub, model_encoder=None) -> None:
     q = stages.add_parser("decontaminate", help="remove rows whose image or text is in an evaluation set")
     q.add_argument("--against", nargs="+", required=True, help="benchmark TSVs or curated benchmark folders")
     q.add_argument("--threshold", type=float, default=0.7)
-    q.add_argument("--engine", choices=["auto", "local", "ray"], default="auto")
+    q.add_argument("--engine", choices=ENGINES, default="auto")
     common(q)
     q.set_defaults(func=lambda a: _run(a, {"stage": "decontaminate", "against": a.against,
                                            "threshold": a.threshold}, model_encoder))

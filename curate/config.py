@@ -17,7 +17,7 @@ Each stage writes `OUTPUT_DIR/NN-<stage>/` and reads the folder of the stage bef
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -27,7 +27,8 @@ from patho_r1.llm import EndpointConfig
 SUBFIELDS = ("histopathology", "gross", "ihc", "cytology", "fish", "other")
 GRID_SUBFIELDS = SUBFIELDS[:5]  # the prompt grid's; `other` holds diagrams and figure panels
 LEVELS = ("easy", "medium", "hard")
-Engine = Literal["auto", "local", "ray"]
+Engine = Literal["auto", "local", "processes", "ray"]  # curate/engine.py: in process, a process pool, Ray Data
+ENGINES = get_args(Engine)
 
 
 class SourceSpec(StrictModel):
@@ -305,7 +306,8 @@ class CuratePhaseConfig(PhaseConfig):
 
     input: str | None = Field(None, description="a curated folder the first stage reads (when it is not import)")
     stages: list[Stage] = Field(..., min_length=1)
-    ray_threshold: int = Field(50_000, gt=0, description="engine auto: Ray Data from this many rows, else in process")
+    parallel_threshold: int = Field(50_000, gt=0, description="engine auto: from this many rows, Ray Data (8+ "
+                                    "CPUs) or a process pool (2+ cores); in process below it")
 
     @model_validator(mode="after")
     def _chain(self, info: ValidationInfo):

@@ -74,6 +74,7 @@ def _benchmark_items(path: Path):
     fmt, opts = get_format("vlmeval-tsv"), ImportOptions()
     for label, row_no, raw in fmt.rows(path, opts):
         converted = fmt.convert(raw, (label, row_no), opts)
+        converted.check_files((label, row_no))
         yield converted.record["id"], row_text("mcq", converted.record), converted.images
 
 

@@ -1,16 +1,18 @@
-"""Map a per-batch function over the rows of JSONL files, in this process or on Ray Data, in row order.
+"""Map a per-batch function over the rows of JSONL files, in this process, in a pool of this machine's processes,
+or on Ray Data, in row order.
 
 Every stage that touches every row (dedup signatures, embeddings) is written as one function from a batch of JSONL
-lines to a dict of numpy arrays.  `local` runs it here, batch by batch; `ray` runs it as Ray Data `map_batches`
-(tasks, or an actor pool when the function is a class that loads a model once), on local Ray or a cluster.  Both
-yield the same arrays in the same order (`preserve_order`), which a test checks.  `auto` picks Ray for large
-inputs on machines or clusters with enough CPUs (`choose_engine`).
+lines to a dict of numpy arrays.  `local` runs it here, batch by batch; `processes` in a pool of one process per
+core (`ordered_map`); `ray` as Ray Data `map_batches` (tasks, or an actor pool when the function is a class that
+loads a model once), on local Ray or a cluster.  All three yield the same arrays in the same order, which a test
+checks.  `auto` picks by the input's size and the CPUs there are (`choose_engine`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +24,60 @@ BatchFn = Callable[[list[str]], dict[str, np.ndarray]]
 MIN_RAY_CPUS = 8
 
 
-def choose_engine(engine: str, n_rows: int, ray_threshold: int) -> str:
-    """`auto`: Ray Data from `ray_threshold` rows where it has at least 8 CPUs to spread over (the cluster a
-    recipe runs on, or this machine); in process otherwise.  On 2 cores, Ray Data's scheduling and serialisation
-    cost more than the second core gives back (bench/curate.py measures both)."""
+def choose_engine(engine: str, n_rows: int, parallel_threshold: int) -> str:
+    """`auto`: below `parallel_threshold` rows, in process; from it, Ray Data where it has at least 8 CPUs to
+    spread over (the cluster a recipe runs on, or this machine), else a pool of this machine's processes where it
+    has 2 cores or more.  On 2 cores, Ray Data's scheduling and serialisation cost more than the second core gives
+    back; a process pool's do not (bench/curate.py measures all three)."""
     if engine != "auto":
         return engine
+    if n_rows < parallel_threshold:
+        return "local"
     import ray
 
     cpus = ray.cluster_resources().get("CPU", 0) if ray.is_initialized() else os.cpu_count() or 1
-    return "ray" if n_rows >= ray_threshold and cpus >= MIN_RAY_CPUS else "local"
+    return "ray" if cpus >= MIN_RAY_CPUS else "processes" if (os.cpu_count() or 1) > 1 else "local"
+
+
+_worker_fn: Callable | None = None  # the function a pool worker process was started with (`_start_worker`)
+
+
+def _start_worker(fn: Callable) -> None:
+    import signal
+
+    global _worker_fn
+    _worker_fn = fn
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the pool, quietly
+
+
+def _call_worker(item):
+    return _worker_fn(item)
+
+
+def ordered_map(fn: Callable, items: Iterable, workers: int | None = None) -> Iterator:
+    """`fn(item)` for every item, in order, from a pool of `workers` processes (default: one per core), with at most
+    two items a worker in flight, so a stream of items is never all held.  `fn` is sent once to each worker, which
+    keeps it for every item (its caches stay warm).  Workers are forked where the OS can (as PyTorch's DataLoader
+    does): spawned ones would re-run the caller's script unless it guards its `__main__`, and take a second each to
+    import.  A fork copies the parent's memory but not its other threads, so `fn` must not wait on a lock one of
+    them may hold; the stage functions here take none (logging's locks Python re-creates in the child)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    workers = workers or os.cpu_count() or 1
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_start_worker,
+                               initargs=(fn,))
+    pending: deque = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(_call_worker, item))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def ensure_ray() -> None:
@@ -49,7 +95,7 @@ def ensure_ray() -> None:
              configure_logging=False, logging_level=logging.WARNING)
 
 
-def _local_batches(files: list[Path], fn: BatchFn, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+def line_batches(files: list[Path], batch_size: int) -> Iterator[list[str]]:
     for path in files:
         batch: list[str] = []
         with open(path, encoding="utf-8") as fh:
@@ -57,10 +103,10 @@ def _local_batches(files: list[Path], fn: BatchFn, batch_size: int) -> Iterator[
                 if line.strip():
                     batch.append(line)
                     if len(batch) == batch_size:
-                        yield fn(batch)
+                        yield batch
                         batch = []
         if batch:
-            yield fn(batch)
+            yield batch
 
 
 class _OnText:
@@ -103,6 +149,8 @@ def map_batches(files: list[Path], fn: BatchFn | type, *, engine: str, batch_siz
     `constructor_kwargs` once per worker) for stateful work such as a model."""
     if engine == "ray":
         yield from _ray_batches(files, fn, batch_size, concurrency, constructor_kwargs, num_gpus)
-    else:
-        yield from _local_batches(files, fn(**(constructor_kwargs or {})) if isinstance(fn, type) else fn,
-                                  batch_size)
+    elif engine == "processes" and not isinstance(fn, type):
+        yield from ordered_map(fn, line_batches(files, batch_size))
+    else:  # a model (a class) runs here under `processes` too: loaded once, its library spreads over the cores
+        yield from map(fn(**(constructor_kwargs or {})) if isinstance(fn, type) else fn,
+                       line_batches(files, batch_size))

@@ -1,12 +1,14 @@
-"""MinHash signatures for a batch of texts at once, bit-identical to `datasketch.MinHash`, and the LSH banding that
-datasketch's `MinHashLSH` would choose.
+"""MinHash signatures for a batch of texts at once, computed in numpy, and the LSH banding that datasketch's
+`MinHashLSH` would choose.
 
-Why not `datasketch.MinHash.update_batch` per row: it costs about 90 us a caption (one numpy call per row), and
-`MinHashLSH` holds about 1 KB a row in memory (3.6 GB at 3.5M rows).  Here one numpy call hashes every shingle of
-a whole batch (each distinct shingle once), and the LSH buckets are found by sorting band keys on disk
-(`curate/dedup.py`), as datatrove's MinHash stages do, so memory stays flat in the row count.  The permutations,
-the hash function and the band/row split are datasketch's own (`MinHash(...).permutations`, `sha1_hash32`,
-`MinHashLSH(...).b/.r`); `tests/test_curate.py` checks the signatures equal datasketch's, value for value.
+Why not `datasketch.MinHash.update_batch` per row: it costs about 90 us a caption (one numpy call per row, after a
+sha1 per shingle), and `MinHashLSH` holds about 1 KB a row in memory (3.6 GB at 3.5M rows).  Here one pass splits
+and hashes the words of a whole batch (`curate/word_hash.py`), each shingle's hash is mixed from its words' hashes,
+and the LSH buckets are found by sorting band keys on disk (`curate/dedup.py`), as datatrove's MinHash stages do,
+so memory stays flat in the row count.  The permutations and the band/row split are datasketch's own
+(`MinHash(...).permutations`, `MinHashLSH(...).b/.r`); the shingle hash is `shingle_hash`, so
+`datasketch.MinHash(hashfunc=shingle_hash)` over `shingles(text)` gives our signature value for value
+(`tests/test_curate.py` checks it).
 """
 
 from __future__ import annotations
@@ -18,7 +20,11 @@ from functools import lru_cache
 
 import numpy as np
 
+from patho_r1.curate.word_hash import PRIME, changes, hash_words, runs, word_hash
+
 _WORD = re.compile(r"[a-z0-9]+")
+_IS_ALNUM = np.zeros(256, dtype=bool)  # `_WORD`'s bytes; UTF-8 bytes of other characters are all >= 0x80
+_IS_ALNUM[[*range(ord("a"), ord("z") + 1), *range(ord("0"), ord("9") + 1)]] = True
 # MurmurHash3's 32-bit finalizer, which datasketch's affine32 scheme applies before its permutations.
 _FMIX32 = (16, 0x85EBCA6B, 13, 0xC2B2AE35, 16)
 
@@ -31,15 +37,19 @@ def shingles(text: str, n: int = 3) -> list[str]:
     return [" ".join(words[i:i + n]) for i in range(len(words) - n + 1)]
 
 
+def shingle_hash(shingle: bytes, n: int = 3) -> int:
+    """The 32-bit hash of one shingle (its words joined by spaces, as `shingles` writes them), in plain Python:
+    FNV-1a over its words' `word_hash`es (a short text's shingle padded with zeros to n words), folded to 32 bits.
+    The reference `signatures` is tested against, and the `hashfunc` that makes datasketch compute the same."""
+    words = shingle.split(b" ")
+    h = 0
+    for j in range(n):
+        h = ((h ^ (word_hash(words[j]) if j < len(words) else 0)) * PRIME) % (1 << 64)
+    return (h ^ (h >> 32)) & 0xFFFFFFFF
+
+
 def n_words(text: str) -> int:
     return len(_WORD.findall(text.lower()))
-
-
-def changes(x: np.ndarray) -> np.ndarray:
-    """True where a sorted array's value differs from the one before (and at the first)."""
-    out = np.ones(len(x), dtype=bool)
-    np.not_equal(x[1:], x[:-1], out=out[1:])
-    return out
 
 
 @lru_cache(maxsize=8)
@@ -63,25 +73,46 @@ def _fmix32(h: np.ndarray) -> np.ndarray:
 
 
 def signatures(texts: Sequence[str], num_perm: int = 64, shingle: int = 3, seed: int = 1) -> np.ndarray:
-    """(len(texts), num_perm) uint32 MinHash signatures; a text with no words gets the all-max signature (it
-    matches nothing, as an empty datasketch MinHash)."""
-    from datasketch.hashfunc import sha1_hash32
+    """(len(texts), num_perm) uint32 MinHash signatures of `shingles(text)`; a text with no words gets the all-max
+    signature (it matches nothing, as an empty datasketch MinHash)."""
+    # One byte array of the lower-cased texts, each followed by "\n" (not a word byte: no word spans two rows).
+    # lower() before encoding, as `shingles` does: a few characters lower-case to ASCII letters ("K", Kelvin).
+    lowered = ("\n".join(texts) + "\n").lower()
+    data = np.frombuffer(lowered.encode("utf-8"), dtype=np.uint8)
+    if lowered.isascii():  # a byte per character, and lower() keeps lengths
+        lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+    else:
+        lengths = np.fromiter((len(t.lower().encode("utf-8")) for t in texts), dtype=np.int64, count=len(texts))
+    row_start = np.cumsum(lengths + 1) - (lengths + 1)
+    starts, ends = runs(_IS_ALNUM[data])
+    per_row = np.bincount(np.searchsorted(row_start, starts, side="right") - 1, minlength=len(texts))
+    return _signatures_of_words(hash_words(data, starts, ends), per_row, num_perm, shingle, seed)
 
+
+def _signatures_of_words(flat: np.ndarray, lengths: np.ndarray, num_perm: int, shingle: int, seed: int
+                         ) -> np.ndarray:
+    """MinHash signatures of rows given as their word hashes (`flat`, row after row; `lengths` words each): shingle
+    k of a row is words k .. k+shingle-1, a row shorter than `shingle` words one shingle of all its words, hashed as
+    `shingle_hash` does."""
     a, b = permutations(num_perm, seed)
-    vocab: dict[str, int] = {}
-    token_ids: list[int] = []
-    row_of: list[int] = []
-    for row, text in enumerate(texts):
-        for s in shingles(text, shingle):
-            token_ids.append(vocab.setdefault(s, len(vocab)))
-            row_of.append(row)
-    out = np.full((len(texts), num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
-    if not vocab:
+    out = np.full((len(lengths), num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
+    if not lengths.sum():
         return out
-    hashed = np.fromiter((sha1_hash32(s.encode("utf-8")) for s in vocab), dtype=np.uint32, count=len(vocab))
-    rows = np.asarray(row_of)
-    starts = np.flatnonzero(changes(rows))
-    out[rows[starts]] = _min_per_row(_fmix32(hashed)[np.asarray(token_ids)], starts, a, b)
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    n_sh = np.where(lengths >= shingle, lengths - shingle + 1, (lengths > 0).astype(np.int64))
+    row_of = np.repeat(np.arange(len(lengths)), n_sh)
+    first = np.repeat(starts, n_sh) + (np.arange(int(n_sh.sum())) - np.repeat(np.cumsum(n_sh) - n_sh, n_sh))
+    limit = np.repeat(ends, n_sh)
+    with np.errstate(over="ignore"):
+        h = np.zeros(len(first), dtype=np.uint64)
+        for j in range(shingle):  # FNV-1a over the shingle's word hashes, in order (zeros past a short row's end)
+            idx = first + j
+            word = np.where(idx < limit, flat[np.minimum(idx, len(flat) - 1)], np.uint64(0))
+            h = (h ^ word) * np.uint64(PRIME)
+        h32 = _fmix32((h ^ (h >> np.uint64(32))).astype(np.uint32))
+    starts_sh = np.flatnonzero(changes(row_of))
+    out[row_of[starts_sh]] = _min_per_row(h32, starts_sh, a, b)
     return out
 
 
@@ -99,33 +130,11 @@ def _min_per_row(h32: np.ndarray, starts: np.ndarray, a: np.ndarray, b: np.ndarr
 
 
 def word_signatures(rows: Sequence[np.ndarray], num_perm: int = 32, shingle: int = 3, seed: int = 1) -> np.ndarray:
-    """(len(rows), num_perm) MinHash signatures of word n-gram shingles, from each row's uint64 word hashes
-    (`ChunkText.word_hashes`: one process's own comparisons, the filter's near-duplicates), computed in numpy: no
-    shingle strings are built.  The same permutations as `signatures`, over another shingle hash, so the Jaccard
-    estimates behave alike but the values differ; a row with no words gets the all-max signature."""
-    a, b = permutations(num_perm, seed)
-    out = np.full((len(rows), num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
+    """(len(rows), num_perm) MinHash signatures from each row's uint64 word hashes (`ChunkText.word_hashes`, the
+    filter's `\\w+` words): the same shingle hash and permutations as `signatures`."""
     lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
-    if not lengths.sum():
-        return out
-    flat = np.concatenate([np.asarray(r, dtype=np.uint64) for r in rows])
-    ends = np.cumsum(lengths)
-    starts = ends - lengths
-    # shingle k of a row starts at word k; a row shorter than `shingle` words is one shingle of all its words
-    n_sh = np.where(lengths >= shingle, lengths - shingle + 1, (lengths > 0).astype(np.int64))
-    row_of = np.repeat(np.arange(len(rows)), n_sh)
-    first = np.repeat(starts, n_sh) + (np.arange(int(n_sh.sum())) - np.repeat(np.cumsum(n_sh) - n_sh, n_sh))
-    limit = np.repeat(ends, n_sh)
-    with np.errstate(over="ignore"):
-        h = np.zeros(len(first), dtype=np.uint64)
-        for j in range(shingle):  # FNV-style mix of the shingle's word hashes, in order
-            idx = first + j
-            word = np.where(idx < limit, flat[np.minimum(idx, len(flat) - 1)], np.uint64(0))
-            h = (h ^ word) * np.uint64(0x100000001B3)
-        h32 = _fmix32((h ^ (h >> np.uint64(32))).astype(np.uint32))
-    starts_sh = np.flatnonzero(changes(row_of))
-    out[row_of[starts_sh]] = _min_per_row(h32, starts_sh, a, b)
-    return out
+    flat = np.concatenate([np.asarray(r, dtype=np.uint64) for r in rows]) if len(rows) else np.zeros(0, np.uint64)
+    return _signatures_of_words(flat, lengths, num_perm, shingle, seed)
 
 
 @lru_cache(maxsize=32)

@@ -72,7 +72,7 @@ def _in_place(out: Path):
     yield out
 
 
-def run_stage(stage, parent: Path | None, out: Path, *, engine: str | None = None, ray_threshold: int = 50_000,
+def run_stage(stage, parent: Path | None, out: Path, *, engine: str | None = None, parallel_threshold: int = 50_000,
               seed: int = 0, show_progress: bool = False, metrics_file: Path | None = None,
               model_encoder: Callable | None = None, resume: bool = True, dry_run: bool = False) -> StageManifest:
     """Run one stage from `parent` (None for import, or a filter given an input file) into `out`; returns its
@@ -97,7 +97,7 @@ def run_stage(stage, parent: Path | None, out: Path, *, engine: str | None = Non
         total = estimate_total(stage)
     else:
         total = n_rows
-    chosen = choose_engine(engine or getattr(stage, "engine", "local"), total or 0, ray_threshold)
+    chosen = choose_engine(engine or getattr(stage, "engine", "local"), total or 0, parallel_threshold)
     progress = RowProgress(stage.stage, total, metrics_file=metrics_file, show=show_progress)
     t0 = time.time()
     with (_in_place(out) if _appends(stage) else atomic_directory(out)) as tmp:
@@ -185,7 +185,7 @@ def run_chain(cfg: CuratePhaseConfig, *, model_encoder: Callable | None = None, 
     parent = Path(cfg.input) if cfg.input else None
     summary = {}
     for stage, out in zip(cfg.stages, cfg.stage_dirs(), strict=True):
-        manifest = run_stage(stage, parent, out, ray_threshold=cfg.ray_threshold, seed=cfg.seed,
+        manifest = run_stage(stage, parent, out, parallel_threshold=cfg.parallel_threshold, seed=cfg.seed,
                              metrics_file=metrics_file, model_encoder=model_encoder, show_progress=show_progress)
         summary[out.name] = manifest.counts
         parent = out

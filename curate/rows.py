@@ -31,20 +31,21 @@ def row_text(kind: str, row: dict) -> str:
 
 def image_digest(ref: str, base: Path) -> str:
     """The sha256 of an image's bytes: the file name in our content-addressed store, else hashed from the file."""
-    stem = os.path.splitext(os.path.basename(ref))[0]  # os.path, not pathlib: once per row
-    if _HEX64.match(stem):
+    stem = ref.rpartition("/")[2].partition(".")[0]  # no os.path or pathlib: once per row
+    if len(stem) == 64 and _HEX64.match(stem):
         return stem
     path = Path(ref) if os.path.isabs(ref) else base / ref
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def image_key(row: dict, base: Path) -> int:
-    """A 63-bit key of a row's image set (0 for none): equal keys mean the same images in the same order."""
-    refs = row.get("images") or []
-    if not refs:
+    """A 63-bit key of a row's image set (0 for none): equal keys mean the same images in the same order.  One
+    image's key is its digest's first bits; a set's, those of the sha256 of its digests."""
+    digests = [image_digest(r, base) for r in row.get("images") or [] if isinstance(r, str)]
+    if not digests:
         return 0
-    joined = "|".join(image_digest(r, base) for r in refs if isinstance(r, str))
-    return int(hashlib.sha256(joined.encode()).hexdigest()[:16], 16) >> 1 or 1
+    digest = digests[0] if len(digests) == 1 else hashlib.sha256("|".join(digests).encode()).hexdigest()
+    return int(digest[:16], 16) >> 1 or 1
 
 
 def image_paths(row: dict, base: Path) -> list[Path]:

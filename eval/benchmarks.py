@@ -137,6 +137,7 @@ def load_benchmark(bench: Benchmark, data: str | Path, *, images: str | Path | N
             continue
         try:
             converted = fmt.convert(raw, (label, row), opts)
+            converted.check_files((label, row))
             record = parse_record({**converted.record, "images": converted.images}, "mcq", path=label, row=row)
         except DataError as exc:
             if on_error == "fail":

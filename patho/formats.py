@@ -25,6 +25,7 @@ Adding a format is one `register_format` call; nothing else dispatches on the na
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -37,7 +38,28 @@ from patho_r1.data import iter_raw_rows, iter_table_rows, raise_not_utf8
 from patho_r1.errors import DataError
 from patho_r1.rewards.parsing import OPTION_LETTERS
 
-ImageSource = bytes | str | Path  # encoded bytes, or a file path
+
+class ImageFile(str):
+    """An image file's path (a `str`), with the source field that named it and a hint for when it is missing.  A
+    converter does not stat the file: a reader that opens it anyway (the importer) learns then that it is missing,
+    and says so with `missing`; one that does not calls `Converted.check_files`."""
+
+    field: str
+    hint: str
+
+    def __new__(cls, path: str, field: str, hint: str = ""):
+        obj = super().__new__(cls, path)
+        obj.field, obj.hint = field, hint
+        return obj
+
+    def missing(self, where: tuple[str, int]) -> DataError:
+        return DataError(where[0], where[1], self.field, f"image not found: {self}{self.hint}")
+
+    def __reduce__(self):  # picklable with its field and hint (str's own reduction would drop them)
+        return ImageFile, (str(self), self.field, self.hint)
+
+
+ImageSource = bytes | str | Path  # encoded bytes, or a file path (an `ImageFile` from the readers here)
 
 
 @dataclass
@@ -45,6 +67,12 @@ class Converted:
     kind: str  # caption | mcq | conversation
     record: dict[str, Any]  # the record's fields, without images
     images: list[ImageSource] = field(default_factory=list)
+
+    def check_files(self, where: tuple[str, int]) -> None:
+        """Raise the named DataError of the first image file that is not there."""
+        for image in self.images:
+            if isinstance(image, ImageFile) and not os.path.isfile(image):
+                raise image.missing(where)
 
 
 @dataclass
@@ -95,14 +123,18 @@ def _text(raw: dict, key: str, where: tuple[str, int], *, required: bool = True)
     return value.strip() if value is not None else None
 
 
-def _image_file(name: str, base: str | Path | None, where: tuple[str, int], key: str, hint: str = "") -> str:
+def _image_file(name: str, base: str | Path | None, where: tuple[str, int], key: str, hint: str = "") -> ImageFile:
+    """The file `name` names (under `base`, if relative), unchecked: see `ImageFile`."""
     if not name:
         raise DataError(where[0], where[1], key, "empty image name")
     # os.path, not pathlib: this runs once per row, and pathlib's parsing was a third of the import's time
-    path = name if os.path.isabs(name) or base is None else os.path.join(base, name)
-    if not os.path.isfile(path):
-        raise DataError(where[0], where[1], key, f"image not found: {path}{hint}")
-    return path
+    return ImageFile(name if os.path.isabs(name) or base is None else os.path.join(base, name), key, hint)
+
+
+@functools.lru_cache(maxsize=64)
+def _beside(path: str, name: str) -> str:
+    """The folder `name` beside the file `path` (once per file, not per row)."""
+    return os.path.join(os.path.dirname(path), name)
 
 
 def _answer_kind(answer: str) -> str:
@@ -309,7 +341,7 @@ _QUILT_KEEP = ("subset", "split", "pathology", "magnification", "med_umls_ids")
 def _convert_quilt_1m(raw: dict, where: tuple[str, int], opts: ImportOptions) -> Converted:
     _raise_if_error(raw)
     caption = _text(raw, "caption", where)
-    base = opts.images or os.path.join(os.path.dirname(where[0]), "images")
+    base = opts.images or _beside(where[0], "images")
     image = _image_file(_text(raw, "image_path", where), base, where, "image_path")
     record = {"id": f"quilt-1m:{raw.get('Unnamed: 0') or where[1]}", "caption": caption,
               **{k: raw[k] for k in _QUILT_KEEP if raw.get(k) not in (None, "")}}

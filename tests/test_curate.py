@@ -104,18 +104,20 @@ def test_minhash_signatures_equal_datasketch_and_lsh_finds_what_datasketch_finds
     from datasketch import MinHash, MinHashLSH
 
     from patho_r1.curate.dedup import find_duplicates
-    from patho_r1.curate.minhash import band_keys, lsh_params, shingles, signatures
+    from patho_r1.curate.minhash import band_keys, lsh_params, shingle_hash, shingles, signatures
 
     rng = np.random.default_rng(0)
-    vocab = [f"w{i}" for i in range(300)]
+    vocab = [f"w{i}" for i in range(300)] + ["Caf\u00e9", "\u212aelvin", "\u0130NFILTRATE", "ki-67", "H&E", "10x"]
     texts = [" ".join(rng.choice(vocab, size=int(rng.integers(5, 30)))) for _ in range(200)]
     texts += [t.rsplit(" ", 1)[0] + " changed" for t in texts[:40]]  # near duplicates of the first 40
+    texts += ["", "...", "two words", "One", "\u00b5m \u03bcm\nline\tTAB", "a b c", "A\nB c d"]
     sigs = signatures(texts, num_perm=64)
     ours_minhash = []
     for text, sig in zip(texts, sigs, strict=True):
-        m = MinHash(num_perm=64)
+        # datasketch itself, over the Python shingles, with our shingle hash in place of sha1
+        m = MinHash(num_perm=64, hashfunc=shingle_hash)
         m.update_batch([s.encode() for s in shingles(text)])
-        assert np.array_equal(m.hashvalues, sig)
+        assert np.array_equal(m.hashvalues, sig), text
         ours_minhash.append(m)
     b, r = lsh_params(0.8, 64)
     lsh = MinHashLSH(threshold=0.8, num_perm=64)
@@ -237,6 +239,64 @@ def test_ray_data_engine_gives_the_same_rows_as_the_local_engine(curated, tmp_pa
     import ray as ray_module
 
     ray_module.shutdown()
+
+
+def test_a_process_pool_writes_the_same_files_as_one_process(curated, tmp_path, monkeypatch):
+    """The `processes` engine (the default on 2+ cores for large inputs) against `local`: import (with a row whose
+    image is missing, rejected in a worker) and dedup, in small chunks so that each worker takes many, in order."""
+    from patho_r1.curate import dedup, importer
+
+    root, _ = curated
+    monkeypatch.setattr(importer, "CHUNK_ROWS", 64)  # workers are forked: they see the patched sizes
+    monkeypatch.setattr(dedup, "BATCH_ROWS", 50)
+    missing, _ = public_formats.quilt_1m(tmp_path / "src")
+    sources = [{"format": "quilt-1m", "path": str(root / "raw/quilt_1M_lookup.csv")},
+               {"format": "quilt-1m", "path": str(missing), "name": "small"}]
+    files = {}
+    for engine in ("local", "processes"):
+        imported = run_stage(ImportStage(sources=sources, on_error="skip", engine=engine), None,
+                             tmp_path / engine / "import")
+        deduped = run_stage(DedupStage(engine=engine), tmp_path / engine / "import", tmp_path / engine / "dedup")
+        assert imported.counts["engine"] == deduped.counts["engine"] == engine
+        assert imported.counts["sources"]["small"]["rejected"] == 1 and deduped.counts["removed"]
+        files[engine] = (imported.files, imported.counts["sources"], deduped.files, deduped.counts["removed"])
+    assert files["processes"] == files["local"]  # byte-identical outputs, the same counts
+    with pytest.raises(DataError, match=r"quilt_1M_lookup.csv:5: field 'image_path': image not found"):
+        run_stage(ImportStage(sources=sources[1:], engine="processes"), None, tmp_path / "raises")
+
+
+def test_rewriting_image_paths_in_the_line_equals_re_encoding_the_row(tmp_path):
+    from patho_r1.curate.store import encode_row, relative_images, relative_images_line
+
+    src, dest, beside = tmp_path / "01-import", tmp_path / "02-dedup", tmp_path / "01-import"
+    h = "ab" * 32
+    rows = [{"id": "a", "caption": "plain", "images": [f"images/ab/{h}.png"]},
+            {"id": "b", "caption": "two", "images": [f"images/ab/{h}.png", f"images/cd/{h}.jpg"]},
+            {"id": "c", "caption": 'a caption that quotes "images/ab/x.png" itself', "images": [f"images/ab/{h}.png"]},
+            {"id": "d", "caption": "odd paths", "images": ["images/../x.png", "images//y.png", "/abs/z.png"]},
+            {"id": "e", "caption": "\u00b5m and a quote \" here", "images": [f'images/ab/{h}".png']},
+            {"id": "f", "caption": "no images", "images": []},
+            {"id": "g", "question": "q?", "answer": "A", "options": {"A": "images/x", "B": "y"}}]
+    for row in rows:
+        line = encode_row(row)
+        for s, d in ((src, dest), (src, beside)):
+            expected = encode_row(relative_images(row, s, d))
+            assert relative_images_line(line, row, s, d) == expected, row["id"]
+            assert relative_images_line(line.rstrip("\n"), row, s, d) == expected, row["id"]
+
+
+def test_ordered_map_keeps_the_order_and_raises_what_a_worker_raised():
+    from patho_r1.curate.engine import ordered_map
+
+    assert list(ordered_map(_square_or_fail, range(20, 60), workers=2)) == [i * i for i in range(20, 60)]
+    with pytest.raises(DataError, match="item 13"):
+        list(ordered_map(_square_or_fail, [1, 2, 13, 4], workers=2))
+
+
+def _square_or_fail(i: int) -> int:
+    if i == 13:
+        raise DataError("items", i, None, f"item {i}")
+    return i * i
 
 
 def test_curate_phase_runs_from_a_recipe(tmp_path):

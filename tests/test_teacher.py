@@ -169,7 +169,7 @@ def _random_texts(seed: int, n: int) -> list[list[str]]:
 def test_chunk_text_counts_equal_the_regexes_they_replace(monkeypatch):
     """The filter's numpy pass over a chunk (words, token counts, n-gram counts, the sentence-loop screen) against
     the plain-Python definitions, on texts built to hit every byte class, ASCII and not."""
-    from patho_r1.curate import chunk_text
+    from patho_r1.curate import word_hash
     from patho_r1.curate.chunk_text import SENTENCE, TOKEN, WORD, ChunkText
 
     same = ["\u03bcm cells are here. A b c. A b c. A b c."] * 3  # alike rows of other characters come first
@@ -185,6 +185,8 @@ def test_chunk_text_counts_equal_the_regexes_they_replace(monkeypatch):
         assert chunk.tokens[i] == sum(len(TOKEN.findall(t)) for t in (*parts, extra))
         grams = list(zip(words, words[1:], words[2:], strict=False))
         assert (distinct[i], total[i]) == (len(set(grams)), len(grams))
+        if chunk.ascii[i]:  # the plain-Python hash of each word
+            assert chunk.word_hashes(i).tolist() == [word_hash.word_hash(w.encode()) for w in words]
         for j, k in [(a, b) for a in range(len(words)) for b in range(a)][:200]:  # equal words hash alike
             assert (words[j] == words[k]) == (chunk.word_hashes(i)[j] == chunk.word_hashes(i)[k])
         loops = any(max(Counter(s.strip().lower() for s in SENTENCE.findall(p) if s.count(" ") >= 2)
@@ -193,7 +195,7 @@ def test_chunk_text_counts_equal_the_regexes_they_replace(monkeypatch):
         cleared += not screen[i]
         looping += loops
     assert cleared > 100 and looping > 30  # it does clear rows, or it would be no screen
-    monkeypatch.setattr(chunk_text, "_WINDOW", 40)  # hashed in windows of 40 bytes (some words are longer)
+    monkeypatch.setattr(word_hash, "_WINDOW", 40)  # hashed in windows of 40 bytes (some words are longer)
     assert (ChunkText(bodies, extras)._hashes == chunk._hashes).all()
     assert ChunkText([], []).tokens.tolist() == []
 

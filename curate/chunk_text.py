@@ -138,8 +138,7 @@ class ChunkText:
         if not len(self._part_start):
             return out
         body = self.data[:self.bodies_end]
-        edges = np.diff(_IS_SENTENCE[body].view(np.int8), prepend=np.int8(0), append=np.int8(0))
-        seg_start, seg_end = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+        seg_start, seg_end = runs(_IS_SENTENCE[body])
         spaces = prefix_sums(body == 32, np.int32)
         # sentences of 2+ spaces, in ASCII rows (the others' stand-in words are in this region too)
         keep = (spaces[seg_end] - spaces[seg_start] >= 2) & self.ascii[

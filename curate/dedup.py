@@ -39,6 +39,7 @@ from patho_r1.curate.engine import map_batches
 from patho_r1.curate.minhash import MinHashSpec, jaccard
 from patho_r1.curate.rows import image_key, row_text
 from patho_r1.curate.store import StageWriter, relative_images_line, stage_files
+from patho_r1.curate.word_hash import changes
 from patho_r1.progress import RowProgress
 
 SAME_IMAGE, NEAR_TEXT = "same image", "near-duplicate text"
@@ -63,9 +64,9 @@ class DedupFeatures:
         images = np.array([image_key(r, base) for r in parsed], dtype=np.uint64)
         sigs, bands = self.minhash.sign([row_text(self.kind, r) for r in parsed],
                                         salt=None if self.kind == "caption" else images)
-        out = np.array([relative_images_line(line, r, base, final) for line, r in zip(lines, parsed, strict=True)]
-                       or [""], dtype=object)
-        return {"sig": sigs, "bands": bands, "image": images, "line": out[:len(parsed)]}
+        out = np.array([relative_images_line(line, r, base, final) for line, r in zip(lines, parsed, strict=True)],
+                       dtype=object)
+        return {"sig": sigs, "bands": bands, "image": images, "line": out}
 
 
 def _components(n: int, edges: list[np.ndarray]) -> np.ndarray:
@@ -85,9 +86,9 @@ def _components(n: int, edges: list[np.ndarray]) -> np.ndarray:
 
 def _runs(sorted_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Positions (in sorted order) of each run's head, and of the members that follow a head."""
-    same = sorted_keys[1:] == sorted_keys[:-1]
-    member = np.flatnonzero(same) + 1
-    heads = np.flatnonzero(np.r_[True, ~same])
+    new = changes(sorted_keys)
+    member = np.flatnonzero(~new)
+    heads = np.flatnonzero(new)
     head_of = heads[np.searchsorted(heads, member, side="right") - 1]
     return head_of, member
 

@@ -109,6 +109,12 @@ def _cmd_formats(args) -> int:
     return 0
 
 
+def engine_option(q) -> None:
+    q.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="where the per-row work runs: local (this process), processes (a pool, one per core), ray "
+                   "(Ray Data); auto: in process under 50k rows, else Ray on 8+ CPUs, else the pool")
+
+
 def register(sub, model_encoder=None) -> None:
     """`model_encoder`: the top floor's factory for model embedders (tag and cluster with `--embedder patho|hf`)."""
     p = sub.add_parser("curate", help="the data engine: import, dedup, decontaminate, tag, cluster, prompts, "
@@ -132,7 +138,7 @@ def register(sub, model_encoder=None) -> None:
                        "hf: a Hugging Face image encoder")
         q.add_argument("--model", help="model path for the patho / hf embedder")
         q.add_argument("--adapter", help="embedding adapter for the patho embedder")
-        q.add_argument("--engine", choices=ENGINES, default="auto")
+        engine_option(q)
 
     def spec(a):
         return {"kind": a.embedder, "model": a.model, "adapter": a.adapter}
@@ -148,7 +154,7 @@ def register(sub, model_encoder=None) -> None:
                    help="skip: bad rows go to rejects.jsonl with the reason")
     q.add_argument("--link-images", action="store_true", help="hard-link image files into the store instead of "
                    "copying them (no second copy; the sources must then not be edited in place)")
-    q.add_argument("--engine", choices=ENGINES, default="auto")
+    engine_option(q)
     common(q, with_input=False)
     q.set_defaults(func=lambda a: _run(a, {"stage": "import", "on_error": a.on_error,
                                            "images": "link" if a.link_images else "copy", "sources": [
@@ -157,7 +163,7 @@ def register(sub, model_encoder=None) -> None:
 
     q = stages.add_parser("dedup", help="exact image duplicates and near-duplicate texts (MinHash LSH)")
     q.add_argument("--threshold", type=float, default=0.8)
-    q.add_argument("--engine", choices=ENGINES, default="auto")
+    engine_option(q)
     common(q)
     q.set_defaults(func=lambda a: _run(a, {"stage": "dedup", "threshold": a.threshold, "engine": a.engine},
                                        model_encoder))
@@ -165,7 +171,7 @@ def register(sub, model_encoder=None) -> None:
     q = stages.add_parser("decontaminate", help="remove rows whose image or text is in an evaluation set")
     q.add_argument("--against", nargs="+", required=True, help="benchmark TSVs or curated benchmark folders")
     q.add_argument("--threshold", type=float, default=0.7)
-    q.add_argument("--engine", choices=ENGINES, default="auto")
+    engine_option(q)
     common(q)
     q.set_defaults(func=lambda a: _run(a, {"stage": "decontaminate", "against": a.against,
                                            "threshold": a.threshold}, model_encoder))

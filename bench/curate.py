@@ -125,6 +125,8 @@ def versus_datasketch(import_dir: Path, n: int) -> tuple[float, float]:
 
 
 def main() -> None:
+    from patho_r1.curate.config import ENGINES
+
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         _child(*sys.argv[2:7])
         return
@@ -132,7 +134,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--images", type=int, default=2_000, help="rendered tiles the image files draw on")
     parser.add_argument("--tag-rows", type=int, default=100_000, help="rows for the tagging measurement")
-    parser.add_argument("--engine", default="auto", choices=["auto", "local", "ray"], help="for dedup and tagging")
+    parser.add_argument("--engine", default="auto", choices=ENGINES, help="for import, dedup and tagging")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--filter-rows", type=int, default=1_000_000)
     parser.add_argument("--teacher-requests", type=int, default=600)

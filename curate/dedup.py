@@ -10,18 +10,22 @@ What counts as a duplicate depends on the kind:
 
 The algorithm, top to bottom:
 1. one pass over the rows computes each row's MinHash signature (`curate/minhash.py`, datasketch's own given our
-   shingle hash),
-   its LSH band keys (salted with the image key for question kinds) and its image key; signatures go to a flat
-   file read back by row, band keys to a memory-mapped file whose pages are dropped as they are used, so memory
-   grows only by the few per-row numbers (about 90 bytes a row, against datasketch's 1 KB);
-2. per band, the keys are sorted; rows sharing a key are candidates, kept when their signatures agree on at least
-   `threshold` of the permutations; equal image keys among caption rows are exact duplicates;
-3. the duplicate pairs are joined into groups (connected components); each group keeps its first row;
-4. a second pass writes the kept rows and, to `removed.jsonl`, every removed row with the row it duplicates, the
-   reason and the estimated similarity.
+   shingle hash), its LSH band keys (salted with the image key for question kinds) and its image key; signatures
+   go to a flat file read back by row; each (band key, row) pair, and each caption row's (image key, row), goes to
+   one of several bucket files chosen by the key's top bits (`KeyBuckets`: an external sort's partition step);
+2. per bucket, the keys are sorted: rows sharing a band key are candidates, kept when their signatures agree on at
+   least `threshold` of the permutations; caption rows sharing an image key are exact duplicates.  A bucket holds
+   about `PAIRS_PER_BUCKET` pairs whatever the corpus, so this memory does not grow with it, and the buckets are
+   sorted in parallel on a process pool;
+3. the duplicate pairs are joined into groups (connected components over the rows in a pair); each group keeps its
+   first row;
+4. a second pass copies the kept rows' lines (their image paths re-based as text, `store.ImageRebase`) and writes
+   to `removed.jsonl` every removed row with the row it duplicates, the reason and the estimated similarity.
 
-The first pass, the one that parses every row, runs in batches on the chosen engine (in process, a process pool,
-Ray Data); it also writes each row as the output will hold it, so the second pass copies lines.
+Memory holds a byte a row (whether its line may be re-based as text) and what grows with the duplicates found:
+the verified pairs (16 bytes each) and the removed rows with their representatives; datasketch's `MinHashLSH` holds
+about 1 KB a row.  The first pass, the one that parses every row, runs in batches on the chosen engine (in process, a
+process pool, Ray Data).
 """
 
 from __future__ import annotations
@@ -35,152 +39,217 @@ from pathlib import Path
 import numpy as np
 
 from patho_r1.curate.config import DedupStage
-from patho_r1.curate.engine import map_batches
+from patho_r1.curate.engine import line_batches, map_batches, ordered_map
 from patho_r1.curate.minhash import MinHashSpec, jaccard
 from patho_r1.curate.rows import image_key, row_text
-from patho_r1.curate.store import StageWriter, relative_images_line, stage_files
+from patho_r1.curate.store import IMAGE_DIR, ImageRebase, StageWriter, images_rewritable, stage_files
 from patho_r1.curate.word_hash import changes
 from patho_r1.progress import RowProgress
 
 SAME_IMAGE, NEAR_TEXT = "same image", "near-duplicate text"
 BATCH_ROWS = 4096  # rows parsed and signed at once (a worker's unit of work), and copied at once after
 VERIFY_CHUNK = 1 << 16  # candidate pairs checked at once: bounds the signature copies to 32 MB at 64 permutations
+PAIRS_PER_BUCKET = 1 << 19  # (key, row) pairs a bucket file is sized for: 8 MB, sorted in memory at once
+MAX_BUCKETS = 256  # open files at once; past 256 x PAIRS_PER_BUCKET pairs (14M rows at 9 bands) buckets grow
+PAIR = np.dtype([("key", "<u8"), ("row", "<u8")])
+IMAGE_PAIR = np.uint64(1 << 63)  # set in `row` for an image-key pair: both kinds share the buckets
+_STORE_DIGEST = slice(len(IMAGE_DIR) + 4, len(IMAGE_DIR) + 4 + 16)  # images/ab/<first 16 hex digits of the sha256>
 
 
 @dataclass
 class DedupFeatures:
-    """One batch of JSONL lines -> signatures, band keys, image keys, and the rows as the output will hold them
-    (their image paths seen from `final`), so that the second pass copies lines instead of parsing every row again
-    (picklable, for pool and Ray Data workers)."""
+    """One batch of JSONL lines -> signatures, band keys, image keys, and whether each line's image paths may be
+    re-based as text (`store.images_rewritable`) (picklable, for pool and Ray Data workers)."""
 
     kind: str
     base: str
-    final: str
     minhash: MinHashSpec
 
     def __call__(self, lines: list[str]) -> dict[str, np.ndarray]:
         parsed = json.loads(f"[{','.join(lines)}]")  # one call for the batch: a fifth faster than one per line
-        base, final = Path(self.base), Path(self.final)
-        images = np.array([image_key(r, base) for r in parsed], dtype=np.uint64)
+        rewritable = np.fromiter((images_rewritable(line, r) for line, r in zip(lines, parsed, strict=True)),
+                                 dtype=bool, count=len(lines))
+        base = Path(self.base)
+        # a single store path's key is in its name (as `image_key` computes it, without the call per row)
+        images = np.fromiter((int(r["images"][0][_STORE_DIGEST], 16) >> 1 or 1
+                              if ok and len(r.get("images") or ()) == 1 else image_key(r, base)
+                              for r, ok in zip(parsed, rewritable, strict=True)), dtype=np.uint64, count=len(lines))
         sigs, bands = self.minhash.sign([row_text(self.kind, r) for r in parsed],
                                         salt=None if self.kind == "caption" else images)
-        out = np.array([relative_images_line(line, r, base, final) for line, r in zip(lines, parsed, strict=True)],
-                       dtype=object)
-        return {"sig": sigs, "bands": bands, "image": images, "line": out}
-
-
-def _components(n: int, edges: list[np.ndarray]) -> np.ndarray:
-    """The smallest row index of each row's duplicate group (a row alone is its own)."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    if not edges:
-        return np.arange(n)
-    pairs = np.concatenate(edges)
-    graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
-    _, labels = connected_components(graph, directed=False)
-    first = np.full(labels.max() + 1, n, dtype=np.int64)
-    np.minimum.at(first, labels, np.arange(n))
-    return first[labels]
-
-
-def _runs(sorted_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Positions (in sorted order) of each run's head, and of the members that follow a head."""
-    new = changes(sorted_keys)
-    member = np.flatnonzero(~new)
-    heads = np.flatnonzero(new)
-    head_of = heads[np.searchsorted(heads, member, side="right") - 1]
-    return head_of, member
-
-
-def release_pages(*arrays) -> None:
-    """Write back and drop the resident pages of memory-mapped arrays: they are file-backed, so dropping them loses
-    nothing, and the stage's resident memory stays flat instead of growing with the files."""
-    import mmap
-
-    for array in arrays:
-        handle = getattr(array, "_mmap", None) or getattr(getattr(array, "base", None), "_mmap", None)
-        if isinstance(array, np.memmap):
-            array.flush()
-        if isinstance(handle, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
-            handle.madvise(mmap.MADV_DONTNEED)
+        return {"sig": sigs, "bands": bands, "image": images, "rewritable": rewritable}
 
 
 class SignatureFile:
-    """Signatures appended to a flat file and read back by row with `pread`.  Not a memory map: verifying candidate
-    pairs reads rows all over the file, and each page fault on a map brings in its neighbours (fault-around), so a
-    map's resident size grew to the whole file (256 B a row) within one band."""
+    """Signatures appended to a flat file, and read back by row with `pread` (`SignatureReader`), here or in a pool
+    worker.  Not a memory map: verifying candidate pairs reads rows all over the file, and each page fault on a map
+    brings in its neighbours (fault-around), so a map's resident size grew to the whole file (256 B a row) within
+    one band."""
 
     def __init__(self, path: Path, num_perm: int):
-        self.path, self.num_perm, self.row_bytes = path, num_perm, 4 * num_perm
+        self.path, self.num_perm = path, num_perm
         self._out = path.open("wb")
-        self._fd: int | None = None
 
     def append(self, sigs: np.ndarray) -> None:
         self._out.write(np.ascontiguousarray(sigs, dtype=np.uint32).tobytes())
+
+    def reader(self) -> SignatureReader:
+        self._out.close()
+        return SignatureReader(str(self.path), self.num_perm)
+
+
+@dataclass
+class SignatureReader:
+    path: str
+    num_perm: int
 
     def __getitem__(self, idx) -> np.ndarray:
         """Rows `idx` (an int, or an array of them) as uint32, in the order asked."""
         import os
 
-        if self._fd is None:
-            self._out.close()
-            self._fd = os.open(self.path, os.O_RDONLY)
         rows = np.atleast_1d(np.asarray(idx, dtype=np.int64))
-        data = b"".join(os.pread(self._fd, self.row_bytes, int(i) * self.row_bytes) for i in rows)
+        size = 4 * self.num_perm
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            data = b"".join(os.pread(fd, size, int(i) * size) for i in rows)
+        finally:
+            os.close(fd)
         out = np.frombuffer(data, dtype=np.uint32).reshape(len(rows), self.num_perm)
         return out[0] if np.ndim(idx) == 0 else out
 
-    def close(self) -> None:
-        import os
 
-        self._out.close()
-        if self._fd is not None:
-            os.close(self._fd)
-        self.path.unlink(missing_ok=True)
+class KeyBuckets:
+    """(key, row) pairs spread over bucket files by the keys' top bits, so that equal keys share a bucket and each
+    bucket sorts in memory: an external sort's partition step.  Pairs are gathered and written `FLUSH_PAIRS` at a
+    time, in row order, so each bucket's rows ascend (a run's first row is its smallest)."""
+
+    FLUSH_PAIRS = 1 << 20
+
+    def __init__(self, folder: Path, expected_pairs: int):
+        self.bits = min(max(0, int(np.ceil(np.log2(max(expected_pairs, 1) / PAIRS_PER_BUCKET)))),
+                        int(np.log2(MAX_BUCKETS)))
+        self.paths = [folder / f"bucket-{i:03d}.bin" for i in range(1 << self.bits)]
+        self._files = [p.open("wb") for p in self.paths]
+        self._pending: list[np.ndarray] = []
+        self._held = 0
+
+    def add(self, keys: np.ndarray, rows: np.ndarray) -> None:
+        """Pairs (keys[i, j], rows[i]) for every column j of `keys` (n, k), row by row."""
+        pairs = np.empty(keys.shape, dtype=PAIR)
+        pairs["key"], pairs["row"] = keys, rows[:, None]
+        self._pending.append(pairs.ravel())
+        self._held += pairs.size
+        if self._held >= self.FLUSH_PAIRS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        pairs = np.concatenate(self._pending)
+        self._pending, self._held = [], 0
+        # uint8 (at most 256 buckets): numpy's stable sort of bytes is a radix sort.  Stable: rows stay ascending.
+        bucket = (pairs["key"] >> np.uint64(64 - self.bits) if self.bits else np.zeros(len(pairs))).astype(np.uint8)
+        order = np.argsort(bucket, kind="stable")
+        bounds = np.searchsorted(bucket[order], np.arange(len(self._files) + 1))
+        for i, fh in enumerate(self._files):
+            if bounds[i + 1] > bounds[i]:
+                fh.write(pairs[order[bounds[i]:bounds[i + 1]]].tobytes())
+
+    def close(self) -> list[str]:
+        self.flush()
+        for fh in self._files:
+            fh.close()
+        return [str(p) for p in self.paths]
 
 
-def find_duplicates(sigs: np.ndarray | SignatureFile, bands: np.ndarray, images: np.ndarray, is_caption: np.ndarray,
+@dataclass
+class BucketEdges:
+    """The duplicate pairs in one bucket file (picklable: each pool worker reads its buckets and the signatures)."""
+
+    signatures: SignatureReader
+    threshold: float
+
+    def __call__(self, path: str) -> tuple[np.ndarray, np.ndarray]:
+        pairs = np.fromfile(path, dtype=PAIR)
+        is_image = (pairs["row"] & IMAGE_PAIR) != 0
+        text, image = pairs[~is_image], pairs[is_image]
+        return (text_edges(text["key"], text["row"].astype(np.int64), self.signatures, self.threshold),
+                equal_key_edges(image["key"], (image["row"] & ~IMAGE_PAIR).astype(np.int64)))
+
+
+def _run_pairs(keys: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first row, other row) of every other row in each run of equal keys (rows ascending within a key)."""
+    order = np.argsort(keys, kind="stable")
+    new = changes(keys[order])
+    member = np.flatnonzero(~new)
+    heads = np.flatnonzero(new)
+    head_of = heads[np.searchsorted(heads, member, side="right") - 1]
+    return rows[order[head_of]], rows[order[member]]
+
+
+def equal_key_edges(keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """(k, 2) edges from each row to the first row with its key."""
+    a, b = _run_pairs(keys, rows)
+    return np.stack([a, b], axis=1)
+
+
+def text_edges(keys: np.ndarray, rows: np.ndarray, sigs: np.ndarray | SignatureReader, threshold: float
+               ) -> np.ndarray:
+    """(k, 2) edges between LSH candidates (rows sharing a band key) whose signatures agree on at least `threshold`
+    of the permutations, checked `VERIFY_CHUNK` pairs at a time."""
+    a, b = _run_pairs(keys, rows)
+    edges = [np.zeros((0, 2), dtype=np.int64)]
+    for s in range(0, len(a), VERIFY_CHUNK):  # in chunks: two signature copies per candidate pair
+        ca, cb = a[s:s + VERIFY_CHUNK], b[s:s + VERIFY_CHUNK]
+        # each row read once, in file order: a run's head is in every one of its pairs
+        unique_rows, where = np.unique(np.concatenate([ca, cb]), return_inverse=True)
+        chunk_sigs = np.asarray(sigs[unique_rows])
+        ok = jaccard(chunk_sigs[where[:len(ca)]], chunk_sigs[where[len(ca):]]) >= threshold
+        edges.append(np.stack([ca[ok], cb[ok]], axis=1))
+    return np.concatenate(edges)
+
+
+def duplicate_groups(edges: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(removed rows, ascending; the representative of each): connected components over the rows in an edge, each
+    group represented by its smallest row.  Memory in the edges, not in the corpus."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    pairs = np.concatenate([np.zeros((0, 2), dtype=np.int64), *edges])
+    if not len(pairs):
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    nodes, index = np.unique(pairs, return_inverse=True)  # sorted: a smaller index is a smaller row
+    index = index.reshape(pairs.shape)
+    k = len(nodes)
+    graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (index[:, 0], index[:, 1])), shape=(k, k))
+    _, labels = connected_components(graph, directed=False)
+    first = np.full(labels.max() + 1, k, dtype=np.int64)
+    np.minimum.at(first, labels, np.arange(k))
+    representative = nodes[first[labels]]
+    removed = representative != nodes
+    return nodes[removed], representative[removed]
+
+
+def find_duplicates(sigs: np.ndarray, bands: np.ndarray, images: np.ndarray, is_caption: np.ndarray,
                     threshold: float, *, near_text: bool = True, exact_images: bool = True
                     ) -> tuple[np.ndarray, np.ndarray]:
-    """(representative index of every row, whether it was linked by an image match).  `bands` may be a memmap,
-    `sigs` a `SignatureFile`; candidate pairs are checked `VERIFY_CHUNK` at a time."""
+    """In memory, for arrays that fit: (representative index of every row, whether it was linked by an image
+    match).  The stage runs the same steps over bucket files."""
     n = len(images)
-    edges: list[np.ndarray] = []
-    by_image = np.zeros(n, dtype=bool)
+    rows = np.arange(n)
+    image_edges = np.zeros((0, 2), dtype=np.int64)
+    edges = []
     if exact_images:
         cap = np.flatnonzero(is_caption & (images != 0))
-        order = cap[np.argsort(images[cap], kind="stable")]
-        head, member = _runs(images[order])
-        if len(member):
-            edges.append(np.stack([order[head], order[member]], axis=1))
-            by_image[order[member]] = True
+        image_edges = equal_key_edges(images[cap], cap)
+        edges.append(image_edges)
     if near_text:
-        for band in range(bands.shape[1]):
-            keys = np.asarray(bands[:, band])
-            order = np.argsort(keys, kind="stable")
-            head, member = _runs(keys[order])
-            a, b = order[head], order[member]
-            for s in range(0, len(a), VERIFY_CHUNK):  # in chunks: two signature copies per candidate pair
-                ca, cb = a[s:s + VERIFY_CHUNK], b[s:s + VERIFY_CHUNK]
-                # each row read once, in file order: a run's head is in every one of its pairs
-                rows, where = np.unique(np.concatenate([ca, cb]), return_inverse=True)
-                chunk_sigs = np.asarray(sigs[rows])
-                ok = jaccard(chunk_sigs[where[:len(ca)]], chunk_sigs[where[len(ca):]]) >= threshold
-                if ok.any():
-                    edges.append(np.stack([ca[ok], cb[ok]], axis=1))
-            release_pages(bands)
-    return _components(n, edges), by_image
-
-
-def _similarities(sigs: np.ndarray | SignatureFile, representative: np.ndarray) -> np.ndarray:
-    """(n,) float32: each removed row's estimated Jaccard similarity to its representative (0 for kept rows)."""
-    out = np.zeros(len(representative), dtype=np.float32)
-    removed = np.flatnonzero(representative != np.arange(len(representative)))
-    for s in range(0, len(removed), VERIFY_CHUNK):
-        rows = removed[s:s + VERIFY_CHUNK]
-        out[rows] = jaccard(np.asarray(sigs[rows]), np.asarray(sigs[representative[rows]]))
-    return out
+        edges.append(text_edges(bands.ravel(), np.repeat(rows, bands.shape[1]), sigs, threshold))
+    removed, rep = duplicate_groups(edges)
+    representative = rows.copy()
+    representative[removed] = rep
+    by_image = np.zeros(n, dtype=bool)
+    by_image[image_edges[:, 1]] = True
+    return representative, by_image
 
 
 def run_dedup(stage: DedupStage, parent: Path, out: Path, final: Path, writer: StageWriter,
@@ -190,59 +259,87 @@ def run_dedup(stage: DedupStage, parent: Path, out: Path, final: Path, writer: S
     bands_n, rows_n = minhash.bands
     work = out / ".work"
     work.mkdir()
-    sigs = SignatureFile(work / "sig.bin", stage.num_perm)
-    bands = np.lib.format.open_memmap(work / "bands.npy", "w+", np.uint64, (max(n, 1), bands_n))
-    images = np.zeros(n, dtype=np.uint64)
-    is_caption = np.zeros(n, dtype=bool)
+    sig_file = SignatureFile(work / "sig.bin", stage.num_perm)
+    buckets = KeyBuckets(work, n * (bands_n * stage.near_text + stage.exact_images))
+    rewritable = np.zeros(n, dtype=bool)
     rows_of: dict[str, int] = {}
     at = 0
-    with (work / "rows.jsonl").open("w", encoding="utf-8") as rewritten:
-        for kind, file in files.items():
-            fn = DedupFeatures(kind, str(parent), str(final), minhash)
-            first = at
-            for batch in map_batches([file], fn, engine=engine, batch_size=BATCH_ROWS):
-                m = len(batch["image"])
-                sigs.append(batch["sig"])
-                bands[at:at + m], images[at:at + m] = batch["bands"], batch["image"]
-                is_caption[at:at + m] = kind == "caption"
-                rewritten.write("".join(batch["line"]))
-                at += m
-                progress.advance(m)
-                if at % (1 << 18) < m:  # every ~256k rows
-                    release_pages(bands)
-            rows_of[kind] = at - first
+    for kind, file in files.items():
+        fn = DedupFeatures(kind, str(parent), minhash)
+        first = at
+        for batch in map_batches([file], fn, engine=engine, batch_size=BATCH_ROWS):
+            m = len(batch["image"])
+            rows = np.arange(at, at + m, dtype=np.uint64)
+            sig_file.append(batch["sig"])
+            if stage.near_text:
+                buckets.add(batch["bands"], rows)
+            if stage.exact_images and kind == "caption":
+                has = batch["image"] != 0
+                buckets.add(batch["image"][has, None], rows[has] | IMAGE_PAIR)
+            rewritable[at:at + m] = batch["rewritable"]
+            at += m
+            progress.advance(m)
+        rows_of[kind] = at - first
     if at != n:
         raise RuntimeError(f"dedup read {at} rows but the parent manifest counts {n}")
-    representative, by_image = find_duplicates(sigs, bands[:n], images, is_caption, stage.threshold,
-                                               near_text=stage.near_text, exact_images=stage.exact_images)
-    similarity = _similarities(sigs, representative)
-    sigs.close()
-    del bands
-    # The second pass copies the kept rows' lines; only the removed rows and those they duplicate are parsed.
-    keep = representative == np.arange(n)
-    wanted = np.zeros(n, dtype=bool)
-    wanted[representative[~keep]] = True
+    signatures = sig_file.reader()
+    find = BucketEdges(signatures, stage.threshold)
+    bucket_paths = buckets.close()
+    # the buckets in a pool where there is one (the first pass's engine), each sorted and checked on its own
+    found = list(ordered_map(find, bucket_paths) if engine == "processes" and len(bucket_paths) > 1
+                 else map(find, bucket_paths))
+    removed_rows, representative = duplicate_groups([e for pair in found for e in pair])
+    by_image = np.unique(np.concatenate([np.zeros((0, 2), np.int64), *(image for _, image in found)])[:, 1])
+    del found
+    # The second pass copies the kept rows' lines; only the removed rows and those they duplicate are parsed.  A
+    # representative's id is held from its row to the last row that names it.
+    wanted = np.unique(representative)
+    last_named = np.zeros(len(wanted), dtype=np.int64)
+    np.maximum.at(last_named, np.searchsorted(wanted, representative), removed_rows)
+    forget_order, forgotten = np.argsort(last_named, kind="stable"), 0
     ids: dict[int, str] = {}
     removed: Counter = Counter()
-    with (work / "rows.jsonl").open(encoding="utf-8") as rewritten:
-        start = 0
-        for kind, count in rows_of.items():
-            for lo in range(start, start + count, BATCH_ROWS):
-                hi = min(lo + BATCH_ROWS, start + count)
-                lines = [rewritten.readline() for _ in range(hi - lo)]
-                writer.lines(kind, "".join(compress(lines, keep[lo:hi])), int(keep[lo:hi].sum()))
-                for i in np.flatnonzero(wanted[lo:hi] | ~keep[lo:hi]) + lo:
-                    row = json.loads(lines[i - lo])
-                    if wanted[i]:
-                        ids[int(i)] = row.get("id")
-                    if not keep[i]:
-                        reason = SAME_IMAGE if by_image[i] else NEAR_TEXT
-                        removed[f"{kind}: {reason}"] += 1
-                        writer.removed({"id": row.get("id"), "kind": kind, "reason": reason,
-                                        "duplicate_of": ids.get(int(representative[i])),
-                                        "similarity": round(float(similarity[i]), 3), "source": row.get("source")})
-            start += count
+    rebase = ImageRebase(parent, final)
+    start = 0
+    for kind, count in rows_of.items():
+        lo = start
+        for lines in line_batches([files[kind]], BATCH_ROWS):
+            hi = lo + len(lines)
+            if hi > start + count:
+                raise RuntimeError(f"{files[kind]}: the second pass read more rows than the first, {count}")
+            gone = removed_rows[np.searchsorted(removed_rows, lo):np.searchsorted(removed_rows, hi)]
+            keep = np.ones(hi - lo, dtype=bool)
+            keep[gone - lo] = False
+            writer.lines(kind, _kept_text(lines, keep, rewritable[lo:hi], rebase), int(keep.sum()))
+            for i in wanted[np.searchsorted(wanted, lo):np.searchsorted(wanted, hi)]:
+                ids[int(i)] = json.loads(lines[i - lo]).get("id")
+            reps = representative[np.searchsorted(removed_rows, lo):np.searchsorted(removed_rows, hi)]
+            similarity = jaccard(signatures[gone], signatures[reps]) if len(gone) else []
+            gone_rows = json.loads(f"[{','.join(lines[i - lo] for i in gone)}]")
+            for rep, sim, same_image, row in zip(reps, similarity, np.isin(gone, by_image), gone_rows, strict=True):
+                reason = SAME_IMAGE if same_image else NEAR_TEXT
+                removed[f"{kind}: {reason}"] += 1
+                writer.removed({"id": row.get("id"), "kind": kind, "reason": reason, "duplicate_of": ids.get(int(rep)),
+                                "similarity": round(float(sim), 3), "source": row.get("source")})
+            while forgotten < len(wanted) and last_named[forget_order[forgotten]] < hi:
+                ids.pop(int(wanted[forget_order[forgotten]]), None)
+                forgotten += 1
+            lo = hi
+        if lo - start != count:
+            raise RuntimeError(f"{files[kind]}: the second pass read {lo - start} rows, the first {count}")
+        start = lo
     for path in work.iterdir():
         path.unlink()
     work.rmdir()
     return {"bands": bands_n, "rows_per_band": rows_n, "removed": dict(removed), "kept": writer.kind_counts()}
+
+
+def _kept_text(lines: list[str], keep: np.ndarray, rewritable: np.ndarray, rebase: ImageRebase) -> str:
+    """The kept lines as the output holds them: re-based as text together where each may be, else row by row."""
+    if rebase.textual and rewritable[keep].all():
+        text = "".join(compress(lines, keep))
+        return rebase.lines(text if not text or text.endswith("\n") else text + "\n")
+    return "".join(rebase.lines(line if line.endswith("\n") else line + "\n") if ok and rebase.textual
+                   else rebase.row(json.loads(line))
+                   for line, ok in compress(zip(lines, rewritable, strict=True), keep))
+

@@ -96,15 +96,17 @@ def ensure_ray() -> None:
 
 
 def line_batches(files: list[Path], batch_size: int) -> Iterator[list[str]]:
+    """The non-blank lines of each file, `batch_size` at a time (a file's last batch may be short)."""
     for path in files:
         batch: list[str] = []
         with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip():
-                    batch.append(line)
-                    if len(batch) == batch_size:
-                        yield batch
-                        batch = []
+            # a MiB of lines per call, and isspace (false at a row's first "{"): a third of the time of a loop over
+            # the lines calling strip on each
+            while chunk := fh.readlines(1 << 20):
+                batch.extend(line for line in chunk if not line.isspace())
+                while len(batch) >= batch_size:
+                    yield batch[:batch_size]
+                    del batch[:batch_size]
         if batch:
             yield batch
 

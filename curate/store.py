@@ -261,23 +261,41 @@ def relative_images(row: dict, src_dir: Path, dest_dir: Path) -> dict:
 
 
 _STORE_PATH = re.compile(rf"{IMAGE_DIR}/[0-9a-f]{{2}}/[0-9a-f]{{64}}\.[a-z]+")  # as `ImageStore.put` names them
+_PATH_START = f'"{IMAGE_DIR}/'
 
 
-def relative_images_line(line: str, row: dict, src_dir: Path, dest_dir: Path) -> str:
-    """`encode_row(relative_images(row, src_dir, dest_dir))`, from a stored row's JSONL line and the row parsed from
-    it, by putting the folder's prefix before each `images/...` path in the text: re-encoding every row was a third
-    of the dedup's first pass.  Only where no other text in the line could be taken for such a path (each store path
-    starts one `"images/` in the line, so the count tells); else, or where a path is not a plain store path, the
-    row is re-encoded."""
-    refs = row.get("images")
-    if not refs:
-        return line if line.endswith("\n") else line + "\n"
-    prefix = _relative_folder(str(src_dir), str(dest_dir))
-    start = f'"{IMAGE_DIR}/'
-    if (prefix != "." and _encode(prefix) == f'"{prefix}"' and line.endswith("\n") and line.count(start) == len(refs)
-            and all(isinstance(r, str) and _STORE_PATH.fullmatch(r) for r in refs)):
-        return line.replace(start, f'"{prefix}/{IMAGE_DIR}/')
-    return encode_row(relative_images(row, src_dir, dest_dir))
+def images_rewritable(line: str, row: dict) -> bool:
+    """Whether `ImageRebase.lines` may re-base `line`'s image paths (`row` is the line parsed) by putting a prefix
+    before each `"images/` in its text: every image path is a plain store path, and each starts the line's only such
+    places (a path's text starts one, so the count tells: a caption that quotes `"images/x` makes it one more)."""
+    refs = row.get("images") or []
+    return line.count(_PATH_START) == len(refs) and all(isinstance(r, str) and _STORE_PATH.fullmatch(r) for r in refs)
+
+
+class ImageRebase:
+    """A stage's stored rows seen from another stage folder (stage chaining): `row` re-encodes one row with its image
+    paths relative to `dest_dir` (`relative_images`); `lines` does the same to many lines at once, as text, where
+    `images_rewritable` said so of each: one replacement over a batch in place of a parse and an encode per row,
+    which were a third of the dedup."""
+
+    def __init__(self, src_dir: str | Path, dest_dir: str | Path):
+        self.src_dir, self.dest_dir = Path(src_dir), Path(dest_dir)
+        prefix = _relative_folder(str(src_dir), str(dest_dir))
+        # a prefix JSON would escape cannot go into the text as it is: every row is re-encoded then
+        self.textual = _encode(prefix) == f'"{prefix}"'
+        self._new_start = _PATH_START if prefix == "." else f'"{prefix}/{IMAGE_DIR}/'
+
+    def row(self, row: dict) -> str:
+        return encode_row(relative_images(row, self.src_dir, self.dest_dir))
+
+    def lines(self, text: str) -> str:
+        """Rewritable lines, joined (each with its newline), as `row` would write their rows."""
+        return text.replace(_PATH_START, self._new_start) if self._new_start != _PATH_START else text
+
+    def line(self, line: str, row: dict) -> str:
+        if self.textual and images_rewritable(line, row):
+            return self.lines(line if line.endswith("\n") else line + "\n")
+        return self.row(row)
 
 
 @functools.lru_cache(maxsize=64)

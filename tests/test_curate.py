@@ -243,7 +243,9 @@ def test_ray_data_engine_gives_the_same_rows_as_the_local_engine(curated, tmp_pa
 
 def test_a_process_pool_writes_the_same_files_as_one_process(curated, tmp_path, monkeypatch):
     """The `processes` engine (the default on 2+ cores for large inputs) against `local`: import (with a row whose
-    image is missing, rejected in a worker) and dedup, in small chunks so that each worker takes many, in order."""
+    image is missing, rejected in a worker) and dedup, in small chunks so that each worker takes many, in order.
+    The pool's dedup also spreads its keys over 256 bucket files, flushed many times (sorted on the pool), where the
+    local one has them all in one: the buckets must change nothing."""
     from patho_r1.curate import dedup, importer
 
     root, _ = curated
@@ -254,6 +256,9 @@ def test_a_process_pool_writes_the_same_files_as_one_process(curated, tmp_path, 
                {"format": "quilt-1m", "path": str(missing), "name": "small"}]
     files = {}
     for engine in ("local", "processes"):
+        if engine == "processes":
+            monkeypatch.setattr(dedup, "PAIRS_PER_BUCKET", 16)
+            monkeypatch.setattr(dedup.KeyBuckets, "FLUSH_PAIRS", 1000)
         imported = run_stage(ImportStage(sources=sources, on_error="skip", engine=engine), None,
                              tmp_path / engine / "import")
         deduped = run_stage(DedupStage(engine=engine), tmp_path / engine / "import", tmp_path / engine / "dedup")
@@ -265,10 +270,12 @@ def test_a_process_pool_writes_the_same_files_as_one_process(curated, tmp_path, 
         run_stage(ImportStage(sources=sources[1:], engine="processes"), None, tmp_path / "raises")
 
 
-def test_rewriting_image_paths_in_the_line_equals_re_encoding_the_row(tmp_path):
-    from patho_r1.curate.store import encode_row, relative_images, relative_images_line
+def test_rewriting_image_paths_in_the_text_equals_re_encoding_the_rows(tmp_path):
+    from itertools import compress
 
-    src, dest, beside = tmp_path / "01-import", tmp_path / "02-dedup", tmp_path / "01-import"
+    from patho_r1.curate.store import ImageRebase, encode_row, images_rewritable, relative_images
+
+    src, dest, beside, quoted = tmp_path / "01-import", tmp_path / "02-dedup", tmp_path / "01-import", tmp_path / 'a"b'
     h = "ab" * 32
     rows = [{"id": "a", "caption": "plain", "images": [f"images/ab/{h}.png"]},
             {"id": "b", "caption": "two", "images": [f"images/ab/{h}.png", f"images/cd/{h}.jpg"]},
@@ -276,13 +283,22 @@ def test_rewriting_image_paths_in_the_line_equals_re_encoding_the_row(tmp_path):
             {"id": "d", "caption": "odd paths", "images": ["images/../x.png", "images//y.png", "/abs/z.png"]},
             {"id": "e", "caption": "\u00b5m and a quote \" here", "images": [f'images/ab/{h}".png']},
             {"id": "f", "caption": "no images", "images": []},
-            {"id": "g", "question": "q?", "answer": "A", "options": {"A": "images/x", "B": "y"}}]
-    for row in rows:
-        line = encode_row(row)
-        for s, d in ((src, dest), (src, beside)):
-            expected = encode_row(relative_images(row, s, d))
-            assert relative_images_line(line, row, s, d) == expected, row["id"]
-            assert relative_images_line(line.rstrip("\n"), row, s, d) == expected, row["id"]
+            {"id": "g", "question": "q?", "answer": "A", "options": {"A": "images/x", "B": "y"}},
+            {"id": "h", "caption": f'no image of its own, but it quotes "images/ab/{h}.png"'}]
+    for s, d in ((src, dest), (src, beside), (quoted, dest)):
+        rebase = ImageRebase(s, d)
+        expected = [encode_row(relative_images(row, s, d)) for row in rows]
+        lines = [encode_row(row) for row in rows]
+        for line, row, want in zip(lines, rows, expected, strict=True):
+            assert rebase.line(line, row) == want, row["id"]
+            assert rebase.line(line.rstrip("\n"), row) == want, row["id"]
+        # many lines at once, as the dedup copies them: the rewritable ones (a, b and f; not c, d or e, nor g and h,
+        # whose texts hold an "images/ that no image path starts)
+        ok = [images_rewritable(line, row) for line, row in zip(lines, rows, strict=True)]
+        assert ok == [True, True, False, False, False, True, False, False]
+        assert rebase.textual == (s != quoted)
+        if rebase.textual:
+            assert rebase.lines("".join(compress(lines, ok))) == "".join(compress(expected, ok))
 
 
 def test_ordered_map_keeps_the_order_and_raises_what_a_worker_raised():

@@ -41,7 +41,7 @@ import numpy as np
 from patho_r1.curate.config import DedupStage
 from patho_r1.curate.engine import line_batches, map_batches, ordered_map
 from patho_r1.curate.minhash import MinHashSpec, jaccard
-from patho_r1.curate.rows import image_key, row_text
+from patho_r1.curate.rows import digest_key, image_key, row_text
 from patho_r1.curate.store import IMAGE_DIR, ImageRebase, StageWriter, encode_row, images_rewritable, stage_files
 from patho_r1.curate.word_hash import changes
 from patho_r1.progress import RowProgress
@@ -71,7 +71,7 @@ class DedupFeatures:
                                  dtype=bool, count=len(lines))
         base = Path(self.base)
         # a single store path's key is in its name (as `image_key` computes it, without the call per row)
-        images = np.fromiter((int(r["images"][0][_STORE_DIGEST], 16) >> 1 or 1
+        images = np.fromiter((digest_key(r["images"][0][_STORE_DIGEST])
                               if ok and len(r.get("images") or ()) == 1 else image_key(r, base)
                               for r, ok in zip(parsed, rewritable, strict=True)), dtype=np.uint64, count=len(lines))
         sigs, bands = self.minhash.sign([row_text(self.kind, r) for r in parsed],
@@ -312,13 +312,13 @@ def run_dedup(stage: DedupStage, parent: Path, out: Path, final: Path, writer: S
             hi = lo + len(lines)
             if hi > start + count:
                 raise RuntimeError(f"{files[kind]}: the second pass read more rows than the first, {count}")
-            gone = removed_rows[np.searchsorted(removed_rows, lo):np.searchsorted(removed_rows, hi)]
+            first_gone, end_gone = np.searchsorted(removed_rows, [lo, hi])
+            gone, reps = removed_rows[first_gone:end_gone], representative[first_gone:end_gone]
             keep = np.ones(hi - lo, dtype=bool)
             keep[gone - lo] = False
             writer.lines(kind, _kept_text(lines, keep, rewritable[lo:hi], rebase), int(keep.sum()))
             for i in wanted[np.searchsorted(wanted, lo):np.searchsorted(wanted, hi)]:
                 ids[int(i)] = json.loads(lines[i - lo]).get("id")
-            reps = representative[np.searchsorted(removed_rows, lo):np.searchsorted(removed_rows, hi)]
             similarity = jaccard(signatures[gone], signatures[reps]) if len(gone) else []
             gone_rows = json.loads(f"[{','.join(lines[i - lo] for i in gone)}]")
             entries = []
@@ -346,9 +346,7 @@ def run_dedup(stage: DedupStage, parent: Path, out: Path, final: Path, writer: S
 def _kept_text(lines: list[str], keep: np.ndarray, rewritable: np.ndarray, rebase: ImageRebase) -> str:
     """The kept lines as the output holds them: re-based as text together where each may be, else row by row."""
     if rebase.textual and rewritable[keep].all():
-        text = "".join(compress(lines, keep))
-        return rebase.lines(text if not text or text.endswith("\n") else text + "\n")
-    return "".join(rebase.lines(line if line.endswith("\n") else line + "\n") if ok and rebase.textual
-                   else rebase.row(json.loads(line))
+        return rebase.lines("".join(compress(lines, keep)))
+    return "".join(rebase.lines(line) if ok and rebase.textual else rebase.row(json.loads(line))
                    for line, ok in compress(zip(lines, rewritable, strict=True), keep))
 

@@ -44,7 +44,11 @@ def image_key(row: dict, base: Path) -> int:
     digests = [image_digest(r, base) for r in row.get("images") or [] if isinstance(r, str)]
     if not digests:
         return 0
-    digest = digests[0] if len(digests) == 1 else hashlib.sha256("|".join(digests).encode()).hexdigest()
+    return digest_key(digests[0] if len(digests) == 1 else hashlib.sha256("|".join(digests).encode()).hexdigest())
+
+
+def digest_key(digest: str) -> int:
+    """The 63-bit key of a hex digest (its first 16 digits are enough), never 0 (0 is "no images")."""
     return int(digest[:16], 16) >> 1 or 1
 
 

@@ -289,13 +289,14 @@ class ImageRebase:
         return encode_row(relative_images(row, self.src_dir, self.dest_dir))
 
     def lines(self, text: str) -> str:
-        """Rewritable lines, joined (each with its newline), as `row` would write their rows."""
+        """Rewritable lines, joined, as `row` would write their rows (the last line's newline added if missing: a
+        file's last line, or Ray Data's lines)."""
+        if text and not text.endswith("\n"):
+            text += "\n"
         return text.replace(_PATH_START, self._new_start) if self._new_start != _PATH_START else text
 
     def line(self, line: str, row: dict) -> str:
-        if self.textual and images_rewritable(line, row):
-            return self.lines(line if line.endswith("\n") else line + "\n")
-        return self.row(row)
+        return self.lines(line) if self.textual and images_rewritable(line, row) else self.row(row)
 
 
 @functools.lru_cache(maxsize=64)

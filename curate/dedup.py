@@ -42,8 +42,18 @@ from patho_r1.curate.config import DedupStage
 from patho_r1.curate.engine import line_batches, map_batches, ordered_map
 from patho_r1.curate.minhash import MinHashSpec, jaccard
 from patho_r1.curate.rows import digest_key, image_key, row_text
-from patho_r1.curate.store import IMAGE_DIR, ImageRebase, StageWriter, encode_row, images_rewritable, stage_files
+from patho_r1.curate.store import (
+    IMAGE_DIR,
+    ImageRebase,
+    StageWriter,
+    encode_row,
+    images_rewritable,
+    offset_row,
+    parse_lines,
+    stage_files,
+)
 from patho_r1.curate.word_hash import changes
+from patho_r1.errors import DataError
 from patho_r1.progress import RowProgress
 
 SAME_IMAGE, NEAR_TEXT = "same image", "near-duplicate text"
@@ -64,9 +74,10 @@ class DedupFeatures:
     kind: str
     base: str
     minhash: MinHashSpec
+    path: str  # the file the lines come from, for errors
 
     def __call__(self, lines: list[str]) -> dict[str, np.ndarray]:
-        parsed = json.loads(f"[{','.join(lines)}]")  # one call for the batch: a fifth faster than one per line
+        parsed = parse_lines(lines, self.path)
         rewritable = np.fromiter((images_rewritable(line, r) for line, r in zip(lines, parsed, strict=True)),
                                  dtype=bool, count=len(lines))
         base = Path(self.base)
@@ -270,20 +281,23 @@ def run_dedup(stage: DedupStage, parent: Path, out: Path, final: Path, writer: S
     rows_of: dict[str, int] = {}
     at = 0
     for kind, file in files.items():
-        fn = DedupFeatures(kind, str(parent), minhash)
+        fn = DedupFeatures(kind, str(parent), minhash, str(file))
         first = at
-        for batch in map_batches([file], fn, engine=engine, batch_size=BATCH_ROWS):
-            m = len(batch["image"])
-            rows = np.arange(at, at + m, dtype=np.uint64)
-            sig_file.append(batch["sig"])
-            if stage.near_text:
-                buckets.add(batch["bands"], rows)
-            if stage.exact_images and kind == "caption":
-                has = batch["image"] != 0
-                buckets.add(batch["image"][has, None], rows[has] | IMAGE_PAIR)
-            rewritable[at:at + m] = batch["rewritable"]
-            at += m
-            progress.advance(m)
+        try:
+            for batch in map_batches([file], fn, engine=engine, batch_size=BATCH_ROWS):
+                m = len(batch["image"])
+                rows = np.arange(at, at + m, dtype=np.uint64)
+                sig_file.append(batch["sig"])
+                if stage.near_text:
+                    buckets.add(batch["bands"], rows)
+                if stage.exact_images and kind == "caption":
+                    has = batch["image"] != 0
+                    buckets.add(batch["image"][has, None], rows[has] | IMAGE_PAIR)
+                rewritable[at:at + m] = batch["rewritable"]
+                at += m
+                progress.advance(m)
+        except DataError as exc:  # a broken line, located in its batch; batches come in order, so `at` starts it
+            raise offset_row(exc, at - first) from None
         rows_of[kind] = at - first
     if at != n:
         raise RuntimeError(f"dedup read {at} rows but the parent manifest counts {n}")

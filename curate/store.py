@@ -27,6 +27,8 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from patho_r1.checkpoint import config_hash
+from patho_r1.data import invalid_json
+from patho_r1.errors import DataError
 
 MANIFEST = "manifest.json"
 KINDS = ("caption", "mcq", "conversation")
@@ -236,11 +238,36 @@ def stage_files(directory: str | Path) -> dict[str, Path]:
 
 
 def iter_jsonl(path: str | Path) -> Iterator[dict]:
-    """Rows of a JSONL file that this package wrote (already validated): plain json, no record parsing."""
+    """Rows of a JSONL file that this package wrote (already validated): plain json, no record parsing.  A line
+    broken since (a truncated or hand-edited file) raises a DataError naming it."""
     with open(path, encoding="utf-8") as fh:
-        for line in fh:
+        for n, line in enumerate(fh, start=1):
             if line.strip():
-                yield json.loads(line)
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise invalid_json(path, n, exc) from None
+
+
+def parse_lines(lines: list[str], path: str | Path) -> list[dict]:
+    """The rows of a batch of non-blank JSONL lines from `path`, in one json call (a fifth faster than one a line).
+    A broken line raises a DataError with its 1-based place in the batch as the row: the caller, which knows where
+    the batch starts, turns it into the file's row (`offset_row`)."""
+    try:
+        return json.loads(f"[{','.join(lines)}]")
+    except json.JSONDecodeError:
+        for i, line in enumerate(lines, start=1):
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise invalid_json(path, i, exc) from None
+        raise  # every line is JSON, so their list is: not reached
+
+
+def offset_row(exc: DataError, rows_before: int) -> DataError:
+    """`exc` (raised for a batch) with its row counted from the start of the file."""
+    return DataError(exc.path, None if exc.row is None else rows_before + exc.row, exc.field, exc.message)
+
 
 
 def relative_images(row: dict, src_dir: Path, dest_dir: Path) -> dict:

@@ -338,7 +338,12 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
             try:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(path, lineno, None, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+                raise invalid_json(path, lineno, exc) from None
+
+
+def invalid_json(path: str | Path, lineno: int, exc: json.JSONDecodeError) -> DataError:
+    """The error for a JSONL line that does not parse."""
+    return DataError(path, lineno, None, f"invalid JSON ({exc.msg} at column {exc.colno})")
 
 
 def _iter_parquet(path: Path, batch_size: int = 1024) -> Iterator[tuple[int, Any]]:

@@ -229,6 +229,29 @@ def test_a_finished_stage_is_skipped_and_a_changed_one_reruns(curated, tmp_path)
     assert changed.counts["rows.removed"] <= before.counts["rows.removed"]
 
 
+def test_a_broken_line_in_a_stage_file_is_named_by_file_and_line(curated, tmp_path, monkeypatch):
+    """A truncated or hand-edited stage file: the dedup, which parses its lines a batch at a time (on the pool, too),
+    and `iter_jsonl` (the later stages' reader) name the file and the line, not the line's place in a batch."""
+    import shutil
+
+    from patho_r1.curate import dedup
+    from patho_r1.curate.store import iter_jsonl
+
+    _, cfg = curated
+    broken = tmp_path / "import"
+    broken.mkdir()
+    shutil.copy(cfg.stage_dirs()[0] / "manifest.json", broken)
+    lines = (cfg.stage_dirs()[0] / "caption.jsonl").read_text().splitlines(keepends=True)
+    lines[136] = lines[136][:40] + "\n"  # line 137: in the third batch of 50
+    (broken / "caption.jsonl").write_text("".join(lines))
+    monkeypatch.setattr(dedup, "BATCH_ROWS", 50)
+    for engine in ("local", "processes"):
+        with pytest.raises(DataError, match=r"import/caption.jsonl:137: invalid JSON \(Invalid control character"):
+            run_stage(DedupStage(engine=engine), broken, tmp_path / f"dedup-{engine}")
+    with pytest.raises(DataError, match=r"caption.jsonl:137: invalid JSON"):
+        list(iter_jsonl(broken / "caption.jsonl"))
+
+
 def test_ray_data_engine_gives_the_same_rows_as_the_local_engine(curated, tmp_path):
     _, cfg = curated
     import_dir = cfg.stage_dirs()[0]

@@ -31,19 +31,20 @@ def main() -> None:
     ap.add_argument("--judge-delay", type=float, default=0.05, help="seconds the server takes per reply")
     args = ap.parse_args()
     judge_bench(args.judge_n, args.judge_delay)
+    from patho_r1.eval.benchmarks import evaluate_benchmark, get_benchmark
     from patho_r1.eval.generation import SamplingConfig, make_generator
-    from patho_r1.eval.mcq import evaluate_mcq, load_eval_records
     from patho_r1.eval.vlmeval_hook import PathoR1VLMCore
     from patho_r1.models import load_backbone
 
     model_dir, world = make_workspace()
-    records = load_eval_records(world / "eval/PathoSynth_MCQ.tsv", args.n)
+    bench = get_benchmark("mcq")
+    records = bench.read(world / "eval/PathoSynth_MCQ.tsv", limit=args.n).records
     backbone = load_backbone(model_dir)
     generator = make_generator(backbone)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, batch_size=16)
-    evaluate_mcq(generator, records[:4], sampling)  # warm up
+    evaluate_benchmark(bench, records[:4], generator, sampling)  # warm up
     t0 = time.perf_counter()
-    evaluate_mcq(generator, records, sampling)
+    evaluate_benchmark(bench, records, generator, sampling)
     ours = len(records) / (time.perf_counter() - t0)
 
     model = PathoR1VLMCore(str(model_dir), max_new_tokens=args.max_new_tokens)

@@ -1,4 +1,4 @@
-"""`patho-r1 eval mcq | bench | rubric | vlmeval`."""
+"""`patho-r1 eval mcq | bench | score | rubric | vlmeval`."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ def _cmd_mcq(args) -> int:
     cfg = validate_config(EvalPhaseConfig, {
         "data": args.data, "checkpoints": {args.label: args.model}, "output_dir": args.out, "engine": args.engine,
         "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "limit": args.limit,
-        "yesno_mode": args.yesno_mode, "wrong_image_control": not args.no_control,
+        "scorer": args.scorer, "wrong_image_control": not args.no_control,
     })
     run_eval(cfg)
-    print(f"results in {args.out}/{args.label}/ (results.json, predictions.csv, results.md)")
+    print(f"results in {args.out}/{args.label}/ (results.json, predictions.jsonl, results.md)")
     return 0
 
 
@@ -49,24 +49,55 @@ def _cmd_bench(args) -> int:
 
     bench = get_benchmark(args.name)
     out = Path(args.out or f"runs/bench/{args.name}")
-    judge = _judge_from_args(args, str(out / "judge_cache.jsonl"))
-    if bench.task == "vqa" and judge is None:
-        print("[bench] no LLM judge configured: open answers get token recall/F1 only (--judge-url, --judge-model)")
+    judge = _bench_judge(args, bench, out)
     report = run_benchmark(args.name, args.data, args.model, out, engine=args.engine, prompt=args.prompt,
                            split=args.split, subsets=args.subsets, question_filter=args.question_filter,
                            images=args.images, limit=args.limit, on_error=args.on_error,
-                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                           yesno_mode=args.yesno_mode, llm_judge=judge, seed=args.seed, show_progress=True)
+                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, scorer=args.scorer,
+                           llm_judge=judge, seed=args.seed, show_progress=True)
+    _print_report("bench", report, out)
+    return 0
+
+
+def _cmd_score(args) -> int:
+    from pathlib import Path
+
+    from patho_r1.eval.benchmarks import get_benchmark, score_predictions
+
+    bench = get_benchmark(args.name)
+    out = Path(args.out or f"runs/score/{args.name}")
+    report = score_predictions(args.name, args.data, args.predictions, out, split=args.split, subsets=args.subsets,
+                               question_filter=args.question_filter, images=args.images, on_error=args.on_error,
+                               scorer=args.scorer, llm_judge=_bench_judge(args, bench, out), seed=args.seed)
+    _print_report("score", report, out)
+    return 0
+
+
+def _bench_judge(args, bench, out):
+    judge = _judge_from_args(args, str(out / "judge_cache.jsonl"))
+    if bench.task == "vqa" and judge is None:
+        print(f"[{args.eval_command}] no LLM judge configured: open answers get token recall/F1 only "
+              "(--judge-url, --judge-model)")
+    return judge
+
+
+def _print_report(command: str, report: dict, out) -> None:
+    """One line: the headline numbers, official and corrected, and what was not scored."""
     parts = [f"n={report['n']}"]
-    if "mcq" in report:
-        parts.append(f"accuracy={report['mcq']['accuracy']:.3f}")
-    if "closed" in report:
-        parts.append(f"closed={report['closed']['accuracy']:.3f}")
+    for part, label in (("mcq", "accuracy"), ("closed", "closed")):
+        if part in report:
+            m = report[part]
+            parts.append(f"{label}={m['accuracy']:.3f} (official {m['official']['accuracy']:.3f}, corrected "
+                         f"{m['corrected']['accuracy']:.3f})")
+    if "classes" in report:
+        parts.append(f"balanced={report['classes']['balanced_accuracy']:.3f}")
     if "open" in report:
         parts.append(f"open recall={report['open']['recall']:.3f}")
-    skipped = f", {report['skipped']} bad rows skipped" if report.get("skipped") else ""
-    print(f"[bench] {args.name}: {' '.join(parts)}{skipped}; tables in {out}/results.md")
-    return 0
+    for key, what in (("missing", "items without a prediction"), ("outside_selection", "predictions outside the "
+                      "selection"), ("skipped", "bad rows skipped")):
+        if report.get(key):
+            parts.append(f"{report[key]} {what}")
+    print(f"[{command}] {report['benchmark']} ({report['scorer']}): {', '.join(parts)}; tables in {out}/results.md")
 
 
 def _cmd_rubric(args) -> int:
@@ -105,6 +136,31 @@ def _cmd_vlmeval(args) -> int:
     return 0
 
 
+def _add_scorer_arg(p) -> None:
+    p.add_argument("--scorer", choices=["official", "corrected"], default="official",
+                   help="the headline rule: the benchmark's own evaluation code, quirks included (default), or our "
+                   "corrected rules; the results show both columns")
+
+
+def _add_benchmark_args(p, default_out: str) -> None:
+    from patho_r1.eval.benchmarks import BENCHMARKS
+
+    p.add_argument("--name", required=True, choices=list(BENCHMARKS),
+                   help="; ".join(f"{b.name}: {b.summary}" for b in BENCHMARKS.values()))
+    p.add_argument("--data", required=True, help="the benchmark's files (its release layout, or a VLMEvalKit TSV)")
+    p.add_argument("--out", help=f"results folder (default {default_out})")
+    p.add_argument("--split", help="only this split (PathMMU: val, test, test_tiny; PathVQA: test, ...)")
+    p.add_argument("--subsets", nargs="+", help="only these subsets (PathMMU: PubMed EduContent ...)")
+    p.add_argument("--question-filter", choices=["pathology"], help="MedXpertQA: our pathology keyword subset")
+    p.add_argument("--images", help="image folder, when not where the release puts it")
+    p.add_argument("--on-error", choices=["fail", "skip"], default="fail",
+                   help="a bad row (a missing image, ...) stops the run, or is skipped and counted")
+    p.add_argument("--seed", type=int, default=42, help="PathMMU's official rule guesses unparsed answers with this "
+                   "seed, once per run, in row order")
+    _add_scorer_arg(p)
+    _add_judge_args(p)
+
+
 def register(sub) -> None:
     p = sub.add_parser("eval", help="evaluate checkpoints (built-in MCQ scorer or VLMEvalKit)")
     esub = p.add_subparsers(dest="eval_command", required=True)
@@ -117,32 +173,27 @@ def register(sub) -> None:
     m.add_argument("--max-new-tokens", type=int, default=512)
     m.add_argument("--batch-size", type=int, default=16)
     m.add_argument("--limit", type=int)
-    m.add_argument("--yesno-mode", choices=["patho", "vlmeval"], default="patho",
-                   help="yes/no verdicts: semantic (default), or exactly VLMEvalKit's (case-sensitive)")
+    _add_scorer_arg(m)
     m.add_argument("--no-control", action="store_true", help="skip the wrong-image control (images shuffled)")
     m.set_defaults(func=_cmd_mcq)
-    b = esub.add_parser("bench", help="a public pathology benchmark from its own files (PathMMU, PathVQA, ...)")
-    b.add_argument("--name", required=True, choices=["pathmmu", "pathvqa", "quilt-vqa", "medxpertqa-mm",
-                                                      "omnimedvqa-path"])
-    b.add_argument("--data", required=True, help="the benchmark's files (its release layout, or a VLMEvalKit TSV)")
+    b = esub.add_parser("bench", help="a pathology benchmark from its own files (PathMMU, PathVQA, ...): generate, "
+                        "then score as `eval score` does")
+    _add_benchmark_args(b, "runs/bench/NAME")
     b.add_argument("--model", required=True, help="checkpoint directory or hub id")
-    b.add_argument("--out", help="results folder (default runs/bench/NAME)")
     b.add_argument("--engine", choices=["hf", "vllm"], default="hf")
     b.add_argument("--prompt", choices=["cot", "cod", "direct"], default="cot",
                    help="chain of thought (Patho-R1's prompt), chain of draft, or answer directly")
-    b.add_argument("--split", help="only this split (PathMMU: val, test, test_tiny; PathVQA: test, ...)")
-    b.add_argument("--subsets", nargs="+", help="only these subsets (PathMMU: PubMed EduContent ...)")
-    b.add_argument("--question-filter", choices=["pathology"], help="MedXpertQA: our pathology keyword subset")
-    b.add_argument("--images", help="image folder, when not where the release puts it")
     b.add_argument("--limit", type=int)
-    b.add_argument("--on-error", choices=["fail", "skip"], default="fail",
-                   help="a bad row (a missing image, ...) stops the run, or is skipped and counted")
     b.add_argument("--max-new-tokens", type=int, default=512)
     b.add_argument("--batch-size", type=int, default=16)
-    b.add_argument("--yesno-mode", choices=["patho", "vlmeval"], default="patho")
-    b.add_argument("--seed", type=int, default=42, help="PathMMU's parser guesses unparsed answers with this seed")
-    _add_judge_args(b)
     b.set_defaults(func=_cmd_bench)
+    s = esub.add_parser("score", help="score predictions that already exist (ours, {id, prediction} JSONL, or "
+                        "VLMEvalKit's .xlsx/.tsv/.json) without loading a model")
+    _add_benchmark_args(s, "runs/score/NAME")
+    s.add_argument("--predictions", required=True,
+                   help="our predictions.jsonl, a JSONL of {id, prediction}, or VLMEvalKit's {model}_{dataset}.xlsx "
+                   "(.tsv, .json): matched to the data's rows by id (VLMEvalKit: index)")
+    s.set_defaults(func=_cmd_score)
     r = esub.add_parser("rubric", help="score reasoning chains on the ten-criteria rubric with an LLM judge")
     r.add_argument("--predictions", required=True, help="JSONL rows with question, answer, response")
     r.add_argument("--out", default="runs/rubric.json")

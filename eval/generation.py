@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-import torch
 from PIL import Image
 
-from patho_r1.models import Backbone, load_backbone
+# torch and the model loader are imported where a generator is made, so the scorers and the CLI's benchmark table
+# load without them
 
 
 @dataclass
@@ -36,13 +36,18 @@ class Generator(Protocol):
 class HFGenerator:
     """`transformers` generate, batched by prompt length (left padding) to keep padding low."""
 
-    def __init__(self, backbone: Backbone):
+    def __init__(self, backbone):
         self.model = backbone.model.eval()
         self.processor = backbone.processor
         self.processor.tokenizer.padding_side = "left"
 
-    @torch.no_grad()
     def generate(self, requests: list[ChatRequest], sampling: SamplingConfig) -> list[str]:
+        import torch
+
+        with torch.no_grad():
+            return self._generate(requests, sampling)
+
+    def _generate(self, requests: list[ChatRequest], sampling: SamplingConfig) -> list[str]:
         texts = [self.processor.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True)
                  for r in requests]
         order = sorted(range(len(requests)), key=lambda i: (len(texts[i]), len(requests[i].images)))
@@ -109,7 +114,10 @@ class VLLMGenerator:
         return [r.outputs[0].text for r in results]
 
 
-def make_generator(model: str | Backbone, engine: Literal["hf", "vllm"] = "hf", **engine_kwargs) -> Generator:
+def make_generator(model, engine: Literal["hf", "vllm"] = "hf", **engine_kwargs) -> Generator:
+    """A generator for a checkpoint path (or, for `hf`, a loaded `Backbone`)."""
+    from patho_r1.models import Backbone, load_backbone
+
     if engine == "vllm":
         if isinstance(model, Backbone):
             raise ValueError("engine 'vllm' loads the model itself: pass a checkpoint path")

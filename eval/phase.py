@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
@@ -26,8 +25,9 @@ class EvalPhaseConfig(PhaseConfig):
     batch_size: int = Field(32, gt=0)
     limit: int | None = Field(None, gt=0, description="score only the first N rows")
     system_prompt: str | None = REASONING_SYSTEM_PROMPT
-    yesno_mode: Literal["patho", "vlmeval"] = Field("patho", description="yes/no verdicts: semantic (patho), or "
-                                                    "VLMEvalKit's own, case-sensitive quirk included (vlmeval)")
+    scorer: Literal["official", "corrected"] = Field(
+        "official", description="the headline rule: VLMEvalKit's exact matching (official), or our corrected rules "
+        "(patho_r1.eval.rules); both columns are always written")
     wrong_image_control: bool = Field(True, description="also score every checkpoint with the images shuffled "
                                       "across items: a model that reads the image falls to chance")
 
@@ -60,15 +60,23 @@ def wrong_images(records: list, seed: int) -> list:
 
 
 def run_eval(cfg: EvalPhaseConfig) -> PhaseResult:
-    """Evaluate each checkpoint; writes `summary.json` / `summary.md` and returns `{"summary": {label: report}}` as
-    the result's metrics."""
+    """Evaluate each checkpoint through the benchmarks' one scoring path (the `mcq` benchmark: our own sets); writes
+    each checkpoint's results, `summary.json` / `summary.md` and `paired.json`, and returns `{"summary": {label:
+    numbers}}` as the result's metrics."""
+    from patho_r1.eval.benchmarks import evaluate_benchmark, get_benchmark
     from patho_r1.eval.generation import SamplingConfig, make_generator
-    from patho_r1.eval.mcq import evaluate_mcq, load_eval_records, write_results
+    from patho_r1.eval.scoring import write_results
     from patho_r1.models import load_backbone
     from patho_r1.training import wandb_run
 
     cfg.check_inputs()
-    records = load_eval_records(cfg.data, cfg.limit)
+    bench = get_benchmark("mcq")
+    records = bench.read(cfg.data, limit=cfg.limit).records
+    llm_judge = None
+    if any(r.answer_type not in ("mcq", "yesno") for r in records):
+        from patho_r1.eval.judge import LLMJudge
+
+        llm_judge = LLMJudge.from_env()  # open questions need a judge: fail before generating, not after
     shuffled = wrong_images(records, cfg.seed) if cfg.wrong_image_control else None
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0, batch_size=cfg.batch_size)
     out = Path(cfg.output_dir)
@@ -83,30 +91,51 @@ def run_eval(cfg: EvalPhaseConfig) -> PhaseResult:
             generator, tokenizer = make_generator(backbone), backbone.tokenizer
         else:
             generator, tokenizer = make_generator(path, engine="vllm"), None
-        report, rows = evaluate_mcq(generator, records, sampling, cfg.system_prompt, tokenizer,
-                                    yesno_mode=cfg.yesno_mode)
-        write_results(out / label, report, rows, title=f"{label}: {Path(cfg.data).name}")
-        summary[label] = {**asdict(report), "checkpoint": str(path)}
-        correct[label] = [r.correct for r in rows]
+
+        options = dict(system_prompt=cfg.system_prompt, tokenizer=tokenizer, llm_judge=llm_judge, scorer=cfg.scorer,
+                       seed=cfg.seed)
+        report, rows = evaluate_benchmark(bench, records, generator, sampling, **options)
+        write_results(out / label, report, rows, f"{label}: {Path(cfg.data).name}")
+        summary[label] = {**checkpoint_numbers(report), "checkpoint": str(path)}
+        correct[label] = [bool(r.correct) for r in rows]
         if shuffled is not None:
-            control, control_rows = evaluate_mcq(generator, shuffled, sampling, cfg.system_prompt, tokenizer,
-                                                 yesno_mode=cfg.yesno_mode)
-            write_results(out / label / "wrong_image", control, control_rows, title=f"{label}: images shuffled")
-            summary[label]["wrong_image_accuracy"] = control.accuracy
+            control, control_rows = evaluate_benchmark(bench, shuffled, generator, sampling, **options)
+            write_results(out / label / "wrong_image", control, control_rows, f"{label}: images shuffled")
+            summary[label]["wrong_image_accuracy"] = control["overall"]["accuracy"]
         summary[label]["seconds"] = round(time.time() - t0, 2)
-        print(f"[eval] {label}: accuracy={report.accuracy:.3f} strict={report.strict_accuracy:.3f} "
-              f"format={report.format_rate:.3f} wrong-image={summary[label].get('wrong_image_accuracy', 'n/a')} "
-              f"(image-blind chance {report.chance:.3f}, n={report.n})", flush=True)
+        s = summary[label]
+        print(f"[eval] {label}: accuracy={s['accuracy']:.3f} ({cfg.scorer}; official={s['official_accuracy']:.3f} "
+              f"corrected={s['corrected_accuracy']:.3f}) strict={s['strict_accuracy']:.3f} "
+              f"format={s['format_rate']:.3f} wrong-image={s.get('wrong_image_accuracy', 'n/a')} "
+              f"(image-blind chance {s['chance']:.3f}, n={s['n']})", flush=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    lines = ["| checkpoint | accuracy | strict accuracy | format rate | mean tokens | chance |",
-             "|---|---|---|---|---|---|"]
-    for label, r in summary.items():
-        lines.append(f"| {label} | {r['accuracy']:.3f} | {r['strict_accuracy']:.3f} | {r['format_rate']:.3f} | "
-                     f"{r['mean_response_tokens']:.1f} | {r['chance']:.3f} |")
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    (out / "summary.md").write_text(summary_markdown(summary))
     labels = list(correct)
     paired = [mcnemar(a, b, correct[a], correct[b]) for a, b in zip(labels, labels[1:], strict=False)]
     (out / "paired.json").write_text(json.dumps(paired, indent=2) + "\n")
     with wandb_run(cfg, f"eval-{out.name}") as wandb_log:
         wandb_log(summary)
     return PhaseResult(model_dir=out, metrics={"summary": summary})
+
+
+def checkpoint_numbers(report: dict) -> dict:
+    """A checkpoint's line of the phase summary, from its scoring report: the headline accuracy over every decided
+    item (the chosen scorer's), both rules' accuracies, and the per-category and per-class numbers."""
+    overall = report["overall"]
+    return {"n": overall["n"], "accuracy": overall["accuracy"], "ci95": overall["ci95"], "scorer": report["scorer"],
+            "official_accuracy": report["official"]["accuracy"], "corrected_accuracy": report["corrected"]["accuracy"],
+            "strict_accuracy": report["strict_accuracy"] or 0.0, "format_rate": report["format_rate"],
+            "mean_response_tokens": report["mean_response_tokens"], "chance": report["chance"],
+            "uniform_chance": report["uniform_chance"], "per_category": report["groups"].get("category", {}),
+            "classes": report.get("classes")}
+
+
+def summary_markdown(summary: dict[str, dict]) -> str:
+    lines = ["| checkpoint | accuracy | official | corrected | strict accuracy | format rate | mean tokens | chance | "
+             "balanced accuracy |", "|---|---|---|---|---|---|---|---|---|"]
+    for label, r in summary.items():
+        balanced = f"{r['classes']['balanced_accuracy']:.3f}" if r.get("classes") else "-"
+        lines.append(f"| {label} | {r['accuracy']:.3f} | {r['official_accuracy']:.3f} | "
+                     f"{r['corrected_accuracy']:.3f} | {r['strict_accuracy']:.3f} | {r['format_rate']:.3f} | "
+                     f"{r['mean_response_tokens']:.1f} | {r['chance']:.3f} | {balanced} |")
+    return "\n".join(lines) + "\n"

@@ -15,7 +15,8 @@ option through option-text matching.  With `SPLIT_THINK=1` it returns the raw re
 
 Scoring through a vLLM server instead: start `vllm serve CKPT --served-model-name patho-r1` (OpenAI-compatible), then
 run VLMEvalKit's `run.py --model patho-r1 --base-url http://HOST:PORT/v1 --data PathMMU_VAL`; the same answer
-extraction applies if you post-process with `patho_r1.eval.mcq` or register this class with `engine="vllm"`.
+extraction applies if you score its predictions file with `patho-r1 eval score` or register this class with
+`engine="vllm"`.
 """
 
 from __future__ import annotations

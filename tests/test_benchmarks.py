@@ -12,14 +12,13 @@ from patho_r1.errors import DataError
 from patho_r1.eval.benchmarks import (
     BENCHMARKS,
     CHAIN_OF_DRAFT_PROMPT,
-    build_bench_request,
     evaluate_benchmark,
     get_benchmark,
     load_benchmark,
-    markdown,
 )
 from patho_r1.eval.generation import SamplingConfig
-from patho_r1.eval.matching import llava_med_normalize, llava_med_token_scores, pathmmu_choice
+from patho_r1.eval.matching import corrected_open_scores, pathmmu_choice
+from patho_r1.eval.scoring import markdown
 from patho_r1.fixtures import public_formats
 from patho_r1.fixtures.teacher import serve
 from patho_r1.rewards.parsing import REASONING_SYSTEM_PROMPT
@@ -118,22 +117,21 @@ def test_pathmmu_parser_matches_the_upstream_rules(response, letter, parsed):
         assert got == letter
 
 
-def test_llava_med_token_metrics_by_hand():
-    assert llava_med_normalize("The nodular pattern, of histiocytes.") == "nodular pattern of histiocytes"
-    s = llava_med_token_scores("The nodular pattern, of histiocytes.",
-                               "A nodular pattern of epithelioid histiocytes surrounding necrosis.")
+def test_open_token_metrics_by_hand():
+    s = corrected_open_scores("The nodular pattern, of histiocytes.",
+                              "A nodular pattern of epithelioid histiocytes surrounding necrosis.")
     # 4 shared words, none extra; 3 reference words missed
     assert s["precision"] == 1.0 and s["recall"] == pytest.approx(4 / 7) and s["f1"] == pytest.approx(8 / 11)
-    assert llava_med_token_scores("two", "2")["recall"] == 1.0  # number words become digits
-    assert llava_med_token_scores("3.5 mm", "3.5 mm")["f1"] == 1.0  # a decimal point survives
-    assert llava_med_token_scores("", "necrosis") == {"f1": 0.0, "precision": 0.0, "recall": 0.0}
+    assert corrected_open_scores("two", "2")["recall"] == 1.0  # number words become digits
+    assert corrected_open_scores("3.5 mm", "3.5 mm")["f1"] == 1.0  # a decimal point survives
+    assert corrected_open_scores("", "necrosis") == {"f1": 0.0, "precision": 0.0, "recall": 0.0, "exact_match": 0.0}
 
 
 def test_prompt_modes_set_the_system_prompt_and_the_benchmark_layout(tmp_path):
     src, _ = public_formats.pathmmu(tmp_path)
     bench = get_benchmark("pathmmu")
     record = load_benchmark(bench, src, subsets=["PubMed"]).records[0]
-    cot, cod, direct = (build_bench_request(bench, record, m).messages for m in ("cot", "cod", "direct"))
+    cot, cod, direct = (bench.request(record, m).messages for m in ("cot", "cod", "direct"))
     assert cot[0]["content"] == REASONING_SYSTEM_PROMPT and cod[0]["content"] == CHAIN_OF_DRAFT_PROMPT
     assert direct[0]["role"] == "user"  # no system prompt
     text = direct[-1]["content"][-1]["text"]
@@ -158,7 +156,9 @@ def test_pathmmu_table_by_subset_and_split_with_intervals_and_the_guess_count(tm
     report, rows = evaluate_benchmark(bench, records, model, SamplingConfig(batch_size=2))
     guess_right = random.Random(42).choice(list("ABCD")) == "C"
     assert [r.correct for r in rows] == [True, False, guess_right]
-    assert report["mcq"]["unparsed"] == 1 and report["mcq"]["n"] == 3
+    assert report["mcq"]["guessed"] == 1 and report["mcq"]["n"] == 3
+    assert report["mcq"]["unread"] == {"official": 1, "corrected": 1}
+    assert report["mcq"]["corrected"]["accuracy"] == round(1 / 3, 4)
     assert report["mcq"]["accuracy"] == round((1 + guess_right) / 3, 4)
     assert report["mcq"]["strict_accuracy"] == 0.0  # "(B)" is not the bare letter the RL reward asks for
     assert report["mcq"]["vlmeval_accuracy"] == round(1 / 3, 4)  # can_infer reads "(B)"; nothing from "not sure"
@@ -193,16 +193,18 @@ def test_pathvqa_closed_and_open_with_recall_and_a_real_judge_server(tmp_path):
     assert report["open"]["n"] == 2
     assert report["open"]["recall"] == 0.5  # 1.0 (both gold words said) and 0.0
     assert report["open"]["f1"] == 0.4  # precision 2/3, recall 1 -> 0.8; and 0
-    assert report["open"]["exact_match"] == 0.0
+    # LLaVA-Med's "exact match": 2 reference words found / 3 prediction words, and 0; ours: equality, never here
+    assert report["open"]["exact_match"] == round(2 / 3 / 2, 4) and report["open"]["corrected"]["exact_match"] == 0.0
     assert report["open"]["judge"]["accuracy"] == 0.5  # the judge accepts the hyperplasia, not the necrosis
     assert again == report and judge.cache_hits == 2  # the second run asked the judge nothing
     by_split = report["groups"]["split"]
     assert by_split["train"]["closed"]["n"] == 2 and by_split["train"]["open_n"] == 1
     assert by_split["train"]["open_recall"] == 1.0 and by_split["test"]["open_recall"] == 0.0
     assert by_split["test"]["closed"] is None and by_split["test"]["open_judge"]["accuracy"] == 0.0
-    # VLMEvalKit's own yes/no verdict compares case-sensitively: PathVQA's lower-case golds never match there
-    strict, _ = evaluate_benchmark(bench, records, model, SamplingConfig(), yesno_mode="vlmeval")
-    assert strict["closed"]["accuracy"] == 0.0
+    # the corrected scorer heads the same report with its own numbers; both columns are always there
+    corrected, _ = evaluate_benchmark(bench, records, model, SamplingConfig(), scorer="corrected")
+    assert corrected["scorer"] == "corrected" and corrected["open"]["exact_match"] == 0.0
+    assert corrected["closed"]["official"] == report["closed"]["official"]
 
 
 def test_open_answers_without_a_judge_still_get_recall_and_say_the_judge_did_not_run(tmp_path):
@@ -241,7 +243,7 @@ def test_every_registered_benchmark_names_a_known_reader_and_the_cli_offers_each
     from patho_r1.eval.cli import register
     from patho_r1.formats import FORMATS
 
-    assert {b.format for b in BENCHMARKS.values()} <= set(FORMATS)
+    assert {b.format for b in BENCHMARKS.values()} - {None} <= set(FORMATS)  # None: our own MCQ sets
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
     args = parser.parse_args(["eval", "bench", "--name", "pathmmu", "--data", "d", "--model", "m"])
@@ -254,7 +256,7 @@ def test_every_registered_benchmark_names_a_known_reader_and_the_cli_offers_each
 def test_bench_with_a_judge_then_the_rubric_cli_on_its_predictions(tiny_model_dir, tmp_path, capsys):
     """`eval bench` on PathVQA with the judge flags (a real HTTP server), then `eval rubric` on the predictions it
     wrote: ten criteria per chain, hand-computable because the scripted judge scores by rule."""
-    from patho_r1.eval.benchmarks import LoadedBenchmark, write_bench_results
+    from patho_r1.eval.scoring import write_results
     from patho_r1.launch.cli import main
 
     src, _ = public_formats.pathvqa(tmp_path / "src")
@@ -276,7 +278,7 @@ def test_bench_with_a_judge_then_the_rubric_cli_on_its_predictions(tiny_model_di
                                "nuclei": "<think>small</think><answer>x</answer>",
                                "present": "<think>pink</think><answer>x</answer>"})
         rep, rows = evaluate_benchmark(bench, records, model, SamplingConfig())
-        write_bench_results(tmp_path / "scripted", rep, rows, LoadedBenchmark(records), "scripted")
+        write_results(tmp_path / "scripted", rep, rows, "scripted")
         assert main(["eval", "rubric", "--predictions", str(tmp_path / "scripted" / "predictions.jsonl"),
                      "--judge-url", server.url, "--judge-model", "scripted", "--out", str(tmp_path / "r.json")]) == 0
     finally:

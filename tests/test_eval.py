@@ -9,9 +9,11 @@ import pytest
 
 from patho_r1.data import MCQRecord
 from patho_r1.errors import ConfigError
+from patho_r1.eval.benchmarks import evaluate_benchmark, get_benchmark
+from patho_r1.eval.generation import SamplingConfig
 from patho_r1.eval.judge import LLMJudge
 from patho_r1.eval.matching import can_infer, exact_match_mcq
-from patho_r1.eval.mcq import evaluate_mcq, judge, summarise
+from patho_r1.eval.scoring import score_responses
 from patho_r1.eval.vlmeval_hook import PathoR1VLMCore
 from patho_r1.rewards.parsing import extract_final_answer, split_thinking
 
@@ -76,12 +78,12 @@ def test_scorer_agrees_with_vlmeval_exact_matching_on_the_same_predictions():
                  "<think>lymphocytic infiltrate</think> B", "B", "<think>x</think><answer>lymphocytic "
                  "infiltrate</answer>", "<think>x</think><answer>A or B</answer>"]
     records = [_record("B") for _ in responses]
-    rows = [judge(rec, resp, 5) for rec, resp in zip(records, responses, strict=True)]
-    ours = summarise(records, rows).accuracy
+    report, rows = score_responses(get_benchmark("mcq"), records, responses)  # the official rule: VLMEvalKit's
+    ours = [r.correct for r in rows]
     # VLMEvalKit, fed what our VLMEvalKit hook returns for each response:
-    theirs = sum(can_infer(extract_final_answer(r), dict(OPTIONS)) == "B" for r in responses) / len(responses)
-    assert ours == theirs == 4 / 6
-    assert [r.strict_correct for r in rows] == [True, False, False, False, False, False]
+    theirs = [can_infer(extract_final_answer(r), dict(OPTIONS)) == "B" for r in responses]
+    assert ours == theirs and sum(ours) == 4 and report["mcq"]["accuracy"] == round(4 / 6, 4)
+    assert [r.scores["strict_correct"] for r in rows] == [True, False, False, False, False, False]
     assert [r.format_ok for r in rows] == [True, True, False, False, True, True]
 
 
@@ -157,11 +159,17 @@ class _FixedGenerator:
 
 
 def test_yes_no_and_per_category_report():
-    records = [_record("Yes", "yesno", category="x"), _record("No", "yesno", category="y")]
-    report, rows = evaluate_mcq(_FixedGenerator(["<think>t</think><answer>yes</answer>", "No."]), records)
-    assert [r.correct for r in rows] == [True, True] and [r.strict_correct for r in rows] == [True, False]
-    assert report.chance == 0.5 and report.per_category["y"]["format_rate"] == 0.0
-    assert "| x | 1 | 1.0000 | 1.0000 |" in report.markdown()
+    from patho_r1.eval.scoring import markdown
+
+    records = [_record("yes", "yesno", category="x"), _record("no", "yesno", category="y")]
+    generator = _FixedGenerator(["<think>t</think><answer>yes</answer>", "No."])
+    report, rows = evaluate_benchmark(get_benchmark("mcq"), records, generator, SamplingConfig(), scorer="corrected")
+    assert [r.correct for r in rows] == [True, True] and [r.scores["strict_correct"] for r in rows] == [True, False]
+    # VLMEvalKit's verdict, the official one for our sets, compares its "Yes"/"No" with the gold's case: never "yes"
+    assert [r.scores["official"]["correct"] for r in rows] == [False, False]
+    assert report["chance"] == 0.5 and report["groups"]["category"]["y"]["closed"]["accuracy"] == 1.0
+    assert report["closed"]["official"]["accuracy"] == 0.0 and report["closed"]["corrected"]["accuracy"] == 1.0
+    assert "| x | 1.000 [" in markdown(report, "yes/no")
 
 
 class _JudgeServer(BaseHTTPRequestHandler):
@@ -186,18 +194,18 @@ def test_open_questions_need_a_judge_and_use_it(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     generator = _FixedGenerator(["<think>t</think><answer>mucin</answer>", "<answer>fat</answer>"])
     with pytest.raises(ConfigError, match="no LLM judge configured"):
-        evaluate_mcq(generator, records)
-    assert generator.calls == 0  # failed before generating
+        LLMJudge.from_env()  # what the eval phase asks before generating for a set with open questions
     server = HTTPServer(("127.0.0.1", 0), _JudgeServer)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         monkeypatch.setenv("PATHO_JUDGE_BASE_URL", f"http://127.0.0.1:{server.server_port}/v1")
         monkeypatch.setenv("PATHO_JUDGE_MODEL", "judge")
-        report, rows = evaluate_mcq(generator, records)
+        report, rows = evaluate_benchmark(get_benchmark("mcq"), records, generator, SamplingConfig(),
+                                          llm_judge=LLMJudge.from_env())
     finally:
         server.shutdown()
-    assert [r.correct for r in rows] == [True, False] and report.accuracy == 0.5
+    assert [r.correct for r in rows] == [True, False] and report["overall"]["accuracy"] == 0.5
     with pytest.raises(ConnectionError):
         LLMJudge(base_url=f"http://127.0.0.1:{server.server_port}/v1", model="m", timeout=1,
                  max_retries=0).judge("q", "a", "b")
@@ -226,9 +234,18 @@ def test_eval_mcq_cli_writes_tables(tiny_model_dir, world_dir, tmp_path):
     out = tmp_path / "eval"
     assert main(["eval", "mcq", "--model", str(tiny_model_dir), "--data", str(world_dir / "eval/PathoSynth_MCQ.tsv"),
                  "--out", str(out), "--max-new-tokens", "8", "--limit", "6", "--label", "tiny"]) == 0
-    results = json.loads((out / "tiny/results.json").read_text())
-    assert results["report"]["n"] == 6 and len(results["rows"]) == 6
-    assert (out / "tiny/predictions.csv").is_file() and "accuracy" in (out / "summary.md").read_text()
+    report = json.loads((out / "tiny/results.json").read_text())["report"]
+    rows = (out / "tiny/predictions.jsonl").read_text().splitlines()
+    assert report["n"] == 6 and len(rows) == 6 and "accuracy" in (out / "summary.md").read_text()
+    # the phase scored through the benchmarks' path: `eval score` on its predictions gives the same numbers
+    assert main(["eval", "score", "--name", "mcq", "--data", str(world_dir / "eval/PathoSynth_MCQ.tsv"),
+                 "--predictions", str(out / "tiny/predictions.jsonl"), "--out", str(tmp_path / "score")]) == 0
+    again = json.loads((tmp_path / "score/results.json").read_text())["report"]
+    for key in ("n", "overall", "official", "corrected", "mcq", "format_rate", "mean_response_tokens", "chance"):
+        assert again[key] == report[key], key
+    total = len((world_dir / "eval/PathoSynth_MCQ.tsv").read_text().splitlines()) - 1
+    assert total > 6 and again["missing"] == total - 6 and report["missing"] == 0  # the phase scored the first 6
+    assert len((tmp_path / "score/missing.jsonl").read_text().splitlines()) == total - 6
 
 
 def test_eval_phase_names_a_bad_checkpoint_before_loading(world_dir, tmp_path):
@@ -292,7 +309,7 @@ def test_eval_phase_writes_the_control_and_the_paired_tests(tiny_model_dir, worl
     assert {"wrong_image_accuracy", "uniform_chance", "chance"} <= set(summary["a"])
     paired = json.loads((tmp_path / "paired.json").read_text())
     assert paired == [{"from": "a", "to": "b", "gained": 0, "lost": 0, "p_value": 1.0}]  # same model, same answers
-    assert (tmp_path / "a/wrong_image/predictions.csv").is_file()
+    assert (tmp_path / "a/wrong_image/predictions.jsonl").is_file()
 
 
 def test_the_judge_never_shows_its_api_key():

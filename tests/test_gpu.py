@@ -25,10 +25,11 @@ def test_grpo_with_vllm_colocate_rollouts(tiny_model_dir, world_dir, tmp_path):
 
 
 def test_vllm_generation_for_evaluation(tiny_model_dir, world_dir):
+    from patho_r1.eval.benchmarks import evaluate_benchmark, get_benchmark
     from patho_r1.eval.generation import SamplingConfig, make_generator
-    from patho_r1.eval.mcq import evaluate_mcq, load_eval_records
 
     generator = make_generator(str(tiny_model_dir), engine="vllm", gpu_memory_utilization=0.2, max_model_len=1024)
-    report, rows = evaluate_mcq(generator, load_eval_records(world_dir / "eval/PathoSynth_MCQ.tsv", 8),
-                                SamplingConfig(max_new_tokens=16))
-    assert report.n == 8 and all(isinstance(r.response, str) for r in rows)
+    bench = get_benchmark("mcq")
+    report, rows = evaluate_benchmark(bench, bench.read(world_dir / "eval/PathoSynth_MCQ.tsv", limit=8).records,
+                                      generator, SamplingConfig(max_new_tokens=16))
+    assert report["n"] == 8 and all(isinstance(r.response, str) for r in rows)

@@ -1,11 +1,12 @@
 """End-to-end learning on the tiny model (about three minutes): SFT teaches the format, GRPO and DAPO raise accuracy."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
+from patho_r1.eval.benchmarks import evaluate_benchmark, get_benchmark
 from patho_r1.eval.generation import SamplingConfig, make_generator
-from patho_r1.eval.mcq import evaluate_mcq, load_eval_records
 from patho_r1.models import load_backbone
 from patho_r1.rl.config import RLPhaseConfig
 from patho_r1.rl.grpo import run_rl
@@ -14,10 +15,11 @@ pytestmark = pytest.mark.slow
 
 
 def _score(model_dir, data, limit=None):
-    backbone = load_backbone(model_dir)
-    report, _ = evaluate_mcq(make_generator(backbone), load_eval_records(data, limit),
-                             SamplingConfig(max_new_tokens=64, batch_size=48), tokenizer=backbone.tokenizer)
-    return report
+    backbone, bench = load_backbone(model_dir), get_benchmark("mcq")
+    report, _ = evaluate_benchmark(bench, bench.read(data, limit=limit).records, make_generator(backbone),
+                                   SamplingConfig(max_new_tokens=64, batch_size=48), tokenizer=backbone.tokenizer)
+    return SimpleNamespace(accuracy=report["overall"]["accuracy"], chance=report["chance"],
+                           format_rate=report["format_rate"])
 
 
 def test_sft_teaches_the_reasoning_format(tiny_model_dir, sft_model_dir, learning_world):

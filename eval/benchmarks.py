@@ -28,7 +28,7 @@ benchmark's own instruction to answer directly): the comparison the Patho-R1 pap
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -38,7 +38,7 @@ from patho_r1.errors import DataError
 from patho_r1.eval.generation import ChatRequest, Generator, SamplingConfig
 from patho_r1.eval.mcq import build_request, response_length
 from patho_r1.eval.rules import RULES, Rules
-from patho_r1.eval.scoring import BenchRow, score_responses, score_row, write_results
+from patho_r1.eval.scoring import BenchRow, record_field, score_responses, score_row, write_results
 from patho_r1.formats import ImportOptions, get_format
 from patho_r1.progress import RowProgress
 from patho_r1.rewards.parsing import REASONING_SYSTEM_PROMPT
@@ -114,9 +114,9 @@ class Benchmark:
         request.messages[-1]["content"][-1] = {"type": "text", "text": self.prompt(record, mode)}
         return request
 
-    def score(self, record: MCQRecord, response: str, rng, **options) -> BenchRow:
-        """One response by both rules (`patho_r1.eval.scoring.score_row`)."""
-        return score_row(self, record, response, rng, **options)
+    def score(self, record: MCQRecord, response: str, rng=None, **options) -> BenchRow:
+        """One response by both rules (`patho_r1.eval.scoring.score_row`; `rng`: PathMMU's guess stream)."""
+        return score_row(self, record, response, rng=rng, **options)
 
 
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
@@ -163,27 +163,11 @@ def load_benchmark(bench: Benchmark, data: str | Path, *, images: str | Path | N
     is_tsv = data.suffix == ".tsv" or (data.is_dir() and any(data.glob("*.tsv")))
     if question_filter not in (None, "pathology"):
         raise ValueError(f"question_filter must be 'pathology' or None, got {question_filter!r}")
-    if bench.format is None and not is_tsv:  # our own MCQ JSONL: each row a record already
-        records = list(iter_records(data, "mcq", limit=limit))
-        return LoadedBenchmark(records=records) if records else _nothing(bench, data, 0, 0, split, subsets, None)
-    fmt = get_format("vlmeval-tsv" if is_tsv else bench.format)
-    opts = ImportOptions(images=Path(images) if images else None)
     out = LoadedBenchmark(records=[])
-    for label, row, raw in fmt.rows(data, opts):
-        if _outside(raw, split, subsets):  # before converting: a subset left out may lack its images
-            out.filtered += 1
-            continue
-        try:
-            converted = fmt.convert(raw, (label, row), opts)
-            converted.check_files((label, row))
-            record = parse_record({**converted.record, "images": converted.images}, "mcq", path=label, row=row)
-        except DataError as exc:
-            if on_error == "fail":
-                raise
-            out.skipped.append({"file": exc.path, "row": exc.row, "field": exc.field, "error": exc.message})
-            continue
+    for record in _records(bench, data, is_tsv, ImportOptions(images=Path(images) if images else None), split,
+                           subsets, out, on_error):
         wanted = (bench.keep is None or bench.keep(record)) \
-            and (split is None or _field(record, "split") == split) \
+            and (split is None or record_field(record, "split") == split) \
             and (not subsets or record.category in subsets) \
             and (question_filter is None or _is_pathology_question(record))
         if not wanted:
@@ -194,6 +178,29 @@ def load_benchmark(bench: Benchmark, data: str | Path, *, images: str | Path | N
             break
     return out if out.records else _nothing(bench, data, len(out.skipped), out.filtered, split, subsets,
                                             question_filter)
+
+
+def _records(bench: Benchmark, data: Path, is_tsv: bool, opts: ImportOptions, split, subsets, out: LoadedBenchmark,
+             on_error: str) -> Iterator[MCQRecord]:
+    """Every row as a record: our own MCQ JSONL row by row, else through the benchmark's import format, bad rows
+    raised or (`on_error="skip"`) noted in `out.skipped`, rows outside the split or subsets counted in `out.filtered`
+    before they are converted (a subset left out may lack its images)."""
+    if bench.format is None and not is_tsv:
+        yield from iter_records(data, "mcq")
+        return
+    fmt = get_format("vlmeval-tsv" if is_tsv else bench.format)
+    for label, row, raw in fmt.rows(data, opts):
+        if _outside(raw, split, subsets):
+            out.filtered += 1
+            continue
+        try:
+            converted = fmt.convert(raw, (label, row), opts)
+            converted.check_files((label, row))
+            yield parse_record({**converted.record, "images": converted.images}, "mcq", path=label, row=row)
+        except DataError as exc:
+            if on_error == "fail":
+                raise
+            out.skipped.append({"file": exc.path, "row": exc.row, "field": exc.field, "error": exc.message})
 
 
 def _nothing(bench: Benchmark, data: Path, bad: int, filtered: int, split, subsets, question_filter):
@@ -210,11 +217,6 @@ def _outside(raw, split: str | None, subsets: list[str] | None) -> bool:
     subset, raw_split = raw.get("_subset"), raw.get("_split") or raw.get("split")
     return bool((subsets and subset is not None and subset not in subsets)
                 or (split and raw_split is not None and str(raw_split) != split))
-
-
-def _field(record: MCQRecord, name: str) -> str | None:
-    value = getattr(record, name, None)
-    return None if value is None else str(value)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -58,11 +58,13 @@ def _verdict(v: Verdict) -> dict:
     return {"correct": v.correct, "choice": v.choice, **({"guessed": True} if v.guessed else {}), **v.metrics}
 
 
-def score_row(bench: Benchmark, record: MCQRecord, response: str, rng: random.Random, *, scorer: str = "official",
-              n_tokens: int = 0, judge_verdict: bool | None = None) -> BenchRow:
-    """One response, by both rules.  `rng` is the official PathMMU rule's random stream: one per run, in row order."""
+def score_row(bench: Benchmark, record: MCQRecord, response: str, n_tokens: int = 0, rng: random.Random | None = None,
+              *, scorer: str = "official", judge_verdict: bool | None = None) -> BenchRow:
+    """One response, by both rules.  `rng` is the official PathMMU rule's random stream: one per run, shared by the
+    rows in order (`score_responses` keeps it); without one, a fresh stream seeded 42."""
     if scorer not in SCORERS:
         raise ValueError(f"scorer must be one of {SCORERS}, got {scorer!r}")
+    rng = rng if rng is not None else random.Random(42)
     prediction = extract_final_answer(response)
     official, corrected = bench.rules.official(record, prediction, rng), bench.rules.corrected(record, prediction)
     chosen = official if scorer == "official" else corrected
@@ -72,17 +74,18 @@ def score_row(bench: Benchmark, record: MCQRecord, response: str, rng: random.Ra
         scores["vlmeval_correct"] = exact_match_mcq(prediction, record.options, record.answer)
     elif record.answer_type == "yesno":
         scores["strict_correct"] = score_yesno(extract_answer(response), record.answer) == 1.0
-    else:
-        scores["judge"] = judge_verdict
+    else:  # the headline rule's token metrics stand at the top too, as the open numbers of the report do
+        scores.update({m: chosen.metrics[m] for m in OPEN_METRICS}, judge=judge_verdict)
     correct = chosen.correct if record.answer_type in ("mcq", "yesno") else judge_verdict
-    return BenchRow(id=str(record.id), groups={g: _field(record, g) for g in bench.groups}, question=record.question,
-                    answer_type=record.answer_type, answer=record.answer, options=dict(record.options),
-                    prediction=prediction, response=response,
-                    correct=correct, format_ok=is_strict_format(response), response_tokens=n_tokens,
-                    choice=chosen.choice, scores=scores)
+    return BenchRow(id=str(record.id), groups={g: record_field(record, g) for g in bench.groups},
+                    question=record.question, answer_type=record.answer_type, answer=record.answer,
+                    options=dict(record.options), prediction=prediction, response=response, correct=correct,
+                    format_ok=is_strict_format(response), response_tokens=n_tokens, choice=chosen.choice,
+                    scores=scores)
 
 
-def _field(record: MCQRecord, name: str) -> str | None:
+def record_field(record: MCQRecord, name: str) -> str | None:
+    """A record's field as text (None when absent): what the tables group by."""
     value = getattr(record, name, None)
     return None if value is None else str(value)
 
@@ -100,8 +103,9 @@ def score_responses(bench: Benchmark, records: list[MCQRecord], responses: list[
     rows = []
     for k, i in enumerate(answered):
         known = token_counts[i] if token_counts else None
-        rows.append(score_row(bench, records[i], responses[i], rng, scorer=scorer, judge_verdict=verdicts.get(k),
-                              n_tokens=known if known is not None else count(responses[i])))
+        n_tokens = known if known is not None else count(responses[i])
+        rows.append(score_row(bench, records[i], responses[i], n_tokens, rng, scorer=scorer,
+                              judge_verdict=verdicts.get(k)))
     missing = [str(records[i].id) for i, resp in enumerate(responses) if resp is None]
     if not rows:
         raise ValueError(f"{bench.name}: none of the {len(records)} items has a prediction")

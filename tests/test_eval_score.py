@@ -150,3 +150,18 @@ def test_a_knowledge_set_gets_no_class_table():
                for i in range(40)]
     report, _ = score_responses(get_benchmark("mcq"), records, ["A"] * 40)
     assert "classes" not in report  # 40 gold texts: options are free text, not classes
+
+
+def test_subsets_of_our_own_sets_are_honoured_and_the_rest_counted_outside(tmp_path):
+    rows = [{"id": f"q{i}", "question": "Which tissue?", "options": {"A": "stroma", "B": "necrosis"}, "answer": "A",
+             "category": "ab"[i % 2]} for i in range(4)]
+    data = tmp_path / "set.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text("".join(json.dumps({"id": f"q{i}", "prediction": "A"}) + "\n" for i in range(4)))
+    out = tmp_path / "out"
+    assert main(["eval", "score", "--name", "mcq", "--data", str(data), "--predictions", str(preds), "--subsets", "a",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "results.json").read_text())["report"]
+    assert report["n"] == 2 and report["filtered"] == 2 and report["outside_selection"] == 2
+    assert set(report["groups"]["category"]) == {"a"}

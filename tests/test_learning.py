@@ -19,7 +19,7 @@ def _score(model_dir, data, limit=None):
     report, _ = evaluate_benchmark(bench, bench.read(data, limit=limit).records, make_generator(backbone),
                                    SamplingConfig(max_new_tokens=64, batch_size=48), tokenizer=backbone.tokenizer)
     return SimpleNamespace(accuracy=report["overall"]["accuracy"], chance=report["chance"],
-                           format_rate=report["format_rate"])
+                           format_rate=report["format_rate"], strict_accuracy=report["strict_accuracy"])
 
 
 def test_sft_teaches_the_reasoning_format(tiny_model_dir, sft_model_dir, learning_world):

@@ -132,7 +132,8 @@ def _cmd_submit(args) -> int:
     from patho_r1.launch.submit import submit
 
     return submit(args.recipe, address=args.address, phases=args.phases, resume=args.resume,
-                  extra_pip=args.pip, wait=not args.no_wait)
+                  extra_pip=args.pip, wait=not args.no_wait, output_root=args.output_root,
+                  stop_on_interrupt=args.stop_on_interrupt)
 
 
 def _register_run(sub) -> None:
@@ -166,7 +167,11 @@ def _register_run(sub) -> None:
     s.add_argument("--phases")
     s.add_argument("--resume", action="store_true")
     s.add_argument("--pip", action="append", default=[], help="extra pip requirement for the job's runtime env")
+    s.add_argument("--output-root", help="where the run writes, an absolute path on storage every node shares "
+                   "(default: the recipe's output_root, which must then be absolute)")
     s.add_argument("--no-wait", action="store_true", help="return after submission instead of tailing the logs")
+    s.add_argument("--stop-on-interrupt", action="store_true",
+                   help="Ctrl-C stops the job too (default: the job keeps running; the command says how to follow it)")
     s.set_defaults(func=_cmd_submit)
 
 

@@ -117,7 +117,7 @@ def _worker_env(plan: Plan) -> dict[str, str]:
 
 
 def init_ray(plan: Plan, verbose: bool = False) -> bool:
-    """Start (or join) Ray; True when this call started it.
+    """Start (or join) Ray; True when this call started it (or connected: `ray.shutdown` then disconnects).
 
     Worker output stays in the workers' log files unless `verbose` (`log_to_driver`).  The dashboard runs, on
     localhost: Ray Train's placement-group cleaner asks the State API, which the dashboard serves, every second
@@ -129,7 +129,9 @@ def init_ray(plan: Plan, verbose: bool = False) -> bool:
         return False
     if not verbose:
         route_ray_logging_to_file()
-    address = plan.recipe.resources.ray_address
+    # Inside a Ray job (`patho-r1 submit`) Ray sets RAY_ADDRESS for the driver: join that cluster, never start one
+    # (and pass no local resource counts, which Ray refuses when connecting).
+    address = plan.recipe.resources.ray_address or os.environ.get("RAY_ADDRESS")
     kwargs = dict(log_to_driver=verbose, logging_level=logging.DEBUG if verbose else logging.INFO,
                   configure_logging=verbose, runtime_env={"env_vars": _worker_env(plan)})
     if address:

@@ -1,0 +1,84 @@
+"""Run inside `unshare --net --pid --fork --mount-proc` by tests/test_submit.py: bring loopback up, start a one-node
+Ray cluster in a temporary folder, and drive `patho-r1 submit` against it three times (a first run, a `--resume`, a
+run interrupted with Ctrl-C while tailing); with a second recipe, join a second node and submit it (a phase whose
+workers must land on different nodes); print one JSON line with each step's exit code and output.  The network
+namespace has loopback only, so the head's ports are reachable from nowhere else, and `ray stop` sees only this
+namespace's processes.
+
+    python tests/ray_cluster.py RECIPE OUTPUT_ROOT RAY_TEMP_DIR [SPREAD_RECIPE SPREAD_OUTPUT_ROOT]
+
+RAY_TEMP_DIR must be short: Ray's Unix sockets live under it, and a socket path may not pass 107 bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ADDRESS = "http://127.0.0.1:8265"
+RAY = str(Path(sys.executable).parent / "ray")  # the environment's own ray, whether or not its bin is on PATH
+
+
+def submit(recipe: str, out: str, *extra: str, timeout: float = 420) -> dict:
+    done = subprocess.run([sys.executable, "-m", "patho_r1.launch.cli", "submit", recipe, "--address", ADDRESS,
+                           "--output-root", out, *extra], capture_output=True, text=True, timeout=timeout)
+    return {"rc": done.returncode, "out": done.stdout[-6000:], "err": done.stderr[-3000:]}
+
+
+def interrupted(recipe: str, out: str) -> dict:
+    """Submit, wait for the job's first log line, press Ctrl-C; then wait for the job itself to end."""
+    proc = subprocess.Popen([sys.executable, "-m", "patho_r1.launch.cli", "submit", recipe, "--address", ADDRESS,
+                             "--output-root", out, "--phases", "eval"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    seen = ""
+    deadline = time.time() + 120
+    while "[run]" not in seen and time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen += line
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    job = next((w for w in (seen + stdout).split() if w.startswith("raysubmit_")), None)
+    if job:  # the job kept running: let it finish before the cluster goes
+        subprocess.run([RAY, "job", "logs", "-f", job, "--address", ADDRESS], capture_output=True, timeout=300)
+    return {"rc": proc.returncode, "out": (seen + stdout)[-3000:], "err": stderr[-3000:], "job": job}
+
+
+def main() -> int:
+    recipe, out, temp = sys.argv[1:4]
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    Path(temp).mkdir(parents=True, exist_ok=True)
+    # the head runs from an activated environment, as on a real node: a job's `python` is that environment's
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    started = subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", "--port=6379",
+                              "--dashboard-host=127.0.0.1", "--dashboard-port=8265", "--num-cpus=2",
+                              f"--temp-dir={temp}", "--disable-usage-stats"], capture_output=True, text=True, env=env)
+    if started.returncode:
+        print(f"ray start failed:\n{started.stdout[-3000:]}\n{started.stderr[-3000:]}", file=sys.stderr)
+        return 1
+    try:
+        steps = {"first": submit(recipe, out)}
+        steps["resumed"] = submit(recipe, out, "--resume")
+        steps["interrupted"] = interrupted(recipe, out)
+        if len(sys.argv) > 5:  # a second node (its own raylet, one CPU), then a phase spread over both nodes
+            joined = subprocess.run([RAY, "start", "--address=127.0.0.1:6379", "--node-ip-address=127.0.0.1",
+                                     "--num-cpus=1", "--disable-usage-stats"], capture_output=True, text=True,
+                                    env=env)
+            steps["second_node"] = {"rc": joined.returncode, "out": joined.stdout[-2000:],
+                                    "err": joined.stderr[-2000:]}
+            steps["spread"] = submit(sys.argv[4], sys.argv[5])
+    finally:
+        subprocess.run([RAY, "stop", "--force"], capture_output=True)  # this PID namespace's Ray only
+    print(json.dumps(steps))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,7 +1,8 @@
 """Run inside `unshare --net --pid --fork --mount-proc` by tests/test_submit.py: bring loopback up, start a one-node
 Ray cluster in a temporary folder, and drive `patho-r1 submit` against it three times (a first run, a `--resume`, a
 run interrupted with Ctrl-C while tailing); with a second recipe, join a second node and submit it (a phase whose
-workers must land on different nodes); print one JSON line with each step's exit code and output.  The network
+workers must land on different nodes); then restart the head with token auth and submit from a client without it;
+print one JSON line with each step's exit code and output.  The network
 namespace has loopback only, so the head's ports are reachable from nowhere else, and `ray stop` sees only this
 namespace's processes.
 
@@ -50,6 +51,23 @@ def interrupted(recipe: str, out: str) -> dict:
     return {"rc": proc.returncode, "out": (seen + stdout)[-3000:], "err": stderr[-3000:], "job": job}
 
 
+def token_auth(recipe: str, out: str, temp: str, env: dict) -> dict:
+    """A head started with token auth, and a client that has not turned it on: the refusal must be one line."""
+    token_env = {**env, "RAY_AUTH_MODE": "token"}
+    subprocess.run([RAY, "get-auth-token", "--generate"], capture_output=True, env=token_env, check=True)
+    subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", "--port=6379", "--dashboard-host=127.0.0.1",
+                    "--dashboard-port=8265", "--num-cpus=1", f"--temp-dir={temp}", "--disable-usage-stats"],
+                   capture_output=True, env=token_env, check=True)
+    try:
+        client_env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+        done = subprocess.run([sys.executable, "-m", "patho_r1.launch.cli", "submit", recipe, "--address", ADDRESS,
+                               "--output-root", out, "--no-wait"], capture_output=True, text=True, timeout=120,
+                              env=client_env)
+    finally:
+        subprocess.run([RAY, "stop", "--force"], capture_output=True)
+    return {"rc": done.returncode, "out": done.stdout[-2000:], "err": done.stderr[-2000:]}
+
+
 def main() -> int:
     recipe, out, temp = sys.argv[1:4]
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
@@ -76,6 +94,7 @@ def main() -> int:
             steps["spread"] = submit(sys.argv[4], sys.argv[5])
     finally:
         subprocess.run([RAY, "stop", "--force"], capture_output=True)  # this PID namespace's Ray only
+    steps["token_auth"] = token_auth(recipe, out, temp, env)
     print(json.dumps(steps))
     return 0
 

@@ -115,7 +115,7 @@ def _namespaces_available() -> bool:
 
 
 @pytest.mark.slow
-def test_submit_on_a_real_cluster_writes_to_output_root_resumes_survives_ctrl_c_and_spreads_over_two_nodes(tmp_path):
+def test_submit_on_a_real_cluster_writes_to_output_root_resumes_survives_ctrl_c_spreads_and_names_token_auth(tmp_path):
     if not _namespaces_available():
         if os.environ.get("CI"):
             pytest.fail("CI runs as root with unshare and ip (iproute2): the cluster test must run there")
@@ -151,3 +151,7 @@ def test_submit_on_a_real_cluster_writes_to_output_root_resumes_survives_ctrl_c_
     assert steps["interrupted"]["rc"] == 130
     assert "keeps running" in steps["interrupted"]["err"] and "ray job stop" in steps["interrupted"]["err"]
     assert "Traceback" not in steps["interrupted"]["err"]
+    # a cluster that asks for token auth, a client without it: exit 2 and one line naming the variables to set
+    auth = steps["token_auth"]
+    assert auth["rc"] == 2 and "Traceback" not in auth["err"] and len(auth["err"].strip().splitlines()) == 1, auth
+    assert "export RAY_AUTH_MODE=token" in auth["err"]

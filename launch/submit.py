@@ -33,8 +33,9 @@ from pathlib import Path
 
 import yaml
 
+from patho_r1.config import is_local_model_path, read_yaml
 from patho_r1.errors import ConfigError, PathoError
-from patho_r1.launch.recipe import Plan
+from patho_r1.launch.recipe import Plan, build_plan
 
 RECIPE_NAME = "recipe.yaml"
 _NOT_SHIPPED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
@@ -104,7 +105,7 @@ def resolve_recipe(raw: dict, recipe: Path, output_root: str | None) -> tuple[di
     warnings = []
     for section, key in (("data", "root"), ("model", "base")):
         value = (raw.get(section) or {}).get(key)
-        if not isinstance(value, str) or (section == "model" and (value == "tiny" or not _looks_local(value))):
+        if not isinstance(value, str) or (section == "model" and (value == "tiny" or not is_local_model_path(value))):
             continue
         path = Path(value).expanduser()
         path = path if path.is_absolute() else Path.cwd() / path
@@ -115,16 +116,9 @@ def resolve_recipe(raw: dict, recipe: Path, output_root: str | None) -> tuple[di
     return raw, warnings
 
 
-def _looks_local(value: str) -> bool:
-    return value.startswith((".", "/", "~")) or Path(value).expanduser().exists() or value.count("/") != 1
-
-
 def package_job(recipe: str | Path, dest: Path, *, output_root: str | None = None,
                 checkout: Path | None = None) -> JobPackage:
     """Lay out what the job ships under `dest`; the recipe is validated (and its phases planned) first."""
-    from patho_r1.config import read_yaml
-    from patho_r1.launch.recipe import build_plan
-
     recipe = Path(recipe)
     raw, warnings = resolve_recipe(read_yaml(recipe), recipe, output_root)
     plan = build_plan(raw, source=str(recipe))  # every field and phase config: a bad recipe fails here, not later

@@ -173,11 +173,15 @@ class TrainConfig(PhaseConfig):
         return {"deepspeed": self.deepspeed} if self.deepspeed else {}
 
 
+def is_local_model_path(value: str) -> bool:
+    """Whether a model reference names a local folder rather than a hub id (`org/name`)."""
+    return value.startswith((".", "/", "~")) or Path(value).exists() or value.count("/") != 1
+
+
 def check_model_reference(field: str, value: str) -> None:
     """A model given as a local path must be a checkpoint directory; `org/name` is left to the hub."""
     p = Path(value)
-    looks_local = value.startswith((".", "/", "~")) or p.exists() or value.count("/") != 1
-    if looks_local and not ((p / "config.json").is_file() or (p / "adapter_config.json").is_file()):
+    if is_local_model_path(value) and not ((p / "config.json").is_file() or (p / "adapter_config.json").is_file()):
         raise ConfigError(f"{field}: {value} is not a model directory (no config.json) and not a hub id")
 
 

@@ -167,6 +167,44 @@ def draw(report: dict, plot_dir: Path) -> dict[str, Path]:
     return {caption: path for caption, path in drawn.items() if path is not None}
 
 
+def class_lines(mcq: dict) -> list[str]:
+    """Per-class accuracy of each checkpoint scored on a classification set, its balanced accuracy, and every class
+    that fell between consecutive checkpoints by more than their 95% intervals allow (the intervals do not overlap),
+    with where its items went.  An overall gain can hide a class that collapses; this is the line that shows it."""
+    tables = {label: r["classes"] for label, r in mcq.items() if r.get("classes")}
+    if not tables:
+        return []
+    labels = list(tables)
+    names = sorted({c for t in tables.values() for c in t["per_class"]})
+
+    def cell(label: str, name: str) -> str:
+        m = tables[label]["per_class"].get(name)
+        return "-" if m is None else f"{m['accuracy']:.2f}"
+
+    lines = ["Per class (accuracy by the eval's headline rule; the confusion matrices are in each checkpoint's "
+             "results.md):", "", "| class | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(cell(label, name) for label in labels) + " |" for name in names]
+    lines += ["| balanced accuracy | " + " | ".join(f"{tables[label]['balanced_accuracy']:.3f}" for label in labels)
+              + " |", ""]
+    for before, after in zip(labels, labels[1:], strict=False):
+        for name in names:
+            old, new = tables[before]["per_class"].get(name), tables[after]["per_class"].get(name)
+            if old and new and new["ci95"][1] < old["ci95"][0]:
+                lines += [f"**{name} fell** from {old['accuracy']:.2f} ({before}) to {new['accuracy']:.2f} ({after}), "
+                          f"beyond both 95% intervals{_went_to(tables[after]['confusion'], name)}", ""]
+    return lines
+
+
+def _went_to(confusion: dict, name: str) -> str:
+    """"; answered X on k of n": the commonest wrong answer for a gold class, from a confusion matrix."""
+    row = confusion["matrix"][confusion["rows"].index(name)]
+    wrong = [(n, col) for n, col in zip(row, confusion["columns"], strict=True) if col != name and n]
+    if not wrong:
+        return ""
+    n, col = max(wrong)
+    return f"; answered {col!r} on {n} of {sum(row)}"
+
+
 def render_markdown(report: dict, figures: dict[str, Path] | None = None, root: Path | None = None) -> str:
     lines = [f"# patho-r1 run report: {report['recipe']}", "", f"recipe hash `{report['recipe_hash']}`", ""]
     if report["mcq"]:
@@ -185,6 +223,7 @@ def render_markdown(report: dict, figures: dict[str, Path] | None = None, root: 
             lines += [f"| {p['from']} | {p['to']} | {p['gained']} | {p['lost']} | {p['p_value']:.2g} |"
                       for p in report["paired"]]
             lines.append("")
+        lines += class_lines(report["mcq"])
     for name, r in report["retrieval"].items():
         lines += [f"## Composed retrieval ({name})", "",
                   "| task | Recall@1 | Recall@5 | chance@1 | R@1 / chance | simple-add R@1 |",

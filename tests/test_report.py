@@ -200,3 +200,28 @@ def test_two_eval_phases_keep_their_own_rows(run_dir):
     report = collect(run_dir)
     assert report["mcq"]["eval: sft"]["n"] == 60 and report["mcq"]["eval-curated: sft"]["n"] == 10
     assert report["paired"][0]["from"] == "eval: base"
+
+
+def test_a_class_that_falls_beyond_its_intervals_is_flagged_with_where_its_items_went():
+    from patho_r1.eval.stats import wilson_interval
+    from patho_r1.launch.report import class_lines
+
+    def classes(per_class: dict[str, tuple[int, int]], confusion_rows: list[list[int]]) -> dict:
+        return {"balanced_accuracy": round(sum(k / n for k, n in per_class.values()) / len(per_class), 4),
+                "per_class": {c: {"n": n, "accuracy": k / n, "ci95": list(wilson_interval(k, n))}
+                              for c, (k, n) in per_class.items()},
+                "confusion": {"rows": list(per_class), "columns": [*per_class, "(none)"], "matrix": confusion_rows}}
+
+    # necrosis 95/178 -> 37/178 (intervals apart: flagged), stroma 120/170 -> 170/170 (a rise), 3 classes
+    sft = classes({"necrosis": (95, 178), "stroma": (120, 170), "tumour": (50, 100)},
+                  [[95, 80, 3, 0], [50, 120, 0, 0], [10, 40, 50, 0]])
+    rl = classes({"necrosis": (37, 178), "stroma": (170, 170), "tumour": (47, 100)},
+                 [[37, 97, 40, 4], [0, 170, 0, 0], [13, 40, 47, 0]])
+    lines = class_lines({"sft": {"classes": sft}, "rl": {"classes": rl}, "base": {"classes": None}})
+    text = "\n".join(lines)
+    assert "| class | sft | rl |" in text and "| necrosis | 0.53 | 0.21 |" in text
+    assert f"| balanced accuracy | {sft['balanced_accuracy']:.3f} | {rl['balanced_accuracy']:.3f} |" in text
+    flagged = [line for line in lines if "fell" in line]
+    assert flagged == ["**necrosis fell** from 0.53 (sft) to 0.21 (rl), beyond both 95% intervals; answered "
+                       "'stroma' on 97 of 178"]  # tumour 0.50 -> 0.47 is inside the intervals: not flagged
+    assert class_lines({"sft": {"n": 3}}) == []

@@ -15,9 +15,13 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from patho_r1.data import iter_raw_rows
+from patho_r1.errors import DataError
 from patho_r1.eval.stats import wilson_interval
 from patho_r1.launch import plots
 
@@ -35,14 +39,19 @@ def collect(run_dir: str | Path) -> dict:
     state_file = run_dir / STATE_FILE
     if not state_file.is_file():
         raise FileNotFoundError(f"{run_dir}: no {STATE_FILE}; is this a `patho-r1 run` output folder?")
-    state = json.loads(state_file.read_text())
+    try:
+        state = json.loads(state_file.read_text())
+        if not isinstance(state.get("phases"), dict):
+            raise ValueError("no phases")
+    except (json.JSONDecodeError, AttributeError, ValueError) as exc:
+        raise DataError(state_file, None, None, f"not a readable run state ({exc}); the report was left as it "
+                        "was") from None
     report: dict = {"recipe": state.get("recipe", run_dir.name), "recipe_hash": state.get("recipe_hash"),
                     "mcq": {}, "paired": [], "retrieval": {}, "pathoclip": {}, "curate": {}, "wall_time_s": {},
                     "training": {}}
-    evals = [n for n, e in state["phases"].items()
-             if (Path(e.get("output_dir") or run_dir / n) / "summary.json").is_file()]
+    evals = [n for n, e in state["phases"].items() if (phase_dir(run_dir, n, e) / "summary.json").is_file()]
     for name, entry in state["phases"].items():
-        out = Path(entry.get("output_dir") or run_dir / name)
+        out = phase_dir(run_dir, name, entry)
         report["wall_time_s"][name] = round(float(entry.get("seconds", 0.0)), 1)
         rows = read_jsonl(out / "metrics.jsonl")
         if rows:
@@ -65,6 +74,18 @@ def collect(run_dir: str | Path) -> dict:
         if stages:
             report["curate"][name] = stages
     return report
+
+
+def phase_dir(run_dir: Path, name: str, entry: dict) -> Path:
+    """A phase's folder in *this* run folder: its recorded path relative to the run folder (as the runner writes it),
+    else its own folder here, else (a phase that wrote outside the run folder) the absolute path it recorded.  An
+    older state's absolute path inside a run that has since moved is never read: the copy's own files are."""
+    recorded = entry.get("output_dir")
+    if recorded and not Path(recorded).is_absolute():
+        return run_dir / recorded
+    if (run_dir / name).is_dir() or not recorded:
+        return run_dir / name
+    return Path(recorded)
 
 
 def curate_stages(out: Path) -> list[dict]:
@@ -243,7 +264,7 @@ def render_markdown(report: dict, figures: dict[str, Path] | None = None, root: 
     if figures:
         lines += ["", "## Plots", ""]
         for caption, path in figures.items():
-            lines += [f"![{caption}]({path.relative_to(root).as_posix() if root else path})", ""]
+            lines += [f"![{caption}]({Path(os.path.relpath(path, root)).as_posix() if root else path})", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -314,12 +335,28 @@ def phase_headline(out_dir: str | Path, metrics: dict) -> str:
 
 
 def write_report(run_dir: str | Path) -> dict:
-    """Collect, draw and write report.json, report.md and report.html into the run folder; returns the numbers."""
-    root = Path(run_dir)
+    """Collect, draw and write report.json, report.md, report.html and plots/ into the run folder; returns the
+    numbers.  Everything is drawn and written in a staging folder inside the run folder first and moved into place
+    only when complete, so a run that cannot be reported (a damaged state or metrics file) keeps its old report
+    byte for byte."""
+    root = Path(run_dir).resolve()
     report = collect(root)
-    figures = draw(report, root / "plots")
-    numbers = {k: v for k, v in report.items() if k != "training"}
-    (root / "report.json").write_text(json.dumps(numbers, indent=2) + "\n")
-    (root / "report.md").write_text(render_markdown(report, figures, root))
-    (root / "report.html").write_text(render_html(report, figures))
+    staging = Path(tempfile.mkdtemp(prefix=".report-", dir=root))
+    try:
+        figures = draw(report, staging / "plots")
+        # the links report.md will follow once plots/ is in place (phase figures stay where their phase wrote them)
+        placed = {caption: root / "plots" / path.relative_to(staging / "plots") if path.is_relative_to(staging)
+                  else path for caption, path in figures.items()}
+        numbers = {k: v for k, v in report.items() if k != "training"}
+        (staging / "report.json").write_text(json.dumps(numbers, indent=2) + "\n")
+        (staging / "report.md").write_text(render_markdown(report, placed, root))
+        (staging / "report.html").write_text(render_html(report, figures))
+        if (root / "plots").exists():
+            (root / "plots").rename(staging / "plots.previous")
+        if (staging / "plots").exists():
+            (staging / "plots").rename(root / "plots")
+        for name in ("report.json", "report.md", "report.html"):
+            os.replace(staging / name, root / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return numbers

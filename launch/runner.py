@@ -227,8 +227,15 @@ def _load_state(plan: Plan) -> dict:
 
 
 def _save_state(plan: Plan, state: dict) -> None:
-    path = Path(plan.recipe.output_root) / STATE_FILE
+    """run_state.json, atomically.  A phase folder inside the run folder is recorded relative to it, so a copied or
+    moved run (rsync off the cluster) still reads its own phases."""
+    root = Path(plan.recipe.output_root)
+    path = root / STATE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
+    for entry in state.get("phases", {}).values():
+        out = entry.get("output_dir")
+        if out and Path(out).is_absolute() and Path(out).is_relative_to(root):
+            entry["output_dir"] = Path(out).relative_to(root).as_posix()
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(state, indent=2) + "\n")
     os.replace(tmp, path)

@@ -225,3 +225,36 @@ def test_a_class_that_falls_beyond_its_intervals_is_flagged_with_where_its_items
     assert flagged == ["**necrosis fell** from 0.53 (sft) to 0.21 (rl), beyond both 95% intervals; answered "
                        "'stroma' on 97 of 178"]  # tumour 0.50 -> 0.47 is inside the intervals: not flagged
     assert class_lines({"sft": {"n": 3}}) == []
+
+
+@pytest.mark.parametrize("original", ["kept", "gone"])
+def test_a_copied_or_moved_run_reports_itself_and_a_damaged_one_keeps_its_report(run_dir, tmp_path, original,
+                                                                                  capsys):
+    import shutil
+
+    from patho_r1.launch.cli import main
+
+    write_report(run_dir)
+    before = (run_dir / "report.md").read_text()
+    copy = tmp_path / "elsewhere" / "demo"
+    shutil.copytree(run_dir, copy)
+    if original == "gone":  # rsync'd off the cluster: the recorded absolute paths lead nowhere
+        shutil.rmtree(run_dir)
+    else:  # the original still there, different: the copy must not read it
+        (run_dir / "eval/summary.json").write_text(json.dumps({}))
+    assert main(["report", str(copy)]) == 0
+    assert (copy / "report.md").read_text().replace(str(copy), "RUN") == before.replace(str(run_dir), "RUN")
+    assert "| sft | 60 | 0.633 |" in (copy / "report.md").read_text()
+    capsys.readouterr()
+    # a damaged folder: one line, exit 2, and the old report byte for byte, plots included
+    kept = {p: p.read_bytes() for p in [copy / "report.md", copy / "report.html", copy / "report.json",
+                                        *sorted((copy / "plots").iterdir())]}
+    (copy / "sft/metrics.jsonl").write_text('{"phase": "sft", "step": 10, "loss": \n')
+    assert main(["report", str(copy)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "sft/metrics.jsonl:1" in err and "Traceback" not in err
+    assert {p: p.read_bytes() for p in kept} == kept and not list(copy.glob(".report-*"))
+    (copy / STATE_FILE).write_text("{not json")
+    assert main(["report", str(copy)]) == 2
+    assert "run_state.json: not a readable run state" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in kept} == kept

@@ -269,36 +269,25 @@ def render_markdown(report: dict, figures: dict[str, Path] | None = None, root: 
 
 
 def render_html(report: dict, figures: dict[str, Path]) -> str:
-    """The report as one self-contained page: the markdown tables as HTML tables, the plots inline as PNG data."""
-    body = []
-    for line in render_markdown(report).splitlines():
-        if line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{html.escape(line.lstrip('# '))}</h{level}>")
-        elif line.startswith("|---"):
-            continue
-        elif line.startswith("|"):
-            cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
-            tag = "th" if not body or not body[-1].startswith("<tr") else "td"
-            body.append("<tr>" + "".join(f"<{tag}>{c}</{tag}>" for c in cells) + "</tr>")
-        elif line:
-            body.append(f"<p>{html.escape(line)}</p>")
-    page, in_table = [], False
-    for item in body:  # wrap consecutive rows in one table
-        if item.startswith("<tr") != in_table:
-            page.append("<table>" if not in_table else "</table>")
-            in_table = not in_table
-        page.append(item)
-    if in_table:
-        page.append("</table>")
+    """The report as one self-contained page that reads on a phone and a desktop: the Markdown rendered by
+    markdown-it (CommonMark plus tables: every table's header a header, code and bold as such), each table in a box
+    that scrolls sideways on its own, the plots inline as PNG data."""
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(render_markdown(report))
+    body = body.replace("<table>", "<div class='scroll'><table>").replace("</table>", "</table></div>")
     for caption, path in figures.items():
         data = base64.b64encode(path.read_bytes()).decode()
-        page.append(f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
-                    f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:.2em .6em}img{max-width:100%}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(report['recipe'])}</title>"
-            f"<style>{style}</style></head><body>{''.join(page)}</body></html>\n")
+        body += (f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
+                 f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    style = ("body{font-family:sans-serif;max-width:60em;margin:1em auto;padding:0 1em;line-height:1.4}"
+             ".scroll{overflow-x:auto;max-width:100%;margin:1em 0}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:.2em .6em;white-space:nowrap}th{background:#f3f3f3}"
+             "img{max-width:100%;height:auto}figure{margin:1em 0}p,li{overflow-wrap:anywhere}"
+             "code{background:#f3f3f3;padding:0 .2em}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'>"
+            f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<title>{html.escape(report['recipe'])}</title><style>{style}</style></head><body>{body}</body></html>\n")
 
 
 def phase_headline(out_dir: str | Path, metrics: dict) -> str:

@@ -258,3 +258,41 @@ def test_a_copied_or_moved_run_reports_itself_and_a_damaged_one_keeps_its_report
     assert main(["report", str(copy)]) == 2
     assert "run_state.json: not a readable run state" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in kept} == kept
+
+
+def _browser() -> str | None:
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.parametrize("width", [1400, 390])
+def test_the_report_page_fits_the_screen_in_a_real_browser(run_dir, tmp_path, width):
+    """Headless Chromium lays the page out at a desktop and a phone width (the page in an iframe of that width, read
+    by its parent page): nothing wider than the screen outside the tables' own scroll boxes, every image loaded,
+    every table with a header row, no raw Markdown."""
+    browser = _browser()
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI installs Debian's chromium (.ci/run): the browser check must run there")
+        pytest.skip("needs chromium (apt-get install chromium)")
+    write_report(run_dir)
+    page = (run_dir / "report.html").read_text()
+    assert "<meta name='viewport'" in page and "`" not in page and "**" not in page
+    assert page.count("<table>") == page.count("<thead>") == page.count("<div class='scroll'><table>") >= 3
+    probe = tmp_path / "probe.html"
+    probe.write_text(
+        f"<!doctype html><html><body style='margin:0'><iframe id='f' src='{(run_dir / 'report.html').as_uri()}' "
+        f"style='width:{width}px;height:900px;border:0'></iframe><script>"
+        "document.getElementById('f').addEventListener('load', () => {"
+        " const f = document.getElementById('f'), d = f.contentDocument, w = f.contentWindow;"
+        " const out = document.createElement('pre'); out.id = 'layout';"
+        " out.textContent = JSON.stringify({scroll: d.documentElement.scrollWidth, width: w.innerWidth,"
+        "   images: [...d.images].map(i => i.complete && i.naturalWidth > 0)});"
+        " document.body.appendChild(out); });</script></body></html>")
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
+                          f"--window-size={width + 100},1000", "--dump-dom", probe.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    layout = json.loads(dom.split("<pre id=\"layout\">", 1)[1].split("</pre>", 1)[0])
+    assert layout["width"] == width and layout["scroll"] <= width, layout
+    assert layout["images"] and all(layout["images"]), layout

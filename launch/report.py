@@ -24,6 +24,7 @@ from patho_r1.data import iter_raw_rows
 from patho_r1.errors import DataError
 from patho_r1.eval.stats import wilson_interval
 from patho_r1.launch import plots
+from patho_r1.launch.context import RECIPE_AS_RUN
 
 STATE_FILE = "run_state.json"
 
@@ -47,12 +48,16 @@ def collect(run_dir: str | Path) -> dict:
         raise DataError(state_file, None, None, f"not a readable run state ({exc}); the report was left as it "
                         "was") from None
     report: dict = {"recipe": state.get("recipe", run_dir.name), "recipe_hash": state.get("recipe_hash"),
+                    "context": state.get("context", {}), "phase_links": {},
                     "mcq": {}, "paired": [], "retrieval": {}, "pathoclip": {}, "curate": {}, "wall_time_s": {},
                     "training": {}}
     evals = [n for n, e in state["phases"].items() if (phase_dir(run_dir, n, e) / "summary.json").is_file()]
     for name, entry in state["phases"].items():
         out = phase_dir(run_dir, name, entry)
         report["wall_time_s"][name] = round(float(entry.get("seconds", 0.0)), 1)
+        report["phase_links"][name] = {what: os.path.relpath(out / folder, run_dir) for what, folder in
+                                       (("model", "model"), ("wandb", "wandb"), ("eval", "")) if
+                                       (out / folder).is_dir() and (folder or entry.get("type") == "eval")}
         rows = read_jsonl(out / "metrics.jsonl")
         if rows:
             report["training"][name] = {"type": entry.get("type"), "rows": rows}
@@ -226,6 +231,31 @@ def _went_to(confusion: dict, name: str) -> str:
     return f"; answered {col!r} on {n} of {sum(row)}"
 
 
+def context_lines(report: dict) -> list[str]:
+    """What produced the numbers: the recipe, times, commit, versions, machine, and per phase its wall time,
+    training speed (steps/s from its logged rows) and folders."""
+    ctx = report.get("context") or {}
+    lines = ["## Context", ""]
+    if ctx:
+        hw = ctx.get("hardware", {})
+        gpus = ", ".join(hw.get("gpus", [])) or "no GPU"
+        lines += [f"- recipe `{report['recipe']}` (hash `{report['recipe_hash']}`), as run: `{RECIPE_AS_RUN}`",
+                  f"- started {ctx.get('started', '?')}, last phase finished {ctx.get('finished', '?')}",
+                  f"- source commit `{ctx.get('commit') or 'not a git checkout'}`",
+                  f"- driver: {hw.get('host', '?')}, {hw.get('cpus', '?')} CPUs, {gpus}; {hw.get('platform', '')}",
+                  "- versions: " + ", ".join(f"{k} {v}" for k, v in ctx.get("versions", {}).items()), ""]
+    lines += ["| phase | wall time (s) | steps/s | folders |", "|---|---|---|---|"]
+    for name, seconds in report["wall_time_s"].items():
+        rows = report.get("training", {}).get(name, {}).get("rows", [])
+        steps = max((r.get("step", 0) for r in rows if isinstance(r.get("step"), (int, float))), default=0)
+        rate = f"{steps / seconds:.2f}" if steps and seconds else "-"
+        links = ", ".join(f"[{what}]({path})" for what, path in report.get("phase_links", {}).get(name, {}).items())
+        lines.append(f"| {name} | {seconds:.1f} | {rate} | {links or '-'} |")
+    total = sum(report["wall_time_s"].values())
+    lines += ["", f"Total wall time of the phases: {total:.1f} s.", ""]
+    return lines
+
+
 def render_markdown(report: dict, figures: dict[str, Path] | None = None, root: Path | None = None) -> str:
     lines = [f"# patho-r1 run report: {report['recipe']}", "", f"recipe hash `{report['recipe_hash']}`", ""]
     if report["mcq"]:
@@ -259,8 +289,7 @@ def render_markdown(report: dict, figures: dict[str, Path] | None = None, root: 
         lines += [f"## PathoCLIP ({name})", "", comparison_markdown(r["results"])]
     for name, stages in report.get("curate", {}).items():
         lines += _curate_markdown(name, stages)
-    lines += ["## Wall time", "", "| phase | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in report["wall_time_s"].items()]
+    lines += context_lines(report)
     if figures:
         lines += ["", "## Plots", ""]
         for caption, path in figures.items():

@@ -14,9 +14,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import yaml
+
 from patho_r1.checkpoint import Manifest, checkpoint_problem, lineage_digest, read_manifest, write_manifest
 from patho_r1.errors import ConfigError, PathoError
 from patho_r1.launch.console import RunConsole, driver_logging, route_ray_logging_to_file
+from patho_r1.launch.context import RECIPE_AS_RUN, now, run_context
 from patho_r1.launch.liveness import DriverLease, forget_local_ray, reap_orphans, record_local_ray
 from patho_r1.launch.phases import get_phase
 from patho_r1.launch.recipe import TINY_CLIP_DIR, Plan, PlannedPhase
@@ -284,7 +287,8 @@ def _run_locked(plan: Plan, selected: list[PlannedPhase], root: Path, resume: bo
                      f"(pids {', '.join(str(e['pid']) for e in stopped)})")
     with driver_logging(root / LOG_DIR, verbose) as log_path, DriverLease(root) as lease:
         state = _load_state(plan)
-        state.update(recipe=plan.recipe.name, recipe_hash=plan.recipe_hash)
+        state.update(recipe=plan.recipe.name, recipe_hash=plan.recipe_hash, context=run_context())
+        (root / RECIPE_AS_RUN).write_text(yaml.safe_dump(plan.recipe.model_dump(mode="json"), sort_keys=False))
         prepare_inputs(plan)
         started_ray = init_ray(plan, verbose)
         if started_ray and not plan.recipe.resources.ray_address:
@@ -300,6 +304,7 @@ def _run_locked(plan: Plan, selected: list[PlannedPhase], root: Path, resume: bo
                     _save_state(plan, state)
                     raise
                 state["phases"][phase.name] = asdict(outcomes[-1])
+                state["context"]["finished"] = now()
                 _save_state(plan, state)
         finally:
             _keep_ray_logs(root / LOG_DIR / "ray")

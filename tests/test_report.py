@@ -296,3 +296,20 @@ def test_the_report_page_fits_the_screen_in_a_real_browser(run_dir, tmp_path, wi
     layout = json.loads(dom.split("<pre id=\"layout\">", 1)[1].split("</pre>", 1)[0])
     assert layout["width"] == width and layout["scroll"] <= width, layout
     assert layout["images"] and all(layout["images"]), layout
+
+
+def test_the_context_section_names_what_produced_the_numbers(run_dir):
+    from patho_r1.launch.context import run_context
+
+    context = run_context()
+    assert {"torch", "transformers", "trl", "ray", "patho-r1"} <= set(context["versions"])
+    assert context["hardware"]["cpus"] == os.cpu_count()
+    state = json.loads((run_dir / STATE_FILE).read_text())
+    state["context"] = {**context, "finished": "later"}
+    (run_dir / STATE_FILE).write_text(json.dumps(state))
+    write_report(run_dir)
+    text = (run_dir / "report.md").read_text()
+    assert f"- source commit `{context['commit'] or 'not a git checkout'}`" in text
+    assert f"torch {context['versions']['torch']}" in text and "last phase finished later" in text
+    # steps/s from the phase's own rows: sft logged up to step 30 in 11 s
+    assert f"| sft | 11.0 | {30 / 11:.2f} |" in text

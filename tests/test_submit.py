@@ -140,6 +140,7 @@ def test_submit_on_a_real_cluster_writes_to_output_root_resumes_survives_ctrl_c_
     steps = json.loads(result.stdout.strip().splitlines()[-1])
     assert steps["first"]["rc"] == 0 and "SUCCEEDED" in steps["first"]["out"]
     assert (out / "report.md").is_file() and (out / "eval" / "summary.json").is_file()  # on the shared path
+    assert (out / "recipe.as-run.yaml").is_file() and "## Context" in (out / "report.md").read_text()
     state = json.loads((out / "run_state.json").read_text())
     assert state["phases"]["eval"]["status"] == "done"
     assert steps["resumed"]["rc"] == 0 and "skipped" in steps["resumed"]["out"]

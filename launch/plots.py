@@ -128,6 +128,29 @@ def accuracy(summary: dict[str, dict], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def confusion(table: dict, path: Path, title: str) -> Path | None:
+    """A checkpoint's confusion matrix on a classification set (`rows`: gold classes, `columns`: the option answered,
+    `(none)` for no option read), each row as shares of its gold class, the counts written in the cells."""
+    rows, columns, matrix = table.get("rows"), table.get("columns"), table.get("matrix")
+    if not rows or not matrix:
+        return None
+    shares = [[n / max(sum(row), 1) for n in row] for row in matrix]
+    fig, ax = _figure(1.0 * len(columns) + 3, 0.55 * len(rows) + 2)
+    image = ax.imshow(shares, vmin=0, vmax=1, cmap="Blues", aspect="auto")
+    for i, row in enumerate(matrix):
+        for j, n in enumerate(row):
+            if n:
+                ax.text(j, i, str(n), ha="center", va="center", fontsize=8,
+                        color="white" if shares[i][j] > 0.5 else "black")
+    ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    ax.set_xlabel("answered")
+    ax.set_ylabel("gold class")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="share of the gold class")
+    return _save(fig, path)
+
+
 def retrieval(tasks: dict[str, dict], path: Path, title: str = "embed") -> Path | None:
     """Recall@1/5/10 per composed-retrieval task, beside the simple-add baseline's R@1 and chance."""
     if not tasks:

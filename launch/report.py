@@ -184,6 +184,11 @@ def draw(report: dict, plot_dir: Path) -> dict[str, Path]:
         drawn[f"{name}: DAPO filtered fraction and rounds"] = plots.dynamic_sampling(
             rows, plot_dir / f"{name}_dynamic_sampling.png", name)
     drawn["held-out accuracy per checkpoint"] = plots.accuracy(report["mcq"], plot_dir / "accuracy.png")
+    for label, r in report["mcq"].items():
+        if r.get("classes"):
+            slug = "".join(ch if ch.isalnum() else "_" for ch in label)
+            drawn[f"{label}: confusion matrix (held-out MCQ)"] = plots.confusion(
+                r["classes"]["confusion"], plot_dir / f"confusion_{slug}.png", f"{label}: gold class x answer")
     for name, r in report["pathoclip"].items():
         if Path(r["plot"]).is_file():
             drawn[f"{name}: PathoCLIP few-shot linear probe"] = Path(r["plot"])

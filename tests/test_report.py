@@ -313,3 +313,16 @@ def test_the_context_section_names_what_produced_the_numbers(run_dir):
     assert f"torch {context['versions']['torch']}" in text and "last phase finished later" in text
     # steps/s from the phase's own rows: sft logged up to step 30 in 11 s
     assert f"| sft | 11.0 | {30 / 11:.2f} |" in text
+
+
+def test_a_confusion_matrix_is_drawn_for_each_checkpoint_scored_on_a_classification_set(run_dir):
+    summary = json.loads((run_dir / "eval/summary.json").read_text())
+    summary["sft"]["classes"] = {"balanced_accuracy": 0.6, "per_class": {
+        c: {"n": 30, "accuracy": a, "ci95": [a - 0.1, a + 0.1]} for c, a in (("necrosis", 0.4), ("stroma", 0.8))},
+        "confusion": {"rows": ["necrosis", "stroma"], "columns": ["necrosis", "stroma", "(none)"],
+                      "matrix": [[12, 17, 1], [6, 24, 0]]}}
+    (run_dir / "eval/summary.json").write_text(json.dumps(summary))
+    write_report(run_dir)
+    assert (run_dir / "plots/confusion_sft.png").stat().st_size > 1000
+    assert not (run_dir / "plots/confusion_base.png").exists()  # base has no class table
+    assert "](plots/confusion_sft.png)" in (run_dir / "report.md").read_text()

@@ -119,6 +119,12 @@ def _worker_env(plan: Plan) -> dict[str, str]:
     return env
 
 
+def cluster_address(plan: Plan) -> str | None:
+    """The cluster to join: the recipe's `ray_address`, else RAY_ADDRESS, which Ray sets for a job's driver (`patho-r1
+    submit`); None: start a local Ray.  Joining passes no local resource counts, which Ray refuses when connecting."""
+    return plan.recipe.resources.ray_address or os.environ.get("RAY_ADDRESS")
+
+
 def init_ray(plan: Plan, verbose: bool = False) -> bool:
     """Start (or join) Ray; True when this call started it (or connected: `ray.shutdown` then disconnects).
 
@@ -132,9 +138,7 @@ def init_ray(plan: Plan, verbose: bool = False) -> bool:
         return False
     if not verbose:
         route_ray_logging_to_file()
-    # Inside a Ray job (`patho-r1 submit`) Ray sets RAY_ADDRESS for the driver: join that cluster, never start one
-    # (and pass no local resource counts, which Ray refuses when connecting).
-    address = plan.recipe.resources.ray_address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(plan)
     kwargs = dict(log_to_driver=verbose, logging_level=logging.DEBUG if verbose else logging.INFO,
                   configure_logging=verbose, runtime_env={"env_vars": _worker_env(plan)})
     if address:
@@ -291,7 +295,7 @@ def _run_locked(plan: Plan, selected: list[PlannedPhase], root: Path, resume: bo
         (root / RECIPE_AS_RUN).write_text(yaml.safe_dump(plan.recipe.model_dump(mode="json"), sort_keys=False))
         prepare_inputs(plan)
         started_ray = init_ray(plan, verbose)
-        if started_ray and not plan.recipe.resources.ray_address:
+        if started_ray and not cluster_address(plan):  # only a Ray we started is ours to stop after a crash
             record_local_ray(root)
         outcomes: list[PhaseOutcome] = []
         try:

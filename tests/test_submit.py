@@ -107,6 +107,12 @@ def test_submission_failures_are_one_line(args, needle, tmp_path, capsys):
 # A real cluster: `ray start --head` inside its own network (loopback only) and PID namespaces
 # ----------------------------------------------------------------------------------------------------------------------
 
+def _clean_env(**extra: str) -> dict[str, str]:
+    """This environment without Ray's variables: an earlier test's local Ray (token auth on, an address) must not
+    reach the test cluster, which starts as a new user's would."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, **extra}
+
+
 def _namespaces_available() -> bool:
     if not (shutil.which("unshare") and shutil.which("ip")) or os.geteuid() != 0:
         return False
@@ -133,7 +139,7 @@ def test_submit_on_a_real_cluster_writes_to_output_root_resumes_survives_ctrl_c_
             ["unshare", "--net", "--pid", "--fork", "--mount-proc", sys.executable,
              str(ROOT / "tests" / "ray_cluster.py"), str(recipe), str(out), ray_temp, str(spread), str(spread_out)],
             capture_output=True, text=True, timeout=600, cwd=tmp_path,
-            env={**os.environ, "HOME": str(tmp_path), "WANDB_MODE": "disabled"})
+            env=_clean_env(HOME=str(tmp_path), WANDB_MODE="disabled"))
     finally:
         shutil.rmtree(ray_temp, ignore_errors=True)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

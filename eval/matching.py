@@ -120,13 +120,19 @@ def vlmeval_yesno_correct(prediction: str, gold: str) -> bool:
     return vlmeval_yesno_extract(prediction) == str(gold)
 
 
+def exact_option(response: str, options: dict[str, str]) -> str | None:
+    """The option whose whole text the response is (any case, outer spaces and end punctuation aside), or None: the
+    credit both corrected MCQ rules give first."""
+    said = response.strip().strip(".,!?;:'\"").strip().lower()
+    return next((k for k, v in options.items() if v.strip().lower() == said), None) if said else None
+
+
 def corrected_exact_mcq(prediction: str, choices: dict[str, str]) -> str | None:
     """Our corrected reading of a VLMEvalKit-set answer: a response that is exactly an option's text (any case, outer
     spaces and end punctuation aside), else a letter answer form ("B", "(B) text", "B.", "Answer: B", "Option B": the
     RL reward's lenient rule), else `can_infer`; the letter, or None.  It credits the forms the matcher misses and
     never reads a letter from the middle of a sentence."""
-    said = prediction.strip().strip(".,!?;:'\"").strip().lower()
-    exact = next((k for k, v in choices.items() if v.strip().lower() == said), None) if said else None
+    exact = exact_option(prediction, choices)
     if exact is not None:
         return exact
     lead = next((k for k in choices if score_mcq(prediction, k, "lenient") == 1.0), None)
@@ -205,8 +211,7 @@ def corrected_mcq(response: str, options: dict[str, str], gold: str) -> PathMMUV
     """Our corrected MCQ rule, for every benchmark, on PathMMU's parser: whole option texts; a response that is
     exactly one option's text (any case, outer spaces and end punctuation aside) picks it; nothing read is wrong,
     never a coin toss."""
-    said = response.strip().strip(".,!?;:'\"").strip().lower()
-    letter = next((k for k, v in options.items() if v.strip().lower() == said), None) if said else None
+    letter = exact_option(response, options)
     if letter is None:
         letter = pathmmu_parse(response, options)
     return PathMMUVerdict(letter == gold, letter, letter is not None)

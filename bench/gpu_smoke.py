@@ -37,7 +37,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("sft", "rl", "zero2", "zero3")
+PARTS = ("sft", "sft_packed", "rl", "zero2", "zero3")
 SHAPES = {"3b": "Qwen/Qwen2.5-VL-3B-Instruct", "7b": "Qwen/Qwen2.5-VL-7B-Instruct", "tiny": None}
 
 
@@ -111,7 +111,9 @@ def phase_configs(model_dir: Path, world: Path, out: Path, on_gpu: bool, steps: 
     rl = dict(common, learning_rate=1e-6, data=str(world / "rl/train.jsonl"), output_dir=str(out / "rl"),
               algorithm="dapo", num_generations=8, per_device_train_batch_size=16,
               max_completion_length=128 if on_gpu else 16)
-    raw = {"sft": (SFTPhaseConfig, dict(sft, output_dir=str(out / "sft"))), "rl": (RLPhaseConfig, rl)}
+    raw = {"sft": (SFTPhaseConfig, dict(sft, output_dir=str(out / "sft"))),
+           "sft_packed": (SFTPhaseConfig, dict(sft, output_dir=str(out / "sft_packed"), packing=True)),
+           "rl": (RLPhaseConfig, rl)}
     for stage in (2, 3):
         raw[f"zero{stage}"] = (SFTPhaseConfig, dict(sft, output_dir=str(out / f"zero{stage}"),
                                                      deepspeed=str(ROOT / f"recipes/deepspeed/zero{stage}.json")))
@@ -255,11 +257,13 @@ def run_sft_part(cfg, model_dir: Path, gpu_name: str | None, profile: bool) -> d
     tok = sum(per_step[warm:timed]) / max(1, timed - warm)
     result = {"s_per_step": round(seconds, 4), "tokens_per_step": round(tok, 1),
               "tokens_per_s": round(tok / seconds, 1), "steps": len(clock.times)}
-    params = sum(p.numel() for p in trainer.model.parameters())
+    # MFU as EasyR1 and LMMs-Engine count it: 6 x the language model's parameters (the vision tower left out).
+    params = sum(p.numel() for name, p in trainer.model.named_parameters() if "visual" not in name)
+    result["llm_parameters"] = params
     if gpu_name:
         from patho_r1.launch.planner import GPUS
 
-        result["mfu"] = round(6 * params * tok / seconds / (GPUS[gpu_name].bf16_tflops * 1e12), 4)
+        result["mfu_llm"] = round(6 * params * tok / seconds / (GPUS[gpu_name].bf16_tflops * 1e12), 4)
         result["measured_peak_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
         result["measured_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     if profiler:

@@ -124,7 +124,11 @@ class TrainConfig(PhaseConfig):
     num_train_epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(-1, description="> 0 overrides epochs; -1: train num_train_epochs")
     max_length: int | None = Field(2048, gt=0)
-    attn_implementation: str | None = None
+    attn_implementation: str | None = Field(
+        None, description="the language model's attention; None/auto: flash_attention_2 where flash-attn is "
+        "installed on a GPU, else sdpa")
+    vision_attention: Literal["auto", "batched", "varlen", "flash_attn", "transformers"] = Field(
+        "auto", description="the vision tower's attention (patho_r1.attention); auto: the fastest this machine has")
     gradient_checkpointing: bool = False
     lora: LoraSpec | None = None
     merge_lora: bool = Field(False, description="merge the LoRA adapter into the saved final model")

@@ -19,6 +19,8 @@ from transformers import (
     Qwen2_5_VLProcessor,
 )
 
+from patho_r1.attention import apply_vision_attention, resolve_text_attention
+
 
 class Qwen2_5_VLImageOnlyProcessor(Qwen2_5_VLProcessor):
     """`Qwen2_5_VLProcessor` without the video sub-processor.
@@ -112,6 +114,8 @@ def load_backbone(
     *,
     dtype: str | torch.dtype | None = "auto",
     attn_implementation: str | None = None,
+    vision_attention: str = "auto",
+    on_gpu: bool | None = None,
     device_map: str | dict | None = None,
     min_pixels: int | None = None,
     max_pixels: int | None = None,
@@ -119,26 +123,29 @@ def load_backbone(
 ) -> Backbone:
     """Load a Qwen2.5-VL checkpoint (hub id or local `save_pretrained` directory) and its processor.
 
-    `attn_implementation="flash_attention_2"` is for GPU recipes; on CPU leave it None (sdpa).
+    `attn_implementation` is the language model's (None or "auto": flash_attention_2 where flash-attn is installed on
+    a GPU, else SDPA); `vision_attention` the vision tower's (see `patho_r1.attention`).  `on_gpu`: whether the model
+    will run on a GPU (None: whether one is visible).
     """
     path = str(path_or_name)
     local = Path(path)
     if (local / "adapter_config.json").is_file():
         return _load_adapter_checkpoint(local, dtype=dtype, attn_implementation=attn_implementation,
-                                        device_map=device_map, min_pixels=min_pixels, max_pixels=max_pixels,
-                                        padding_side=padding_side)
+                                        vision_attention=vision_attention, on_gpu=on_gpu, device_map=device_map,
+                                        min_pixels=min_pixels, max_pixels=max_pixels, padding_side=padding_side)
     if (local.exists() or path.startswith((".", "/"))) and not (local / "config.json").is_file():
         raise FileNotFoundError(
             f"{path}: not a model directory (no config.json). Build a tiny model with `patho-r1 tiny-model {path}` "
             "or pass a hub id such as Qwen/Qwen2.5-VL-7B-Instruct."
         )
     register_processor()
-    model_kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype), "trust_remote_code": False}
-    if attn_implementation:
-        model_kwargs["attn_implementation"] = attn_implementation
+    on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+    model_kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype), "trust_remote_code": False,
+                                    "attn_implementation": resolve_text_attention(attn_implementation, on_gpu=on_gpu)}
     if device_map is not None:
         model_kwargs["device_map"] = device_map
     model = AutoModelForImageTextToText.from_pretrained(path, **model_kwargs)
+    apply_vision_attention(model, vision_attention, on_gpu=on_gpu)
     processor = load_processor(path, min_pixels=min_pixels, max_pixels=max_pixels, padding_side=padding_side)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = processor.tokenizer.pad_token_id

@@ -214,6 +214,7 @@ def load_phase_backbone(cfg: TrainConfig, padding_side: str):
     from patho_r1.models import load_backbone
 
     backbone = load_backbone(cfg.model, dtype=precision(cfg).weights, attn_implementation=cfg.attn_implementation,
+                             vision_attention=cfg.vision_attention, on_gpu=not cfg.runs_on_cpu(),
                              min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, padding_side=padding_side)
     if cfg.freeze_vision_tower or cfg.freeze_projector:
         counts = apply_freezing(backbone.model, freeze_vision_tower=cfg.freeze_vision_tower,

@@ -10,6 +10,9 @@ What we add, and why:
   then derive the assistant mask from the token ids: the spans after `<|im_start|>assistant\\n` up to and including
   `<|im_end|>`.
 * **A system prompt** (the Patho-R1 reasoning prompt by default) inserted into conversations that have none.
+* **The vision tower's index tensors, computed here on the CPU** (`patho_r1.attention.vision_index_kwargs`), so the
+  model's vision forward reads nothing back from the device.
+* **Packed batches** (`packing=True`, `sft/packing.py`): the micro-batch's samples end to end in one row, no padding.
 
 Prompt/completion rows (CPT captions) go through TRL's prompt-completion path unchanged, which masks the prompt.
 """
@@ -25,7 +28,9 @@ import numpy as np
 import torch
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
+from patho_r1.attention import vision_index_kwargs
 from patho_r1.data import load_image
+from patho_r1.sft.packing import RopeIndex, pack_batch
 
 IGNORE_INDEX = -100
 
@@ -62,12 +67,18 @@ class PathoVLMCollator(DataCollatorForVisionLanguageModeling):
     system_prompt: str | None = None
     augment: Callable[[Any, np.random.Generator], Any] | None = None
     augment_seed: int = 0
+    # The model's config: with it, the vision indices are precomputed here and `packing` can compute mRoPE positions.
+    model_config: Any = None
+    packing: bool = False
 
     def __post_init__(self):
         tok = self.processor.tokenizer
         self._assistant_start = tok.encode("<|im_start|>assistant\n", add_special_tokens=False)
         self._im_end = tok.convert_tokens_to_ids("<|im_end|>")
         self._calls = 0
+        if self.packing and self.model_config is None:
+            raise ValueError("packing needs the model's config (model_config) to compute the mRoPE positions")
+        self._rope_index = RopeIndex(self.model_config) if self.model_config is not None else None
 
     def _images(self, refs: list) -> list:
         images = [load_image(r) for r in refs or []]
@@ -90,11 +101,25 @@ class PathoVLMCollator(DataCollatorForVisionLanguageModeling):
             batch = self._collate_language_modeling(rows)
             keep = assistant_token_mask(batch["input_ids"], self._assistant_start, self._im_end)
             batch["labels"][~keep] = IGNORE_INDEX
-            return batch
-        rows = []
-        for ex in examples:
-            prompt = ex["prompt"]
-            if self.system_prompt and prompt[0]["role"] != "system":
-                prompt = [{"role": "system", "content": self.system_prompt}, *prompt]
-            rows.append({"prompt": prompt, "completion": ex["completion"], "images": self._images(ex.get("images"))})
-        return self._collate_prompt_completion(rows)
+        else:
+            rows = []
+            for ex in examples:
+                prompt = ex["prompt"]
+                if self.system_prompt and prompt[0]["role"] != "system":
+                    prompt = [{"role": "system", "content": self.system_prompt}, *prompt]
+                rows.append({"prompt": prompt, "completion": ex["completion"],
+                             "images": self._images(ex.get("images"))})
+            batch = self._collate_prompt_completion(rows)
+        return self._finish(batch)
+
+    def _finish(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Precompute, on the CPU, what the model's forward would otherwise compute on the device with host reads:
+        the vision tower's index tensors and the mRoPE positions (as the model does, only for batches with images),
+        then pack."""
+        if self._rope_index is not None and batch.get("image_grid_thw") is not None:
+            batch.update(vision_index_kwargs(batch["image_grid_thw"], self.model_config.vision_config))
+            batch["position_ids"] = self._rope_index(batch["input_ids"], batch["attention_mask"],
+                                                     batch["image_grid_thw"], batch.get("mm_token_type_ids"))
+        if self.packing:
+            batch = pack_batch(batch, self._rope_index)
+        return batch

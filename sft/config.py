@@ -21,13 +21,16 @@ class _SupervisedConfig(TrainConfig):
     data: str = Field(..., description="JSONL/Parquet file or datasets directory")
     streaming: bool = Field(False, description="stream the data (requires max_steps)")
     augment: AugmentConfig | None = None
+    packing: bool = Field(False, description="each micro-batch's samples end to end in one row, no padding "
+                          "(sft/packing.py); the loss and gradients are those of the padded batch")
 
     def input_paths(self) -> dict[str, str]:
         return {**super().input_paths(), "data": self.data}
 
     def owned_trl_fields(self) -> dict[str, str]:
         return {**super().owned_trl_fields(), "max_length": "max_length",
-                "dataset_kwargs": "(fixed: our collator prepares the data)", "packing": "(fixed: off for images)"}
+                "dataset_kwargs": "(fixed: our collator prepares the data)", "packing": "packing",
+                "padding_free": "packing"}
 
     @model_validator(mode="after")
     def _check_data(self):

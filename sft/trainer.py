@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import torch
 from trl import SFTConfig, SFTTrainer
 
 from patho_r1.config import PhaseResult
@@ -38,6 +39,17 @@ class PathoSFTTrainer(ResumeWeightsMixin, SFTTrainer):
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = True
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        counted = self._total_train_tokens
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.model.training and "attention_mask" not in inputs:
+            # TRL 1.16 counts a padding-free batch's tokens as `position_ids.size(1)`, which is 1 for Qwen2.5-VL's
+            # packed [4, 1, tokens] positions; every token of a packed row is real.
+            local = torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
+            self._total_train_tokens = counted + int(self.accelerator.gather_for_metrics(local).sum()) // self._tp_size
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+        return result
+
 
 def sft_arguments(cfg: _SupervisedConfig, phase: str) -> SFTConfig:
     """The single place where a supervised phase config becomes TRL's `SFTConfig` (its `trl:` block last)."""
@@ -45,7 +57,7 @@ def sft_arguments(cfg: _SupervisedConfig, phase: str) -> SFTConfig:
         **training_arguments(cfg, run_name=f"{phase}-{Path(cfg.output_dir).name}"),
         max_length=cfg.max_length,
         dataset_kwargs={"skip_prepare_dataset": True},
-        packing=False,
+        packing=False,  # TRL refuses packing for vision data; our collator packs (`cfg.packing`, sft/packing.py)
         **cfg.trl,
     )
 
@@ -60,7 +72,8 @@ def build_sft_trainer(cfg: _SupervisedConfig, phase: str, train_dataset, *, syst
     if cfg.augment is not None:
         augment = functools.partial(hed_jitter, sigma=cfg.augment.hed_sigma, bias=cfg.augment.hed_bias)
     collator = PathoVLMCollator(processor=processor, max_length=cfg.max_length, completion_only_loss=True,
-                                system_prompt=system_prompt, augment=augment, augment_seed=cfg.seed)
+                                system_prompt=system_prompt, augment=augment, augment_seed=cfg.seed,
+                                model_config=model.config, packing=cfg.packing)
     trainer = PathoSFTTrainer(
         model=model,
         args=sft_arguments(cfg, phase),

@@ -94,10 +94,13 @@ def _memory_plan(plan, args, *, required: bool):
 
 
 def _cmd_plan(args) -> int:
+    from patho_r1.launch.preflight import check_gpu_stack, describe_stack
     from patho_r1.launch.recipe import load_plan
 
     plan = load_plan(args.recipe)
+    stacks = check_gpu_stack(plan)  # a phase whose packages do not import is refused before its memory is planned
     memory = _memory_plan(plan, args, required=True)
+    print(describe_stack(stacks))
     print(memory.describe())
     if memory.misfits:  # --force: shown, and said again at the end
         print(memory.error(), file=sys.stderr)
@@ -105,17 +108,20 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_run(args) -> int:
+    from patho_r1.launch.preflight import check_gpu_stack, describe_stack
     from patho_r1.launch.recipe import load_plan
-    from patho_r1.launch.runner import run_recipe
+    from patho_r1.launch.runner import run_recipe, select_phases
 
     plan = load_plan(args.recipe)  # every field validated before anything starts
+    phases = [p.strip() for p in args.phases.split(",")] if args.phases else None
+    stacks = check_gpu_stack(plan, select_phases(plan, phases))  # every package the phases import, before Ray
     memory = _memory_plan(plan, args, required=False)
     if args.dry_run:
         print(plan.describe())
+        print(describe_stack(stacks))
         if memory is not None:
             print(memory.describe())
         return 0
-    phases = [p.strip() for p in args.phases.split(",")] if args.phases else None
     run_recipe(plan, phases=phases, resume=args.resume, verbose=args.verbose)
     return 0
 
@@ -141,8 +147,8 @@ def _register_run(sub) -> None:
     p.add_argument("recipe")
     p.add_argument("--phases", help="comma-separated phase names to run (default: all)")
     p.add_argument("--resume", action="store_true", help="skip completed phases, resume a half-done one")
-    p.add_argument("--dry-run", action="store_true", help="validate and print the phase plan, resources and "
-                   "memory plan")
+    p.add_argument("--dry-run", action="store_true", help="validate, check that every phase's packages import "
+                   "where it runs, and print the phase plan, resources and memory plan")
     p.add_argument("--force", action="store_true", help="run even if the memory planner says a phase does not fit")
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                    help="everything on the console (Ray, workers, libraries), as well as in OUTPUT_ROOT/logs/")

@@ -1,5 +1,5 @@
-"""The recipe runner: prepare inputs, then run each phase on Ray (training phases on Ray Train workers), with
-lineage, resume, failure policy and a final report.
+"""The recipe runner: check that every phase's packages import where it runs, prepare inputs, then run each phase on
+Ray (training phases on Ray Train workers), with lineage, resume, failure policy and a final report.
 
     patho-r1 run recipes/demo.yaml [--phases sft,rl] [--resume] [--dry-run]
 """
@@ -22,6 +22,7 @@ from patho_r1.launch.console import RunConsole, driver_logging, route_ray_loggin
 from patho_r1.launch.context import RECIPE_AS_RUN, now, run_context
 from patho_r1.launch.liveness import DriverLease, forget_local_ray, reap_orphans, record_local_ray
 from patho_r1.launch.phases import get_phase
+from patho_r1.launch.preflight import check_gpu_stack, check_on_cluster, unchecked_gpu_phases
 from patho_r1.launch.recipe import TINY_CLIP_DIR, Plan, PlannedPhase
 from patho_r1.launch.report import STATE_FILE, phase_headline, render_markdown, write_report
 
@@ -258,6 +259,16 @@ def select_phases(plan: Plan, names: list[str] | None) -> list[PlannedPhase]:
     return [p for p in plan.phases if p.name in names]
 
 
+def refuse_local_gpu_phases(plan: Plan, phases: list[PlannedPhase]) -> None:
+    """A GPU phase on a local Ray (no cluster to join) of a machine without a GPU would wait for one forever."""
+    todo = unchecked_gpu_phases(phases)
+    if todo and not cluster_address(plan):
+        names = ", ".join(p.name for p in todo)
+        raise ConfigError(f"{plan.source}: phase(s) {names}: resources.use_gpu is true, but this machine has no CUDA "
+                          "GPU and the recipe starts a local Ray (no ray_address): set ray_address to join a GPU "
+                          "cluster, run it there with `patho-r1 submit`, or set use_gpu: false")
+
+
 def run_recipe(plan: Plan, *, phases: list[str] | None = None, resume: bool = False, verbose: bool = False,
                console: RunConsole | None = None) -> list[PhaseOutcome]:
     """Run the selected phases in order; write the report.  The console shows one line per phase start and end and
@@ -266,6 +277,8 @@ def run_recipe(plan: Plan, *, phases: list[str] | None = None, resume: bool = Fa
     from filelock import FileLock, Timeout
 
     selected = select_phases(plan, phases)
+    check_gpu_stack(plan, selected)  # a missing package fails now, not in a worker after Ray has started
+    refuse_local_gpu_phases(plan, selected)
     root = Path(plan.recipe.output_root)
     root.mkdir(parents=True, exist_ok=True)
     console = console or RunConsole(verbose=verbose)
@@ -299,6 +312,7 @@ def _run_locked(plan: Plan, selected: list[PlannedPhase], root: Path, resume: bo
             record_local_ray(root)
         outcomes: list[PhaseOutcome] = []
         try:
+            check_on_cluster(plan, selected, console)
             for i, phase in enumerate(selected, 1):
                 try:
                     outcomes.append(_run_one(plan, phase, f"{i}/{len(selected)}", state, resume, verbose, console,

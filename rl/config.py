@@ -12,7 +12,8 @@ from patho_r1.rewards.registry import PRESETS, RewardSpec, check_reward_specs, e
 
 
 class RolloutConfig(StrictModel):
-    """Where completions are generated.  This is the only switch between CPU and GPU rollouts."""
+    """Where completions are generated.  This is the only switch between CPU and GPU rollouts.  A colocated vLLM
+    engine resizes images with the phase's `min_pixels`/`max_pixels`, as the HF processor does (rl/dapo.py)."""
 
     engine: Literal["hf", "vllm"] = "hf"
     vllm_mode: Literal["colocate", "server"] = "colocate"

@@ -39,10 +39,14 @@ Metrics, summed over all processes: `dynamic_sampling/filtered_frac` (share of a
 `dynamic_sampling/rounds`, `dynamic_sampling/cap_hit`, `dynamic_sampling/extra_groups`, plus `timing/rollout_s`
 (generation and scoring) and `timing/reward_s` (scoring) for every generation batch, and `timing/update_s` (the rest
 of the optimizer step: log-probabilities, loss, backward, optimizer) for every step.
+
+The trainer also makes TRL's colocated vLLM engine safe for images (rl/vllm_engine.py): vLLM's processor gets the HF
+processor's pixel budget, and vLLM's encoder cache is emptied after every rollout.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +55,7 @@ import torch
 from trl import GRPOTrainer
 
 from patho_r1.rewards.registry import weighted_total
+from patho_r1.rl.vllm_engine import clear_vllm_encoder_cache, vllm_engine_kwargs, vllm_processor_kwargs
 from patho_r1.training import ResumeWeightsMixin
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -225,11 +230,15 @@ def concat_batches(parts: list[dict], pad_token_id: int) -> dict:
 
 
 class DynamicSamplingGRPOTrainer(ResumeWeightsMixin, GRPOTrainer):
-    """`GRPOTrainer` + DAPO dynamic sampling (optional) + rollout/reward timing metrics (+ correct resume)."""
+    """`GRPOTrainer` + DAPO dynamic sampling (optional) + rollout/reward timing metrics (+ correct resume) + a colocated
+    vLLM engine with the HF processor's pixel budget and no encoder cache left after a rollout."""
 
     def __init__(self, *args, dynamic_sampling: bool = False, max_rounds: int = 3, min_std: float = 1e-6,
                  filter_metric: str = "accuracy", refill_seed: int = 0, **kwargs):
-        super().__init__(*args, **kwargs)
+        bound = inspect.signature(GRPOTrainer.__init__).bind_partial(self, *args, **kwargs).arguments
+        mm_kwargs = vllm_processor_kwargs(bound.get("processing_class"))
+        with vllm_engine_kwargs(**({"mm_processor_kwargs": mm_kwargs} if mm_kwargs else {})):
+            super().__init__(*args, **kwargs)
         self.dynamic_sampling = dynamic_sampling
         self.max_rounds = max_rounds
         self.min_std = min_std
@@ -250,6 +259,13 @@ class DynamicSamplingGRPOTrainer(ResumeWeightsMixin, GRPOTrainer):
                     "dynamic_sampling: per_device_train_batch_size * steps_per_generation "
                     f"({local_rows}) must be a multiple of num_generations ({self.num_generations}) so that every "
                     "group lives on one process")
+
+    # -- the colocated engine: its encoder cache emptied after every rollout -------------------------------------------
+    def _generate(self, prompts):
+        out = super()._generate(prompts)
+        if self.use_vllm and self.vllm_mode == "colocate":
+            clear_vllm_encoder_cache(self.vllm_generation.llm)
+        return out
 
     # -- rewards: remember the filter metric per row so groups can be judged -----------------------------------------
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):

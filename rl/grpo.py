@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 from patho_r1.config import PhaseResult
@@ -10,6 +11,7 @@ from patho_r1.rewards.registry import build_rewards
 from patho_r1.rl.config import RLPhaseConfig, to_grpo_config
 from patho_r1.rl.dapo import DynamicSamplingGRPOTrainer
 from patho_r1.rl.data import build_rl_dataset
+from patho_r1.rl.vllm_engine import vllm_processor_kwargs
 from patho_r1.training import (
     JsonlMetricsCallback,
     finalize,
@@ -33,6 +35,11 @@ def build_rl_trainer(cfg: RLPhaseConfig, callbacks=()) -> DynamicSamplingGRPOTra
     run_name = f"rl-{cfg.algorithm}-{Path(cfg.output_dir).name}"
     setup_wandb(cfg.wandb, run_name, cfg.output_dir)
     backbone = load_phase_backbone(cfg, padding_side="left")
+    if cfg.rollout.engine == "vllm" and cfg.rollout.vllm_mode == "server":
+        # A colocated engine gets the processor's pixel budget (rl/dapo.py); a server resizes images with its own
+        budget = json.dumps(vllm_processor_kwargs(backbone.processor))
+        print(f"[rl] vLLM server mode: start the server with --mm-processor-kwargs '{budget}', or its image token "
+              "counts differ from the trainer's", flush=True)
     dataset = build_rl_dataset(cfg.data, cfg.system_prompt, backbone.processor, cfg.max_prompt_length)
     reward_set = build_rewards(cfg.rewards, max_completion_length=cfg.max_completion_length)
     args = to_grpo_config(cfg, training_arguments(cfg, run_name), reward_weights=reward_set.weights)

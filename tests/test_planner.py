@@ -28,6 +28,15 @@ SEVEN_B = "Qwen/Qwen2.5-VL-7B-Instruct"
 LORA_TARGETS = LoraSpec().target_modules  # the language model's 7 projections
 
 
+@pytest.fixture(autouse=True)
+def planning_from_a_machine_without_a_gpu(monkeypatch):
+    """Memory is planned for the recipe's GPUs wherever this runs; the GPU phases' packages are checked where they run
+    (tests/test_gpu_stack.py), so the CLI tests here do not depend on what this machine has installed."""
+    from patho_r1.launch import preflight
+
+    monkeypatch.setattr(preflight, "gpu_here", lambda: False)
+
+
 @pytest.fixture(scope="module")
 def shape_7b():
     return model_shape(Qwen2_5_VLConfig(**KNOWN_CONFIGS[SEVEN_B]))

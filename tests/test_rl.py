@@ -204,3 +204,90 @@ def test_an_empty_training_file_is_a_clear_error(tmp_path):
         to_dataset(conversation_rows, source=str(empty))
     with pytest.raises(DataError, match="empty.jsonl: no rows to train on"):
         build_rl_dataset(str(empty), "SYSTEM")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The colocated vLLM engine: one pixel budget for both processors, no encoder cache left after a rollout
+# ----------------------------------------------------------------------------------------------------------------------
+
+BUDGET = {"min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 9}  # 4..9 merged tokens; the tiny model's own is 4..16
+
+
+def test_colocated_vllm_is_built_with_the_hf_processors_pixel_budget(tiny_model_dir, world_dir, tmp_path,
+                                                                      monkeypatch):
+    """TRL's real `VLLMGeneration._init_vllm` runs, with a stand-in for `vllm.LLM` that records its arguments."""
+    from trl.generation import vllm_generation
+
+    from patho_r1.rl import grpo
+
+    built = []
+
+    class RecordingLLM:
+        def __init__(self, **kwargs):
+            built.append(kwargs)
+
+    monkeypatch.setattr(vllm_generation, "LLM", RecordingLLM, raising=False)
+    monkeypatch.setattr(vllm_generation, "is_vllm_available", lambda *a, **k: True)
+    monkeypatch.setattr(grpo, "check_rollout_engine", lambda cfg: None)
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # TRL sets them for vLLM
+        monkeypatch.delenv(name, raising=False)
+    cfg = _cfg(world_dir, tmp_path, model=str(tiny_model_dir), max_steps=1, **BUDGET,
+               rollout={"engine": "vllm", "vllm_mode": "colocate"})
+    trainer = build_rl_trainer(cfg)
+    (kwargs,) = built
+    assert kwargs["mm_processor_kwargs"] == BUDGET  # vLLM's processor ...
+    assert trainer.processing_class.image_processor.size == {"shortest_edge": BUDGET["min_pixels"],  # ... and HF's
+                                                             "longest_edge": BUDGET["max_pixels"]}
+    assert vllm_generation.LLM is RecordingLLM  # the wrapper lived only while the trainer was built
+
+
+def test_placeholder_count_equals_the_grid_count_on_both_sides_of_the_hand_off(tiny_model_dir):
+    """The HF processor's image tokens per image = its grid's merged patches = what vLLM's Qwen2-VL processor counts
+    (`_get_vision_info`: smart_resize with the min/max pixels it is handed, then patches // merge**2)."""
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    from patho_r1.models import load_processor
+    from patho_r1.rl.vllm_engine import vllm_processor_kwargs
+
+    processor = load_processor(tiny_model_dir, **BUDGET)
+    vllm_kwargs = vllm_processor_kwargs(processor)
+    assert vllm_kwargs == BUDGET
+    merge, patch = processor.image_processor.merge_size, processor.image_processor.patch_size
+
+    def vllm_count(width: int, height: int, budget: dict) -> int:
+        h, w = smart_resize(height, width, factor=patch * merge, **budget)
+        return (h // patch) * (w // patch) // merge**2
+
+    prompt = f"<|vision_start|>{processor.image_token}<|vision_end|>Which tissue?"
+    sizes = [(20, 30), (56, 84), (300, 200), (1000, 90)]  # below min_pixels, inside, above max_pixels, extreme ratio
+    for width, height in sizes:
+        out = processor(text=[prompt], images=[Image.new("RGB", (width, height))], return_tensors="pt")
+        hf_count = int((out["input_ids"] == processor.image_token_id).sum())
+        grid_count = int(out["image_grid_thw"][0].prod()) // merge**2
+        assert hf_count == grid_count == vllm_count(width, height, vllm_kwargs), (width, height)
+    # The check has teeth: at the tiny model's own budget vLLM would count other numbers for some of these images.
+    own = {"min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 16}
+    assert any(vllm_count(w, h, own) != vllm_count(w, h, vllm_kwargs) for w, h in sizes)
+
+
+def test_encoder_cache_is_cleared_through_vllms_reset_or_its_internals():
+    from types import SimpleNamespace as NS
+
+    from patho_r1.rl.vllm_engine import clear_vllm_encoder_cache, vllm_encoder_cache_entries
+
+    calls = []
+    clear_vllm_encoder_cache(NS(llm_engine=NS(reset_encoder_cache=lambda: calls.append("reset"))))
+    assert calls == ["reset"]
+
+    # An engine without `reset_encoder_cache`: EasyR1's reset of the runner's dict and the scheduler's manager.
+    runner = NS(encoder_cache={"img-a": object(), "img-b": object()})
+    manager = NS(cache_size=8, num_free_slots=2, num_freeable_slots=2, cached={"img-a": {1}}, freeable={}, freed=[1])
+    scheduler = NS(encoder_cache_manager=manager, has_unfinished_requests=lambda: False)
+    llm = NS(llm_engine=NS(model_executor=NS(driver_worker=NS(worker=NS(model_runner=runner))),
+                           engine_core=NS(engine_core=NS(scheduler=scheduler))))
+    assert vllm_encoder_cache_entries(llm) == 2
+    clear_vllm_encoder_cache(llm)
+    assert vllm_encoder_cache_entries(llm) == 0
+    assert (manager.num_free_slots, manager.num_freeable_slots, manager.cached, manager.freed) == (8, 8, {}, [])
+    assert vllm_encoder_cache_entries(NS()) is None  # no engine internals found: said, not guessed

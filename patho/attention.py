@@ -29,13 +29,14 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 
-VisionAttention = Literal["auto", "batched", "varlen", "flash_attn", "transformers"]
-VISION_ATTENTION_CHOICES: tuple[str, ...] = ("auto", "batched", "varlen", "flash_attn", "transformers")
+from patho_r1.config import VisionAttention
+
+VISION_ATTENTION_CHOICES: tuple[str, ...] = get_args(VisionAttention)
 
 # Registered names: "flash" in the name routes the vision tower to its `cu_seqlens` path (transformers'
 # `is_flash_attention_requested` is a substring test).  One name per kernel, so no global state picks the kernel.

@@ -47,6 +47,8 @@ class WandbConfig(StrictModel):
 
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+# The vision tower's attention kernels (patho_r1.attention): auto picks the fastest this machine has.
+VisionAttention = Literal["auto", "batched", "varlen", "flash_attn", "transformers"]
 
 
 @dataclass
@@ -127,7 +129,7 @@ class TrainConfig(PhaseConfig):
     attn_implementation: str | None = Field(
         None, description="the language model's attention; None/auto: flash_attention_2 where flash-attn is "
         "installed on a GPU, else sdpa")
-    vision_attention: Literal["auto", "batched", "varlen", "flash_attn", "transformers"] = Field(
+    vision_attention: VisionAttention = Field(
         "auto", description="the vision tower's attention (patho_r1.attention); auto: the fastest this machine has")
     gradient_checkpointing: bool = False
     lora: LoraSpec | None = None

@@ -82,6 +82,7 @@ def run_eval(cfg: EvalPhaseConfig) -> PhaseResult:
     out = Path(cfg.output_dir)
     summary: dict[str, dict] = {}
     correct: dict[str, list[bool]] = {}
+    scored: dict[str, list] = {}
     for label, path in cfg.checkpoints.items():
         t0 = time.time()
         if cfg.engine == "hf":
@@ -98,6 +99,7 @@ def run_eval(cfg: EvalPhaseConfig) -> PhaseResult:
         write_results(out / label, report, rows, f"{label}: {Path(cfg.data).name}")
         summary[label] = {**checkpoint_numbers(report), "checkpoint": str(path)}
         correct[label] = [bool(r.correct) for r in rows]
+        scored[label] = rows
         if shuffled is not None:
             control, control_rows = evaluate_benchmark(bench, shuffled, generator, sampling, **options)
             write_results(out / label / "wrong_image", control, control_rows, f"{label}: images shuffled")
@@ -111,11 +113,71 @@ def run_eval(cfg: EvalPhaseConfig) -> PhaseResult:
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "summary.md").write_text(summary_markdown(summary))
     labels = list(correct)
-    paired = [mcnemar(a, b, correct[a], correct[b]) for a, b in zip(labels, labels[1:], strict=False)]
+    paired = [paired_test(a, b, scored[a], scored[b]) for a, b in zip(labels, labels[1:], strict=False)]
     (out / "paired.json").write_text(json.dumps(paired, indent=2) + "\n")
+    (out / "samples.json").write_text(json.dumps(sample_generations(records, scored, cfg.seed), indent=2) + "\n")
     with wandb_run(cfg, f"eval-{out.name}") as wandb_log:
         wandb_log(summary)
     return PhaseResult(model_dir=out, metrics={"summary": summary})
+
+
+def paired_test(a: str, b: str, rows_a: list, rows_b: list) -> dict:
+    """McNemar's exact test of two checkpoints on the same items, overall and, on a classification set (the gold
+    options name 2 to 30 classes, as `class_table` decides), within each gold class: an overall gain can hide a class
+    that collapses, and the per-class test says whether that fall is more than chance."""
+    from patho_r1.eval.scoring import MAX_CLASSES, class_name
+
+    test = mcnemar(a, b, [bool(r.correct) for r in rows_a], [bool(r.correct) for r in rows_b])
+    gold = [class_name(r) for r in rows_a]
+    classes = sorted(set(gold))
+    if all(g is not None for g in gold) and 2 <= len(classes) <= MAX_CLASSES and len(gold) >= 2 * len(classes):
+        test["per_class"] = {}
+        for name in classes:
+            items = [i for i, g in enumerate(gold) if g == name]
+            part = mcnemar(a, b, [bool(rows_a[i].correct) for i in items], [bool(rows_b[i].correct) for i in items])
+            test["per_class"][name] = {k: part[k] for k in ("gained", "lost", "p_value")} | {"n": len(items)}
+    return test
+
+
+SAMPLES = 6  # items shown per run, the same items for every checkpoint
+THUMBNAIL_PX = 128
+
+
+def sample_generations(records: list, scored: dict[str, list], seed: int, n: int = SAMPLES) -> list[dict]:
+    """A few items with each checkpoint's response and verdict, for the report: chosen with a fixed seed, half of
+    them among the last checkpoint's failures (a page of successes says little), with a small thumbnail of the
+    image inline so that the report stays one self-contained file."""
+    last = list(scored.values())[-1]
+    rng = random.Random(seed)
+    failed = [i for i, r in enumerate(last) if not r.correct]
+    passed = [i for i, r in enumerate(last) if r.correct]
+    chosen = rng.sample(failed, min(len(failed), n // 2))
+    chosen += rng.sample(passed, min(len(passed), n - len(chosen)))
+    samples = []
+    for i in sorted(chosen):
+        record, row = records[i], last[i]
+        samples.append({"id": row.id, "question": row.question, "options": row.options, "answer": row.answer,
+                        "thumbnail": _thumbnail(record.images[0]) if record.images else None,
+                        "responses": {label: {"response": rows[i].response, "prediction": rows[i].prediction,
+                                              "correct": rows[i].correct} for label, rows in scored.items()}})
+    return samples
+
+
+def _thumbnail(ref) -> str | None:
+    """The image as a small PNG data URI; None when it cannot be read (the sample is still shown)."""
+    import base64
+    import io
+
+    from patho_r1.data import load_image
+
+    try:
+        image = load_image(ref)
+    except (FileNotFoundError, ValueError):
+        return None
+    image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def checkpoint_numbers(report: dict) -> dict:

@@ -214,7 +214,9 @@ def class_table(rows: list[BenchRow]) -> dict | None:
     (a handful of knowledge questions is not a classification set)."""
     from sklearn.metrics import balanced_accuracy_score, confusion_matrix
 
-    gold = [_label(r.options[r.answer]) for r in rows]
+    gold = [class_name(r) for r in rows]
+    if None in gold:
+        return None
     classes = sorted(set(gold))
     if not 2 <= len(classes) <= MAX_CLASSES or len(rows) < 2 * len(classes):
         return None
@@ -236,6 +238,11 @@ def class_table(rows: list[BenchRow]) -> dict | None:
 
 def _label(text: str) -> str:
     return " ".join(text.lower().split())
+
+
+def class_name(row: BenchRow) -> str | None:
+    """A row's gold class on a classification set: its gold option's text, normalised (None without options)."""
+    return _label(row.options[row.answer]) if row.answer in row.options else None
 
 
 # ----------------------------------------------------------------------------------------------------------------------

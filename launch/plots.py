@@ -6,6 +6,8 @@ writes one PNG; it returns the path, or None when there is nothing to draw.  Not
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from matplotlib.figure import Figure  # the object API: no pyplot state, no display backend
@@ -34,27 +36,90 @@ def _step_plot(ax, ylabel: str, title: str) -> None:
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
-    points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and "step" in r]
+    points = [(r["step"], r[key]) for r in rows if _number(r.get(key)) and "step" in r]
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def training_loss(losses: dict[str, list[dict]], path: Path) -> Path | None:
-    """One panel per training phase: the loss against the optimizer step (embed: one line per stage)."""
-    panels = {name: rows for name, rows in losses.items() if any("loss" in r for r in rows)}
+@dataclass(frozen=True)
+class Panel:
+    """One axis of a phase's training figure: a logged key (of one stage, for phases that train in stages)."""
+
+    title: str
+    key: str
+    stage: str | None
+    log: bool  # a log y-axis: the series spans more than a decade, so a linear axis would flatten its tail
+
+
+# Keys drawn beside the loss when a phase logs them, with their panel titles.  RL's clip ratios are the shares of
+# tokens whose importance ratio the PPO clip cut (low, high) or that fell outside the trust region.
+TRAINING_KEYS = {"learning_rate": "learning rate", "grad_norm": "gradient norm", "entropy": "token entropy",
+                 "clip_ratio/region_mean": "clip ratio (outside the region)", "clip_ratio/low_mean": "clip ratio (low)",
+                 "clip_ratio/high_mean": "clip ratio (high)"}
+
+
+def training_panels(rows: list[dict]) -> list[Panel]:
+    """The panels a phase's logged rows fill: the loss of each stage on its own axis (stages restart their step
+    counter), then every other training key that holds a number somewhere."""
+    stages = list(dict.fromkeys(r.get("stage") for r in rows if _number(r.get("loss"))))
+    panels = []
+    for stage in stages:
+        _, ys = _series([r for r in rows if r.get("stage") == stage], "loss")
+        panels.append(Panel(f"loss ({stage})" if stage else "loss", "loss", stage, _spans_decades(ys)))
+    for key, title in TRAINING_KEYS.items():
+        _, ys = _series(rows, key)
+        if ys and any(ys):
+            panels.append(Panel(title, key, None, _spans_decades(ys)))
+    return panels
+
+
+def smoothed(values: list[float], span: int | None = None) -> list[float]:
+    """An exponential moving average with `alpha = 2 / (span + 1)`; the span defaults to a tenth of the series,
+    so a short curve stays close to its points and a long one shows its trend."""
+    span = span or max(1, len(values) // 10)
+    alpha, out = 2 / (span + 1), []
+    for v in values:
+        out.append(v if not out else alpha * v + (1 - alpha) * out[-1])
+    return out
+
+
+def phase_training(name: str, rows: list[dict], path: Path) -> Path | None:
+    """One figure per training phase, two panels a row: each stage's loss (faint: the logged values; bold: their
+    moving average; log scale where the loss spans decades), then learning rate, gradient norm, entropy and clip
+    ratios where logged.  The legend sits under the panels, off the data."""
+    panels = training_panels(rows)
     if not panels:
         return None
-    fig = Figure(figsize=(3.6 * len(panels), 3.0))
-    for ax, (name, rows) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels.items(), strict=True):
-        stages = sorted({r.get("stage") for r in rows if "loss" in r}, key=str)
-        for stage in stages:
-            xs, ys = _series([r for r in rows if r.get("stage") == stage], "loss")
-            ax.plot(xs, ys, marker=".", label=stage or "loss")
-        ax.set_title(name)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        if len(stages) > 1:
-            ax.legend(fontsize=8)
-    return _save(fig, path)
+    ncols = 1 if len(panels) == 1 else 2
+    nrows = -(-len(panels) // ncols)
+    fig = Figure(figsize=(4.8 * ncols, 2.6 * nrows + 0.5))
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, panel in zip(axes, panels, strict=False):
+        xs, ys = _series([r for r in rows if panel.stage is None or r.get("stage") == panel.stage], panel.key)
+        ax.plot(xs, ys, color="tab:blue", alpha=0.3, linewidth=1, label="logged")
+        ax.plot(xs, smoothed(ys), color="tab:blue", linewidth=2, label="moving average")
+        if panel.log:
+            ax.set_yscale("log")
+        ax.set_title(panel.title, fontsize=10)
+        ax.set_xlabel("step", fontsize=9)
+        ax.tick_params(labelsize=8)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=9, frameon=False)
+    fig.suptitle(f"{name}: training", fontsize=11)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _spans_decades(values: list[float]) -> bool:
+    positive = [v for v in values if v > 0]
+    return len(positive) == len(values) > 2 and max(positive) / min(positive) > 10
 
 
 def rl_rewards(rows: list[dict], path: Path, title: str = "rl") -> Path | None:

@@ -16,6 +16,7 @@ import base64
 import html
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -27,6 +28,14 @@ from patho_r1.launch import plots
 from patho_r1.launch.context import RECIPE_AS_RUN
 
 STATE_FILE = "run_state.json"
+
+
+def read_json(path: Path):
+    """A phase's JSON output; a file cut short (a copy interrupted mid-way) is one line naming it, not a traceback."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(path, None, None, f"not valid JSON ({exc}); the report was left as it was") from None
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -49,8 +58,8 @@ def collect(run_dir: str | Path) -> dict:
                         "was") from None
     report: dict = {"recipe": state.get("recipe", run_dir.name), "recipe_hash": state.get("recipe_hash"),
                     "context": state.get("context", {}), "phase_links": {},
-                    "mcq": {}, "paired": [], "retrieval": {}, "pathoclip": {}, "curate": {}, "wall_time_s": {},
-                    "training": {}}
+                    "mcq": {}, "paired": [], "samples": {}, "retrieval": {}, "pathoclip": {}, "curate": {},
+                    "wall_time_s": {}, "training": {}}
     evals = [n for n, e in state["phases"].items() if (phase_dir(run_dir, n, e) / "summary.json").is_file()]
     for name, entry in state["phases"].items():
         out = phase_dir(run_dir, name, entry)
@@ -64,16 +73,18 @@ def collect(run_dir: str | Path) -> dict:
         if (out / "summary.json").is_file():
             # two eval phases (a benchmark and the curated held-out set) score the same labels: name the phase
             prefix = f"{name}: " if len(evals) > 1 else ""
-            for label, r in json.loads((out / "summary.json").read_text()).items():
+            for label, r in read_json(out / "summary.json").items():
                 lo, hi = wilson_interval(round(r["accuracy"] * r["n"]), r["n"])
                 report["mcq"][prefix + label] = {**r, "ci95": [lo, hi]}
             if (out / "paired.json").is_file():
                 report["paired"] += [{**p, "from": prefix + p["from"], "to": prefix + p["to"]}
-                                     for p in json.loads((out / "paired.json").read_text())]
+                                     for p in read_json(out / "paired.json")]
+            if (out / "samples.json").is_file():
+                report["samples"][name] = read_json(out / "samples.json")
         if (out / "eval" / "metrics.json").is_file():
-            report["retrieval"][name] = json.loads((out / "eval" / "metrics.json").read_text())
+            report["retrieval"][name] = read_json(out / "eval" / "metrics.json")
         if (out / "eval" / "comparison.json").is_file():  # a clip phase's evaluation
-            report["pathoclip"][name] = {**json.loads((out / "eval" / "comparison.json").read_text()),
+            report["pathoclip"][name] = {**read_json(out / "eval" / "comparison.json"),
                                          "plot": str(out / "eval" / "few_shot.png")}
         stages = curate_stages(out)
         if stages:
@@ -169,12 +180,22 @@ def _curate_markdown(name: str, stages: list[dict]) -> list[str]:
     return lines + [""]
 
 
+RETRIEVAL_CAPTION = ("composed retrieval, Recall@k per task (it2i: an image and a modifying text to an image; it2t: an "
+                     "image and a question to its answer; mi2t: several images and a question to a text; v2t: video "
+                     "frames to a text), beside the simple-add baseline (the query's image and text embeddings "
+                     "added) and chance")
+
+
 def draw(report: dict, plot_dir: Path) -> dict[str, Path]:
     """Every plot the run has data for, by caption."""
     drawn: dict[str, Path | None] = {}
     training = report["training"]
-    drawn["training loss per phase"] = plots.training_loss({n: t["rows"] for n, t in training.items()},
-                                                          plot_dir / "loss.png")
+    for name, t in training.items():
+        stages = "; each stage on its own axis (a stage restarts the step count)" if any(
+            r.get("stage") for r in t["rows"]) else ""
+        drawn[f"{name}: training loss (faint: the logged values; bold: their moving average; a log scale where the "
+              f"loss spans decades){stages}, and the learning rate, gradient norm, token entropy and PPO clip ratios "
+              "where the phase logs them"] = plots.phase_training(name, t["rows"], plot_dir / f"{name}_training.png")
     for name, t in training.items():
         if t["type"] != "rl":
             continue
@@ -193,12 +214,12 @@ def draw(report: dict, plot_dir: Path) -> dict[str, Path]:
         if Path(r["plot"]).is_file():
             drawn[f"{name}: PathoCLIP few-shot linear probe"] = Path(r["plot"])
     for name, r in report["retrieval"].items():
-        drawn[f"{name}: composed retrieval"] = plots.retrieval(r.get("tasks", {}), plot_dir / f"{name}_retrieval.png",
-                                                               name)
+        drawn[f"{name}: {RETRIEVAL_CAPTION}"] = plots.retrieval(r.get("tasks", {}), plot_dir / f"{name}_retrieval.png",
+                                                                 name)
     return {caption: path for caption, path in drawn.items() if path is not None}
 
 
-def class_lines(mcq: dict) -> list[str]:
+def class_lines(mcq: dict, paired: list[dict] = ()) -> list[str]:
     """Per-class accuracy of each checkpoint scored on a classification set, its balanced accuracy, and every class
     that fell between consecutive checkpoints by more than their 95% intervals allow (the intervals do not overlap),
     with where its items went.  An overall gain can hide a class that collapses; this is the line that shows it."""
@@ -217,12 +238,29 @@ def class_lines(mcq: dict) -> list[str]:
     lines += [f"| {name} | " + " | ".join(cell(label, name) for label in labels) + " |" for name in names]
     lines += ["| balanced accuracy | " + " | ".join(f"{tables[label]['balanced_accuracy']:.3f}" for label in labels)
               + " |", ""]
+    tests = {(p["from"], p["to"]): p.get("per_class", {}) for p in paired}
+    steps = [(a, b) for a, b in zip(labels, labels[1:], strict=False) if tests.get((a, b))]
+    if steps:
+        lines += ["Per-class change between consecutive checkpoints, with McNemar's exact test on the class's own "
+                  "items (items gained / lost, p):", "",
+                  "| class | " + " | ".join(f"{a} → {b}" for a, b in steps) + " |", "|---" * (len(steps) + 1) + "|"]
+        for name in names:
+            cells = []
+            for a, b in steps:
+                old, new = tables[a]["per_class"].get(name), tables[b]["per_class"].get(name)
+                t = tests[(a, b)].get(name)
+                cells.append("-" if not (old and new and t) else f"{new['accuracy'] - old['accuracy']:+.2f} "
+                             f"(+{t['gained']}/-{t['lost']}, p {t['p_value']:.2g})")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
     for before, after in zip(labels, labels[1:], strict=False):
         for name in names:
             old, new = tables[before]["per_class"].get(name), tables[after]["per_class"].get(name)
             if old and new and new["ci95"][1] < old["ci95"][0]:
+                t = tests.get((before, after), {}).get(name)
+                p = f" (paired test on its items: p {t['p_value']:.2g})" if t else ""
                 lines += [f"**{name} fell** from {old['accuracy']:.2f} ({before}) to {new['accuracy']:.2f} ({after}), "
-                          f"beyond both 95% intervals{_went_to(tables[after]['confusion'], name)}", ""]
+                          f"beyond both 95% intervals{p}{_went_to(tables[after]['confusion'], name)}", ""]
     return lines
 
 
@@ -234,6 +272,40 @@ def _went_to(confusion: dict, name: str) -> str:
         return ""
     n, col = max(wrong)
     return f"; answered {col!r} on {n} of {sum(row)}"
+
+
+SAMPLE_RESPONSE_CHARS = 600
+
+
+def sample_lines(name: str, samples: list[dict]) -> list[str]:
+    """Each sampled item: its thumbnail, question and options, the gold answer, and every checkpoint's response
+    (reasoning and answer, as generated) with its verdict."""
+    if not samples:
+        return []
+    lines = [f"## Sample generations ({name})", "", f"{len(samples)} held-out items chosen with a fixed seed, half of "
+             "them among the last checkpoint's failures; the same items for every checkpoint.", ""]
+    for item in samples:
+        lines += [f"### {item['id']}", ""]
+        if item.get("thumbnail"):
+            lines += [f"![{item['id']}]({item['thumbnail']})", ""]
+        lines += [_code(item["question"]), ""]
+        lines += [f"- {letter}. {text}" for letter, text in item.get("options", {}).items()]
+        lines += ["", f"Gold: **{item['answer']}**", ""]
+        for label, r in item["responses"].items():
+            verdict = {True: "right", False: "wrong"}.get(r["correct"], "not decided")
+            text = r["response"] if len(r["response"]) <= SAMPLE_RESPONSE_CHARS else \
+                r["response"][:SAMPLE_RESPONSE_CHARS] + " …"
+            lines += [f"- **{label}** ({verdict}, read {r['prediction']!r}): {_code(text)}"]
+        lines.append("")
+    return lines
+
+
+def _code(text: str) -> str:
+    """Text as a Markdown code span, so that a model's `<think>` tags, asterisks and pipes show as written; the fence
+    is one backtick longer than any run of backticks inside (CommonMark's rule)."""
+    text = " ".join(text.split())
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    return f"{fence} {text} {fence}"
 
 
 def context_lines(report: dict) -> list[str]:
@@ -279,7 +351,9 @@ def render_markdown(report: dict, figures: dict[str, Path] | None = None, root: 
             lines += [f"| {p['from']} | {p['to']} | {p['gained']} | {p['lost']} | {p['p_value']:.2g} |"
                       for p in report["paired"]]
             lines.append("")
-        lines += class_lines(report["mcq"])
+        lines += class_lines(report["mcq"], report.get("paired", []))
+    for name, samples in report.get("samples", {}).items():
+        lines += sample_lines(name, samples)
     for name, r in report["retrieval"].items():
         lines += [f"## Composed retrieval ({name})", "",
                   "| task | Recall@1 | Recall@5 | chance@1 | R@1 / chance | simple-add R@1 |",
@@ -331,13 +405,13 @@ def phase_headline(out_dir: str | Path, metrics: dict) -> str:
     if isinstance(metrics.get("train_loss"), (int, float)):
         parts.append(f"train_loss={metrics['train_loss']:.4g}")
     if (out / "summary.json").is_file():
-        summary = json.loads((out / "summary.json").read_text())
+        summary = read_json(out / "summary.json")
         parts.append("accuracy " + " ".join(f"{label}={r['accuracy']:.2f}" for label, r in summary.items()))
     if (out / "eval" / "metrics.json").is_file():
-        tasks = json.loads((out / "eval" / "metrics.json").read_text()).get("tasks", {})
+        tasks = read_json(out / "eval" / "metrics.json").get("tasks", {})
         parts.append("R@1 " + " ".join(f"{task}={m['recall@1']:.2f}" for task, m in tasks.items()))
     if (out / "eval" / "comparison.json").is_file():
-        for label, m in json.loads((out / "eval" / "comparison.json").read_text())["results"].items():
+        for label, m in read_json(out / "eval" / "comparison.json")["results"].items():
             r, z = m.get("retrieval", {}), m.get("zero_shot", {})
             parts.append(f"{label}: mean R={r.get('mean_recall', float('nan')):.2f} "
                          f"zero-shot={z.get('accuracy', float('nan')):.2f}")
@@ -370,7 +444,7 @@ def write_report(run_dir: str | Path) -> dict:
         # the links report.md will follow once plots/ is in place (phase figures stay where their phase wrote them)
         placed = {caption: root / "plots" / path.relative_to(staging / "plots") if path.is_relative_to(staging)
                   else path for caption, path in figures.items()}
-        numbers = {k: v for k, v in report.items() if k != "training"}
+        numbers = {k: v for k, v in report.items() if k not in ("training", "samples")}  # rows and pictures
         (staging / "report.json").write_text(json.dumps(numbers, indent=2) + "\n")
         (staging / "report.md").write_text(render_markdown(report, placed, root))
         (staging / "report.html").write_text(render_html(report, figures))

@@ -397,3 +397,63 @@ def test_vlmeval_judge_log_line_never_carries_the_api_key(vlmeval_judge_stack, c
         vlmeval_judge_stack.build_judge(model="judge", api_base="http://127.0.0.1:1/v1/chat/completions",
                                         key="sk-planted-secret")
     assert "API Key: ***" in caplog.text and "sk-planted-secret" not in caplog.text
+
+
+def _bench_row(i: int, gold: str, correct: bool):
+    from patho_r1.eval.scoring import BenchRow
+
+    options = {"A": "stroma", "B": "necrosis", "C": "tumour"}
+    letter = next(k for k, v in options.items() if v == gold)
+    return BenchRow(id=f"q{i}", groups={}, question="Which tissue?", answer_type="mcq", answer=letter,
+                    options=options, prediction=letter if correct else "A", response="<answer>x</answer>",
+                    correct=correct, format_ok=True, response_tokens=3)
+
+
+def test_the_paired_test_is_run_within_each_class_too():
+    """The per-class McNemar test equals scipy's exact binomial test on that class's discordant items."""
+    import random
+
+    from scipy.stats import binomtest
+
+    from patho_r1.eval.phase import paired_test
+
+    rng = random.Random(0)
+    golds = [rng.choice(["stroma", "necrosis", "tumour"]) for _ in range(90)]
+    a = [_bench_row(i, g, rng.random() < 0.6) for i, g in enumerate(golds)]
+    b = [_bench_row(i, g, (g != "necrosis") and rng.random() < 0.8) for i, g in enumerate(golds)]
+    test = paired_test("sft", "rl", a, b)
+    assert set(test["per_class"]) == {"stroma", "necrosis", "tumour"}
+    for name, part in test["per_class"].items():
+        items = [i for i, g in enumerate(golds) if g == name]
+        gained = sum(1 for i in items if b[i].correct and not a[i].correct)
+        lost = sum(1 for i in items if a[i].correct and not b[i].correct)
+        assert (part["gained"], part["lost"], part["n"]) == (gained, lost, len(items))
+        expected = binomtest(gained, gained + lost, 0.5).pvalue if gained + lost else 1.0
+        assert part["p_value"] == pytest.approx(expected)
+    assert test["per_class"]["necrosis"]["gained"] == 0 and test["per_class"]["necrosis"]["p_value"] < 0.01
+    # yes/no items have no option classes: no per-class test
+    yesno = [r.__class__(**{**r.__dict__, "options": {}, "answer": "yes"}) for r in a]
+    assert "per_class" not in paired_test("sft", "rl", yesno, yesno)
+
+
+def test_sample_generations_are_seeded_half_failures_and_the_same_items_for_every_checkpoint(tmp_path):
+    from PIL import Image
+
+    from patho_r1.data import MCQRecord
+    from patho_r1.eval.phase import sample_generations
+
+    Image.new("RGB", (300, 200), (200, 100, 150)).save(tmp_path / "t.png")
+    records = [MCQRecord(question="Which tissue?", answer="B", options={"A": "stroma", "B": "necrosis"},
+                         images=[str(tmp_path / "t.png")]) for _ in range(20)]
+    base = [_bench_row(i, "necrosis", False) for i in range(20)]
+    rl = [_bench_row(i, "necrosis", i % 4 != 0) for i in range(20)]  # 5 failures
+    samples = sample_generations(records, {"base": base, "rl": rl}, seed=3)
+    assert samples == sample_generations(records, {"base": base, "rl": rl}, seed=3)  # seeded
+    assert len(samples) == 6 and sum(not s["responses"]["rl"]["correct"] for s in samples) == 3
+    assert all(set(s["responses"]) == {"base", "rl"} for s in samples)
+    assert samples[0]["thumbnail"].startswith("data:image/png;base64,")
+    import base64
+    import io
+
+    thumb = Image.open(io.BytesIO(base64.b64decode(samples[0]["thumbnail"].split(",", 1)[1])))
+    assert max(thumb.size) == 128

@@ -67,7 +67,7 @@ def _wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]
 
 def test_report_draws_every_plot_and_links_them(run_dir):
     numbers = write_report(run_dir)
-    expected = ["loss.png", "rl_rewards.png", "rl_length.png", "rl_dynamic_sampling.png", "accuracy.png",
+    expected = ["cpt_training.png", "sft_training.png", "rl_training.png", "embed_training.png", "rl_rewards.png", "rl_length.png", "rl_dynamic_sampling.png", "accuracy.png",
                 "embed_retrieval.png"]
     for name in expected:
         png = run_dir / "plots" / name
@@ -93,7 +93,7 @@ def test_patho_r1_report_redraws_a_past_run(run_dir):
     out = subprocess.run([sys.executable, "-m", "patho_r1.launch.cli", "report", str(run_dir)], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert (run_dir / "plots/loss.png").is_file() and (run_dir / "report.html").is_file()
+    assert (run_dir / "plots/sft_training.png").is_file() and (run_dir / "report.html").is_file()
     bad = subprocess.run([sys.executable, "-m", "patho_r1.launch.cli", "report", str(run_dir / "nope")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "no run_state.json" in bad.stderr and "Traceback" not in bad.stderr
@@ -217,13 +217,21 @@ def test_a_class_that_falls_beyond_its_intervals_is_flagged_with_where_its_items
                   [[95, 80, 3, 0], [50, 120, 0, 0], [10, 40, 50, 0]])
     rl = classes({"necrosis": (37, 178), "stroma": (170, 170), "tumour": (47, 100)},
                  [[37, 97, 40, 4], [0, 170, 0, 0], [13, 40, 47, 0]])
-    lines = class_lines({"sft": {"classes": sft}, "rl": {"classes": rl}, "base": {"classes": None}})
+    paired = [{"from": "sft", "to": "rl", "gained": 90, "lost": 70, "p_value": 0.13, "per_class": {
+        "necrosis": {"gained": 2, "lost": 60, "p_value": 1.1e-15, "n": 178},
+        "stroma": {"gained": 50, "lost": 0, "p_value": 1.8e-15, "n": 170},
+        "tumour": {"gained": 5, "lost": 8, "p_value": 0.58, "n": 100}}}]
+    lines = class_lines({"sft": {"classes": sft}, "rl": {"classes": rl}, "base": {"classes": None}}, paired)
     text = "\n".join(lines)
     assert "| class | sft | rl |" in text and "| necrosis | 0.53 | 0.21 |" in text
     assert f"| balanced accuracy | {sft['balanced_accuracy']:.3f} | {rl['balanced_accuracy']:.3f} |" in text
+    # the per-class change with the class's own paired test
+    assert "| class | sft → rl |" in text
+    assert f"| necrosis | {37 / 178 - 95 / 178:+.2f} (+2/-60, p 1.1e-15) |" in text
+    assert "| tumour | -0.03 (+5/-8, p 0.58) |" in text
     flagged = [line for line in lines if "fell" in line]
-    assert flagged == ["**necrosis fell** from 0.53 (sft) to 0.21 (rl), beyond both 95% intervals; answered "
-                       "'stroma' on 97 of 178"]  # tumour 0.50 -> 0.47 is inside the intervals: not flagged
+    assert flagged == ["**necrosis fell** from 0.53 (sft) to 0.21 (rl), beyond both 95% intervals (paired test on "
+                       "its items: p 1.1e-15); answered 'stroma' on 97 of 178"]  # tumour: inside the intervals
     assert class_lines({"sft": {"n": 3}}) == []
 
 
@@ -326,3 +334,54 @@ def test_a_confusion_matrix_is_drawn_for_each_checkpoint_scored_on_a_classificat
     assert (run_dir / "plots/confusion_sft.png").stat().st_size > 1000
     assert not (run_dir / "plots/confusion_base.png").exists()  # base has no class table
     assert "](plots/confusion_sft.png)" in (run_dir / "report.md").read_text()
+
+
+def test_training_figures_put_stages_on_their_own_axes_and_a_decaying_loss_on_a_log_scale(run_dir):
+    from patho_r1.launch import plots
+
+    sft = [{"step": s, "loss": 5.0 * 0.9 ** s, "learning_rate": 1e-3, "grad_norm": 2.0 / s, "entropy": 1.5}
+           for s in range(1, 61)]
+    panels = plots.training_panels(sft)
+    assert [p.title for p in panels] == ["loss", "learning rate", "gradient norm", "token entropy"]
+    assert panels[0].log and panels[2].log and not panels[1].log  # 5 -> 0.009 spans decades; a constant does not
+    embed = [{"stage": st, "step": s, "loss": 2.0 / s} for st in ("stage1", "stage2") for s in (1, 2, 3)]
+    assert [p.title for p in plots.training_panels(embed)] == ["loss (stage1)", "loss (stage2)"]
+    rl = [{"step": s, "loss": (-1) ** s * 0.01, "clip_ratio/region_mean": 0.02} for s in range(1, 5)]
+    assert [(p.title, p.log) for p in plots.training_panels(rl)] == [("loss", False),
+                                                                     ("clip ratio (outside the region)", False)]
+    # the moving average: alpha = 2 / (span + 1)
+    assert plots.smoothed([0.0, 10.0, 10.0], span=3) == [0.0, 5.0, 7.5]
+    assert plots.smoothed([1.0, 2.0]) == [1.0, 2.0]  # a short series is left as logged
+    write_report(run_dir)
+    text = (run_dir / "report.md").read_text()
+    assert "](plots/embed_training.png)" in text and "each stage on its own axis" in text
+    assert "it2i: an image and a modifying text to an image" in text
+
+
+def test_sample_generations_show_each_checkpoint_on_the_same_items(run_dir):
+    import base64
+
+    from PIL import Image
+
+    from patho_r1.launch.report import render_html
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 100, 150)).save(buffer, format="PNG")
+    thumb = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    item = {"id": "mcq:7", "question": "Which tissue? | a *pipe*", "options": {"A": "stroma", "B": "necrosis"},
+            "answer": "B", "thumbnail": thumb, "responses": {
+                "base": {"response": "", "prediction": "", "correct": False},
+                "sft": {"response": "<think>pale debris `x`</think><answer>B</answer>", "prediction": "B",
+                        "correct": True}}}
+    (run_dir / "eval/samples.json").write_text(json.dumps([item]))
+    write_report(run_dir)
+    text = (run_dir / "report.md").read_text()
+    assert "## Sample generations (eval)" in text and "### mcq:7" in text
+    assert "- **sft** (right, read 'B'): `` <think>pale debris `x`</think><answer>B</answer> ``" in text
+    assert "- **base** (wrong, read '')" in text and "Gold: **B**" in text
+    assert "samples" not in json.loads((run_dir / "report.json").read_text())
+    from patho_r1.launch.report import collect
+
+    page = render_html(collect(run_dir), {})
+    assert f'<img src="{thumb}" alt="mcq:7"' in page  # the thumbnail is inline, the page stays one file
+    assert "&lt;think&gt;pale debris" in page  # the model's tags shown as text, not parsed as HTML

@@ -141,6 +141,18 @@ class Recipe(StrictModel):
                                      "(cpt, sft, rl)")
     phases: list[PhaseSpec] = Field(..., min_length=1)
 
+    @field_validator("output_root")
+    @classmethod
+    def _stays_inside(cls, v: str):
+        # A relative root is read against the folder the run starts from; `..` would write (and, on a rerun, replace
+        # phase folders) outside it without the user ever naming that place.  An absolute path names it.
+        if not v.strip():
+            raise ValueError("empty")
+        if not Path(v).expanduser().is_absolute() and ".." in Path(v).parts:
+            raise ValueError(f"{v!r} climbs out of the folder the run starts from; give an absolute path to write "
+                             "outside it")
+        return v
+
     @model_validator(mode="after")
     def _unique_names(self):
         names = [p.name for p in self.phases]

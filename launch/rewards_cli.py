@@ -7,7 +7,10 @@ import json
 import sys
 from pathlib import Path
 
-from patho_r1.errors import DataError
+from patho_r1.errors import ConfigError, DataError
+
+# The kinds the accuracy reward scores (rewards/accuracy.py); `math` is its alias of `expression`.
+ANSWER_TYPES = ("mcq", "yesno", "numeric", "expression", "math", "open")
 
 
 def _cmd_list(args) -> int:
@@ -24,13 +27,21 @@ def _cmd_list(args) -> int:
 def _read_rows(path: Path) -> list[dict]:
     from patho_r1.data import iter_raw_rows
 
-    rows = []
+    rows, empty = [], []
     for lineno, row in iter_raw_rows(path):
         if not isinstance(row, dict):
             raise DataError(path, lineno, None, "expected a JSON object")
         if "completion" not in row:
             raise DataError(path, lineno, "completion", "missing")
+        completion = row["completion"]
+        if not isinstance(completion, str):  # rewards parse text; a number or a list here is a broken export
+            raise DataError(path, lineno, "completion", f"a completion is text, not a {type(completion).__name__}")
+        if not completion.strip():
+            empty.append(lineno)
         rows.append(row)
+    if empty:  # a model may answer nothing, but a whole file of blanks is usually a broken export: say so
+        print(f"warning: {path}: {len(empty)} of {len(rows)} completions are empty (rows {_row_list(empty)}); they "
+              "score as answers that were not given", file=sys.stderr)
     return rows
 
 
@@ -47,7 +58,10 @@ def _cmd_score(args) -> int:
                 spec.update(mcq_mode=args.mcq_mode, math_workers=args.workers, math_timeout=args.timeout)
     path = Path(args.input)
     rows = _read_rows(path)
-    reward_set = build_rewards(specs)
+    try:
+        reward_set = build_rewards(specs)
+    except (KeyError, TypeError, ValueError) as exc:  # an unknown name, or something that is not a reward
+        raise ConfigError(f"--rewards: {exc.args[0] if exc.args else exc}") from None
     try:
         needs_gold = "accuracy" in reward_set.names
         columns: dict[str, list] = {}
@@ -61,6 +75,11 @@ def _cmd_score(args) -> int:
                                     f"{type(gold).__name__}")
             columns["answer"] = [r.get("answer", r.get("solution")) for r in rows]
             if any("answer_type" in r for r in rows):
+                for i, row in enumerate(rows, start=1):
+                    kind = row.get("answer_type")
+                    if kind is not None and kind not in ANSWER_TYPES:
+                        raise DataError(path, i, "answer_type", f"{kind!r} is not one of {', '.join(ANSWER_TYPES)} "
+                                        "(or leave it out to infer it from the gold answer)")
                 columns["answer_type"] = [r.get("answer_type") for r in rows]
         if "soft_overlong" in reward_set.names:
             for i, row in enumerate(rows, start=1):
@@ -82,6 +101,10 @@ def _cmd_score(args) -> int:
     means = {k: _mean([x for x in v if x is not None]) for k, v in scored.items()}
     print(json.dumps({"rows": len(rows), "mean": means}, indent=2), file=sys.stdout)
     return 0
+
+
+def _row_list(rows: list[int], shown: int = 5) -> str:
+    return ", ".join(map(str, rows[:shown])) + (f" and {len(rows) - shown} more" if len(rows) > shown else "")
 
 
 def _mean(values: list[float]) -> float | None:

@@ -54,9 +54,22 @@ class _Record(BaseModel):
     id: str | None = None
 
 
+# Longer text is not a caption, question or turn but a broken export (a whole article, a file read into one cell):
+# training would see only its first max_length tokens.  100k characters is ~25k tokens, far above any real one.
+MAX_TEXT_CHARS = 100_000
+
+
+def _too_long(text: str) -> str | None:
+    if len(text) > MAX_TEXT_CHARS:
+        return f"{len(text):,} characters, over the {MAX_TEXT_CHARS:,} a text field may hold (a broken export?)"
+    return None
+
+
 def _not_blank(value: str, info) -> str:
     if not value.strip():
         raise ValueError(f"{info.field_name} is empty")
+    if problem := _too_long(value):
+        raise ValueError(problem)
     return value
 
 
@@ -99,7 +112,12 @@ class ConversationRecord(_Record):
                 raise ValueError(f"messages.{i}: empty assistant turn")
             if m.role == "user" and not m.text().strip() and not m.n_images():
                 raise ValueError(f"messages.{i}: empty user turn (no text and no image)")
+            if problem := _too_long(m.text()):
+                raise ValueError(f"messages.{i}: {problem}")
         n = sum(m.n_images() for m in self.messages)
+        if self.images and not n:
+            raise ValueError(f"images: {len(self.images)} image(s) given but no message holds an image placeholder "
+                             '({"type": "image"} in a content list, where the image goes)')
         if n and n != len(self.images):
             raise ValueError(f"images: the messages hold {n} image placeholders but {len(self.images)} images are "
                              "given")
@@ -277,6 +295,9 @@ def parse_record(raw: Any, kind: str, *, path: str | Path, row: int, base_dir: P
         raise ValueError(f"unknown data kind {kind!r}; expected one of {sorted(RECORD_TYPES)}")
     if not isinstance(raw, dict):
         raise DataError(path, row, None, f"expected a JSON object, got {type(raw).__name__}")
+    names, ordered = _field_names(cls)
+    for key in raw.keys() - names:  # extras: every row of most corpora has some (source, license, split)
+        _check_near_miss(str(path), row, key, ordered, raw)
     try:
         record = cls.model_validate(raw)
     except ValidationError as exc:
@@ -288,9 +309,6 @@ def parse_record(raw: Any, kind: str, *, path: str | Path, row: int, base_dir: P
             field, _, msg = msg.partition(": ")
         more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
         raise DataError(path, row, field, msg + more) from None
-    names, ordered = _field_names(cls)
-    for key in raw.keys() - names:  # extras: every row of most corpora has some (source, license, split)
-        _warn_near_miss(str(path), key, ordered)
     if check_images:
         base = base_dir or Path(path).parent
         for field, refs in _image_fields(record):
@@ -318,13 +336,28 @@ def _field_names(cls: type[_Record]) -> tuple[frozenset[str], tuple[str, ...]]:
     return frozenset(cls.model_fields), tuple(cls.model_fields)
 
 
-@functools.lru_cache(maxsize=1024)
-def _warn_near_miss(path: str, key: str, known: tuple[str, ...]) -> None:
+def _check_near_miss(path: str, row: int, key: str, known: tuple[str, ...], raw: dict) -> None:
     """Records keep extra keys (datasets carry their own), but a key one typo away from a field is almost surely a
-    typo, and the field it meant is then missing or defaulted: say so, once per file and key."""
+    typo.  When the row lacks the field it meant, that field would be missing or silently defaulted (`imags`: an MCQ
+    without its image): an error.  When the row has both, the extra is only suspicious: a warning."""
+    meant = _near_miss(key, known)
+    if meant is None:
+        return
+    if meant not in raw:
+        raise DataError(path, row, key, f"unknown field; did you mean {meant!r}? (this row has no {meant!r}, so it "
+                        "would be missing or left at its default)")
+    _warn_near_miss(path, key, meant)
+
+
+@functools.lru_cache(maxsize=1024)
+def _near_miss(key: str, known: tuple[str, ...]) -> str | None:
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
-    if close:
-        logger.warning("%s: unknown field %r kept as an extra; did you mean %r?", path, key, close[0])
+    return close[0] if close else None
+
+
+@functools.lru_cache(maxsize=1024)
+def _warn_near_miss(path: str, key: str, meant: str) -> None:  # once per file and key
+    logger.warning("%s: unknown field %r kept as an extra; did you mean %r?", path, key, meant)
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:

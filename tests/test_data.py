@@ -178,9 +178,18 @@ def test_a_short_tsv_row_is_an_error_not_a_half_record(tmp_path):
         list(iter_vlmeval_tsv(tsv))
 
 
-def test_a_field_one_typo_away_is_warned_about(folder, caplog):
-    path = _jsonl(folder / "data.jsonl", [{**_mcq(), "categroy": "glands", "source": "book"}])
+def test_a_field_one_typo_away_is_an_error_when_the_field_it_meant_is_absent(folder, caplog):
+    """`imags` would leave the MCQ without its image, and `categroy` without its category: one line each."""
+    mcq = _mcq()
+    path = _jsonl(folder / "typo.jsonl", [mcq, {**{k: v for k, v in mcq.items() if k != "images"}, "imags": ["x.png"]}])
+    with pytest.raises(DataError, match=r"typo.jsonl:2: field 'imags': unknown field; did you mean 'images'\?"):
+        load_records(path, "mcq")
+    path = _jsonl(folder / "data.jsonl", [{**mcq, "categroy": "glands", "source": "book"}])
+    with pytest.raises(DataError, match=r"data.jsonl:1: field 'categroy': unknown field; did you mean 'category'\?"):
+        load_records(path, "mcq")
+    # With the field itself present, the near-miss is only suspicious; a legitimate extra key is not noise.
+    path = _jsonl(folder / "both.jsonl", [{**mcq, "category": "glands", "categroy": "glands", "source": "book"}])
     with caplog.at_level("WARNING"):
         load_records(path, "mcq")
     assert "unknown field 'categroy' kept as an extra; did you mean 'category'?" in caplog.text
-    assert "'source'" not in caplog.text  # a legitimate extra key, far from every field, is not noise
+    assert "'source'" not in caplog.text

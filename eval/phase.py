@@ -153,6 +153,8 @@ def sample_generations(records: list, scored: dict[str, list], seed: int, n: int
     passed = [i for i, r in enumerate(last) if r.correct]
     chosen = rng.sample(failed, min(len(failed), n // 2))
     chosen += rng.sample(passed, min(len(passed), n - len(chosen)))
+    rest = [i for i in failed if i not in chosen]  # too few successes: fill up with more failures
+    chosen += rng.sample(rest, min(len(rest), n - len(chosen)))
     samples = []
     for i in sorted(chosen):
         record, row = records[i], last[i]

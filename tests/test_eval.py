@@ -308,8 +308,14 @@ def test_eval_phase_writes_the_control_and_the_paired_tests(tiny_model_dir, worl
     summary = run_eval(cfg).metrics["summary"]
     assert {"wrong_image_accuracy", "uniform_chance", "chance"} <= set(summary["a"])
     paired = json.loads((tmp_path / "paired.json").read_text())
+    per_class = paired[0].pop("per_class")  # the set's gold options name classes: a test within each
     assert paired == [{"from": "a", "to": "b", "gained": 0, "lost": 0, "p_value": 1.0}]  # same model, same answers
+    assert sum(c["n"] for c in per_class.values()) == 6
+    assert all((c["gained"], c["lost"], c["p_value"]) == (0, 0, 1.0) for c in per_class.values())
     assert (tmp_path / "a/wrong_image/predictions.jsonl").is_file()
+    samples = json.loads((tmp_path / "samples.json").read_text())
+    assert len(samples) == 6 and all(set(s["responses"]) == {"a", "b"} for s in samples)
+    assert all(s["thumbnail"].startswith("data:image/png;base64,") for s in samples)
 
 
 def test_the_judge_never_shows_its_api_key():

@@ -58,27 +58,32 @@ TRAINING_KEYS = {"learning_rate": "learning rate", "grad_norm": "gradient norm",
 
 
 def training_panels(rows: list[dict]) -> list[Panel]:
-    """The panels a phase's logged rows fill: the loss of each stage on its own axis (stages restart their step
-    counter), then every other training key that holds a number somewhere."""
-    stages = list(dict.fromkeys(r.get("stage") for r in rows if _number(r.get("loss"))))
+    """The panels a phase's logged rows fill: the loss, then every other training key that holds a number somewhere;
+    a phase that trains in stages gets each on its own axes per stage (a stage restarts its step counter)."""
+    stages = list(dict.fromkeys(r.get("stage") for r in rows if "step" in r)) or [None]
     panels = []
-    for stage in stages:
-        _, ys = _series([r for r in rows if r.get("stage") == stage], "loss")
-        panels.append(Panel(f"loss ({stage})" if stage else "loss", "loss", stage, _spans_decades(ys)))
-    for key, title in TRAINING_KEYS.items():
-        _, ys = _series(rows, key)
-        if ys and any(ys):
-            panels.append(Panel(title, key, None, _spans_decades(ys)))
+    for key, title in {"loss": "loss", **TRAINING_KEYS}.items():
+        for stage in stages:
+            _, ys = _series([r for r in rows if r.get("stage") == stage], key)
+            if ys and (key == "loss" or any(ys)):
+                # a learning rate stays linear: its schedule is read in its own units
+                panels.append(Panel(f"{title} ({stage})" if stage else title, key, stage,
+                                    key != "learning_rate" and _spans_decades(ys)))
     return panels
 
 
-def smoothed(values: list[float], span: int | None = None) -> list[float]:
-    """An exponential moving average with `alpha = 2 / (span + 1)`; the span defaults to a tenth of the series,
-    so a short curve stays close to its points and a long one shows its trend."""
-    span = span or max(1, len(values) // 10)
-    alpha, out = 2 / (span + 1), []
-    for v in values:
-        out.append(v if not out else alpha * v + (1 - alpha) * out[-1])
+def smoothed(values: list[float], window: int | None = None, log: bool = False) -> list[float]:
+    """A centred moving average (no lag, unlike an exponential one: a falling loss is drawn where it is), over
+    `window` points (default: a tenth of the series, odd); on a log axis, of the logarithms (a geometric mean), so
+    that one spike does not lift a decade of the curve."""
+    window = window or max(1, len(values) // 10)
+    half = window // 2
+    points = [math.log(v) for v in values] if log else list(values)
+    out = []
+    for i in range(len(points)):
+        part = points[max(0, i - half): i + half + 1]
+        mean = sum(part) / len(part)
+        out.append(math.exp(mean) if log else mean)
     return out
 
 
@@ -94,9 +99,9 @@ def phase_training(name: str, rows: list[dict], path: Path) -> Path | None:
     fig = Figure(figsize=(4.8 * ncols, 2.6 * nrows + 0.5))
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, panel in zip(axes, panels, strict=False):
-        xs, ys = _series([r for r in rows if panel.stage is None or r.get("stage") == panel.stage], panel.key)
+        xs, ys = _series([r for r in rows if r.get("stage") == panel.stage], panel.key)
         ax.plot(xs, ys, color="tab:blue", alpha=0.3, linewidth=1, label="logged")
-        ax.plot(xs, smoothed(ys), color="tab:blue", linewidth=2, label="moving average")
+        ax.plot(xs, smoothed(ys, log=panel.log), color="tab:blue", linewidth=2, label="moving average")
         if panel.log:
             ax.set_yscale("log")
         ax.set_title(panel.title, fontsize=10)

@@ -193,9 +193,10 @@ def draw(report: dict, plot_dir: Path) -> dict[str, Path]:
     for name, t in training.items():
         stages = "; each stage on its own axis (a stage restarts the step count)" if any(
             r.get("stage") for r in t["rows"]) else ""
-        drawn[f"{name}: training loss (faint: the logged values; bold: their moving average; a log scale where the "
-              f"loss spans decades){stages}, and the learning rate, gradient norm, token entropy and PPO clip ratios "
-              "where the phase logs them"] = plots.phase_training(name, t["rows"], plot_dir / f"{name}_training.png")
+        caption = (f"{name}: training loss (faint: the logged values; bold: their centred moving average; a log "
+                   f"scale where the loss spans decades){stages}, and the learning rate, gradient norm, token entropy "
+                   "and PPO clip ratios where the phase logs them")
+        drawn[caption] = plots.phase_training(name, t["rows"], plot_dir / f"{name}_training.png")
     for name, t in training.items():
         if t["type"] != "rl":
             continue

@@ -47,8 +47,8 @@ def test_completions_that_are_not_text_are_refused_and_blank_ones_are_counted(tm
     assert main(["rewards", "score", "--rewards", "format", "--input", str(bad), "--output",
                  str(tmp_path / "o.jsonl")]) == 2
     assert "int.jsonl:2: field 'completion': a completion is text, not a int" in _one_line_error(capsys)
-    blank = _completions(tmp_path / "blank.jsonl", [{"completion": "", "answer": "A"},
-                                                    {"completion": "<think>t</think><answer>A</answer>", "answer": "A"}])
+    answered = {"completion": "<think>t</think><answer>A</answer>", "answer": "A"}
+    blank = _completions(tmp_path / "blank.jsonl", [{"completion": "", "answer": "A"}, answered])
     assert main(["rewards", "score", "--rewards", "format", "--input", str(blank), "--output",
                  str(tmp_path / "o.jsonl")]) == 0
     assert "1 of 2 completions are empty (rows 1)" in capsys.readouterr().err
@@ -98,8 +98,8 @@ def test_images_without_a_placeholder_in_the_conversation_are_refused(tmp_path, 
     path = tmp_path / "sft.jsonl"
     turns = [{"role": "user", "content": "What is shown?"}, {"role": "assistant", "content": "Glands."}]
     path.write_text(json.dumps({"messages": turns, "images": [tile]}) + "\n")
-    with pytest.raises(DataError, match=r"sft.jsonl:1: field 'images': 1 image\(s\) given but no message holds an image "
-                                        "placeholder"):
+    with pytest.raises(DataError, match=r"sft.jsonl:1: field 'images': 1 image\(s\) given but no message holds an "
+                                        "image placeholder"):
         load_records(path, "conversation")
 
 

@@ -67,7 +67,8 @@ def _wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]
 
 def test_report_draws_every_plot_and_links_them(run_dir):
     numbers = write_report(run_dir)
-    expected = ["cpt_training.png", "sft_training.png", "rl_training.png", "embed_training.png", "rl_rewards.png", "rl_length.png", "rl_dynamic_sampling.png", "accuracy.png",
+    expected = ["cpt_training.png", "sft_training.png", "rl_training.png", "embed_training.png", "rl_rewards.png",
+                "rl_length.png", "rl_dynamic_sampling.png", "accuracy.png",
                 "embed_retrieval.png"]
     for name in expected:
         png = run_dir / "plots" / name
@@ -343,14 +344,19 @@ def test_training_figures_put_stages_on_their_own_axes_and_a_decaying_loss_on_a_
            for s in range(1, 61)]
     panels = plots.training_panels(sft)
     assert [p.title for p in panels] == ["loss", "learning rate", "gradient norm", "token entropy"]
-    assert panels[0].log and panels[2].log and not panels[1].log  # 5 -> 0.009 spans decades; a constant does not
-    embed = [{"stage": st, "step": s, "loss": 2.0 / s} for st in ("stage1", "stage2") for s in (1, 2, 3)]
-    assert [p.title for p in plots.training_panels(embed)] == ["loss (stage1)", "loss (stage2)"]
+    assert not panels[1].log  # a learning rate stays linear
+    assert panels[0].log and panels[2].log and not panels[3].log  # 5 -> 0.009 spans decades; a constant does not
+    assert not plots.training_panels([{"step": s, "learning_rate": 10.0 ** -s} for s in range(1, 6)])[0].log
+    embed = [{"stage": st, "step": s, "loss": 2.0 / s, "learning_rate": 1e-3 / s} for st in ("stage1", "stage2")
+             for s in (1, 2, 3)]
+    assert [p.title for p in plots.training_panels(embed)] == ["loss (stage1)", "loss (stage2)",
+                                                               "learning rate (stage1)", "learning rate (stage2)"]
     rl = [{"step": s, "loss": (-1) ** s * 0.01, "clip_ratio/region_mean": 0.02} for s in range(1, 5)]
     assert [(p.title, p.log) for p in plots.training_panels(rl)] == [("loss", False),
                                                                      ("clip ratio (outside the region)", False)]
-    # the moving average: alpha = 2 / (span + 1)
-    assert plots.smoothed([0.0, 10.0, 10.0], span=3) == [0.0, 5.0, 7.5]
+    # the centred moving average, and on a log axis the geometric one
+    assert plots.smoothed([0.0, 3.0, 6.0, 30.0], window=3) == [1.5, 3.0, 13.0, 18.0]
+    assert plots.smoothed([1.0, 100.0, 1.0], window=3, log=True) == pytest.approx([10.0, 100 ** (1 / 3), 10.0])
     assert plots.smoothed([1.0, 2.0]) == [1.0, 2.0]  # a short series is left as logged
     write_report(run_dir)
     text = (run_dir / "report.md").read_text()

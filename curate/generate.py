@@ -1,7 +1,8 @@
 """Teacher chain-of-thought: caption rows, through their prompt-grid cells, to an OpenAI-compatible endpoint.
 
     DIR/generations.jsonl   append-only: one line per finished request, keyed by (record_id, prompt_id)
-    DIR/failures.jsonl      append-only: requests that failed after every retry (a re-run asks them again)
+    DIR/failures.jsonl      append-only: requests that failed after every retry, or whose reply was not a chat
+                            completion with text, with a one-line redacted reason (a re-run asks them again)
     DIR/generate.json       the identity of the run that wrote them (teacher, sampling, prompts), to refuse mixing
 
 A line is written and flushed the moment its reply arrives, so a kill loses at most the requests in flight, and a
@@ -34,6 +35,7 @@ from patho_r1.curate.rows import image_paths, read_id_table
 from patho_r1.curate.store import iter_jsonl, relative_images, stage_files
 from patho_r1.errors import ConfigError
 from patho_r1.llm import ChatRequest, ChatResult, EndpointConfig, LLMClient, image_part, run
+from patho_r1.redact import redact
 
 GENERATIONS = "generations.jsonl"
 FAILURES = "failures.jsonl"
@@ -197,8 +199,9 @@ def generate(make_jobs: Callable[[], Iterator[Job]], out: Path, endpoint: Endpoi
                     job: Job = request.key
                     if result.error is not None:
                         counts["failed"] += 1
+                        # the client redacts its errors; this file is the one a user pastes into an issue
                         bad.write(json.dumps({"record_id": job.record["id"], "prompt_id": job.cell,
-                                              "error": result.error, "time": time.time()}) + "\n")
+                                              "error": redact(result.error), "time": time.time()}) + "\n")
                         bad.flush()
                     else:
                         counts["answered"] += 1

@@ -26,20 +26,52 @@ def _judge_from_args(args, cache: str | None):
     if args.judge_model or args.judge_url:
         if not (args.judge_model and args.judge_url):
             raise SystemExit("error: --judge-url and --judge-model go together")
-        return LLMJudge(base_url=args.judge_url, model=args.judge_model, api_key=os.environ.get("OPENAI_API_KEY"),
-                        concurrency=args.judge_concurrency, cache=cache, show_progress=True)
-    if (os.environ.get("PATHO_JUDGE_BASE_URL") or os.environ.get("OPENAI_API_BASE")) and \
+        judge = LLMJudge(base_url=args.judge_url, model=args.judge_model, api_key=os.environ.get("OPENAI_API_KEY"),
+                         cache=cache)
+    elif (os.environ.get("PATHO_JUDGE_BASE_URL") or os.environ.get("OPENAI_API_BASE")) and \
             (os.environ.get("PATHO_JUDGE_MODEL") or os.environ.get("LOCAL_LLM")):
         judge = LLMJudge.from_env(cache=cache)
-        judge.concurrency, judge.show_progress = args.judge_concurrency, True
-        return judge
-    return None
+    else:
+        return None
+    judge.concurrency, judge.show_progress = args.judge_concurrency, True
+    judge.timeout, judge.max_retries = args.judge_timeout, args.judge_max_retries
+    judge.deadline, judge.max_unscored = args.judge_deadline, args.judge_max_unscored
+    _check_judge_limits(judge)
+    return judge
 
 
-def _add_judge_args(p) -> None:
+def _check_judge_limits(judge) -> None:
+    from patho_r1.errors import ConfigError
+
+    if judge.timeout <= 0 or judge.max_retries < 0 or (judge.deadline is not None and judge.deadline <= 0):
+        raise ConfigError("judge: --judge-timeout and --judge-deadline must be > 0, --judge-max-retries >= 0")
+    if not 0 <= judge.max_unscored <= 1:
+        raise ConfigError("judge: --judge-max-unscored is a share of the items, from 0 to 1")
+
+
+def _add_judge_args(p, short: bool = False) -> None:
+    """The judge's flags; `short`: also without the `judge-` prefix, where the judge is the command's only server."""
+    from patho_r1.eval.judge import LLMJudge
+
+    def names(name: str) -> list[str]:
+        return [f"--judge-{name}", *([f"--{name}"] if short else [])]
+
+    default = LLMJudge(base_url="", model="")
     p.add_argument("--judge-url", help="an OpenAI-compatible /v1 endpoint for the LLM judge (or PATHO_JUDGE_BASE_URL)")
     p.add_argument("--judge-model", help="the judge's model name (or PATHO_JUDGE_MODEL); key from OPENAI_API_KEY")
     p.add_argument("--judge-concurrency", type=int, default=16)
+    p.add_argument(*names("timeout"), dest="judge_timeout", type=float, default=default.timeout,
+                   help="seconds a judge request waits on the server: to connect, or for the next bytes of the reply, "
+                   "per attempt (default %(default)g)")
+    p.add_argument(*names("max-retries"), dest="judge_max_retries", type=int, default=default.max_retries,
+                   help="retries per judge request on 429, 5xx, timeouts and dropped connections (default "
+                   "%(default)s)")
+    p.add_argument(*names("deadline"), dest="judge_deadline", type=float,
+                   help="seconds per judge request, every attempt together: a held connection or a trickling reply "
+                   "then fails that item (default: timeout x (retries + 1) + 10 s a retry)")
+    p.add_argument(*names("max-unscored"), dest="judge_max_unscored", type=float, default=default.max_unscored,
+                   help="the share of items that may go unscored (failed requests, replies that are not a verdict; "
+                   "left out of the scores, never counted as 0) before the command fails (default %(default)g)")
 
 
 def _cmd_bench(args) -> int:
@@ -120,10 +152,11 @@ def _cmd_rubric(args) -> int:
                 raise DataError(args.predictions, row_no, key, "missing (each row needs question, answer, response)")
         prediction, thinking = split_thinking(row["response"])
         items.append((row["question"], row["answer"], thinking, prediction))
-    result = judge.rubric(items)
+    result = judge.rubric(items)  # too many unscored items: JudgeError, one line, non-zero exit
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"[rubric] {result['scored']}/{result['n']} scored, total {result['total']} / 100; "
+    unscored = f" ({result['failed']} failed, {result['unparsed']} unparsed: left out)" if result["unscored"] else ""
+    print(f"[rubric] {result['scored']}/{result['n']} scored{unscored}, total {result['total']} / 100; "
           f"{judge.prompt_tokens + judge.completion_tokens} tokens, {judge.cache_hits} cached; -> {args.out}")
     return 0
 
@@ -198,7 +231,7 @@ def register(sub) -> None:
     r.add_argument("--predictions", required=True, help="JSONL rows with question, answer, response")
     r.add_argument("--out", default="runs/rubric.json")
     r.add_argument("--cache", help="judge cache JSONL (a re-run costs no request)")
-    _add_judge_args(r)
+    _add_judge_args(r, short=True)
     r.set_defaults(func=_cmd_rubric)
     v = esub.add_parser("vlmeval", help="run VLMEvalKit's own inference and evaluation (needs the [eval] extra)")
     v.add_argument("--model", required=True)

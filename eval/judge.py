@@ -11,20 +11,30 @@ Two modes:
 Configured explicitly or from the environment: `PATHO_JUDGE_BASE_URL` (or VLMEvalKit's `OPENAI_API_BASE`),
 `PATHO_JUDGE_MODEL` (or `LOCAL_LLM`), `OPENAI_API_KEY`.  With none set, asking for a judgement is an error: an
 open-ended set is never silently scored 0.
+
+An item the judge cannot score, because its request failed after every retry or because the reply is not the
+verdict asked for (prose instead of yes/no or JSON), is unscored: `None`, never a 0, and left out of the means
+(VLMEvalKit scores such an item as wrong, which hides a broken judge inside a low number).  Unscored items are
+counted and reported; when more than `max_unscored` of a batch is unscored, the call raises `JudgeError`, one line
+(the CLI prints it and exits non-zero), and the replies that did arrive stay in the cache.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from patho_r1.errors import ConfigError
+from patho_r1.errors import ConfigError, PathoError
 from patho_r1.llm import ChatRequest, EndpointConfig, LLMClient, run
 from patho_r1.progress import RowProgress
+from patho_r1.redact import redact
+
+logger = logging.getLogger(__name__)
 
 JUDGE_PROMPT = (
     "You are grading answers to a pathology question.\n"
@@ -55,10 +65,22 @@ RUBRIC_PROMPT = (
 )
 
 
+class JudgeError(PathoError, ConnectionError):
+    """Too many items the judge could not score.  A ConnectionError too: that is what callers caught before."""
+
+
 @dataclass
 class Verdict:
-    correct: bool
+    correct: bool | None  # None: unscored (the request failed, or the reply was not yes or no)
     rationale: str
+
+
+@dataclass
+class Asked:
+    """Replies to a batch of prompts, in order: None where the request failed after every retry."""
+
+    replies: list[str | None]
+    errors: list[str]  # one redacted line per failed request
 
 
 @dataclass
@@ -66,9 +88,11 @@ class LLMJudge:
     base_url: str
     model: str
     api_key: str | None = field(default=None, repr=False)  # never in a repr, a log line or a traceback's locals
-    timeout: float = 60.0
+    timeout: float = 60.0  # seconds waiting on the server per attempt; a judge reply is short
     concurrency: int = 8
-    max_retries: int = 4
+    max_retries: int = 3
+    deadline: float | None = None  # seconds per request, every attempt together (None: from timeout and retries)
+    max_unscored: float = 0.1  # the share of a batch that may go unscored before the call fails
     cache: str | None = None  # a JSONL file of (key, reply); None: no cache
     show_progress: bool = False  # a bar with rate, ETA and tokens on a terminal (the CLI)
     prompt_tokens: int = 0
@@ -87,8 +111,8 @@ class LLMJudge:
 
     def endpoint(self, max_tokens: int) -> EndpointConfig:
         return EndpointConfig(base_url=self.base_url, model=self.model, concurrency=self.concurrency,
-                              max_retries=self.max_retries, timeout=self.timeout, temperature=0.0,
-                              max_tokens=max_tokens)
+                              max_retries=self.max_retries, timeout=self.timeout, deadline=self.deadline,
+                              temperature=0.0, max_tokens=max_tokens)
 
     # -- requests, through the cache ------------------------------------------------------------------------------
     def _key(self, prompt: str, max_tokens: int) -> str:
@@ -112,19 +136,20 @@ class LLMJudge:
             out[row["key"]] = row["reply"]
         return out
 
-    def ask(self, prompts: list[str], max_tokens: int) -> list[str]:
-        """Replies to `prompts`, from the cache where it holds them; the rest sent concurrently and cached."""
+    def ask(self, prompts: list[str], max_tokens: int) -> Asked:
+        """Replies to `prompts`, from the cache where it holds them; the rest sent concurrently and cached (a failed
+        request is not cached: a re-run asks it again)."""
         cached = self._load_cache()
         keys = [self._key(p, max_tokens) for p in prompts]
         missing = {k: p for k, p in zip(keys, prompts, strict=True) if k not in cached}
         self.cache_hits += len(prompts) - len(missing)
-        if missing:
-            cached.update(self._send(missing, max_tokens))
-        return [cached[k] for k in keys]
-
-    def _send(self, prompts: dict[str, str], max_tokens: int) -> dict[str, str]:
-        replies: dict[str, str] = {}
         errors: list[str] = []
+        if missing:
+            cached.update(self._send(missing, max_tokens, errors))
+        return Asked([cached.get(k) for k in keys], errors)
+
+    def _send(self, prompts: dict[str, str], max_tokens: int, errors: list[str]) -> dict[str, str]:
+        replies: dict[str, str] = {}
         if self.cache:
             Path(self.cache).parent.mkdir(parents=True, exist_ok=True)
 
@@ -157,26 +182,38 @@ class LLMJudge:
             run(main())
         finally:
             progress.close()
-        if errors:
-            raise ConnectionError(f"judge endpoint {self.base_url} failed on {len(errors)} of {len(prompts)} "
-                                  f"requests after retries (the answered ones are cached): {errors[0]}")
         return replies
+
+    def _check(self, what: str, asked: Asked, unparsed: list[str], expected: str) -> None:
+        """Raise one line when too much of a batch is unscored; else say how much was, if any."""
+        n, failed = len(asked.replies), sum(r is None for r in asked.replies)
+        if not failed and not unparsed:
+            return
+        parts = []
+        if failed:
+            example = redact(asked.errors[0]) if asked.errors else "no reply"
+            parts.append(f"{failed} requests failed after retries (e.g. {example})")
+        if unparsed:
+            parts.append(f"{len(unparsed)} replies were not {expected} (e.g. {_snippet(unparsed[0])})")
+        line = (f"judge {self.model} at {redact(self.base_url)}: {failed + len(unparsed)} of {n} {what} unscored: "
+                f"{'; '.join(parts)}")
+        if failed + len(unparsed) > self.max_unscored * n:
+            kept = f"the answered ones are cached in {self.cache}; " if self.cache else ""
+            raise JudgeError(f"{line}; more than the {self.max_unscored:.0%} allowed, so no score is given ({kept}run "
+                             "again to retry the failed ones)")
+        logger.warning("%s; left out of the scores", line)
 
     # -- correctness -------------------------------------------------------------------------------------------------
     def verdicts(self, items: list[tuple[str, str, str]]) -> list[Verdict]:
         """(question, reference answer, prediction) -> yes/no with the judge's rationale."""
         prompts = [JUDGE_PROMPT.format(question=q, answer=a, prediction=p) for q, a, p in items]
-        out = []
-        for reply in self.ask(prompts, max_tokens=64):
-            text = reply.strip()
-            word = re.sub(r"[^a-z]", "", text.lower().split()[0]) if text else ""
-            if word not in ("yes", "no"):
-                raise ValueError(f"judge replied {reply!r}, expected yes or no")
-            rationale = text.split("\n", 1)[1].strip() if "\n" in text else text[len(text.split()[0]):].strip(" .:-")
-            out.append(Verdict(word == "yes", rationale))
+        asked = self.ask(prompts, max_tokens=64)
+        out = [_verdict(reply) for reply in asked.replies]
+        unparsed = [r for r, v in zip(asked.replies, out, strict=True) if r is not None and v.correct is None]
+        self._check("verdicts", asked, unparsed, "yes or no")
         return out
 
-    def judge(self, question: str, answer: str, prediction: str) -> bool:
+    def judge(self, question: str, answer: str, prediction: str) -> bool | None:
         return self.verdicts([(question, answer, prediction)])[0].correct
 
     # -- reasoning quality -------------------------------------------------------------------------------------------
@@ -186,16 +223,31 @@ class LLMJudge:
         criteria = "\n".join(f"- {k}: {v}" for k, v in RUBRIC.items())
         prompts = [RUBRIC_PROMPT.format(question=q, answer=a, reasoning=r, prediction=p, criteria=criteria)
                    for q, a, r, p in items]
-        scores, unparsed = [], 0
-        for reply in self.ask(prompts, max_tokens=256):
-            parsed = _rubric_scores(reply)
-            if parsed is None:
-                unparsed += 1
-            scores.append(parsed)
+        asked = self.ask(prompts, max_tokens=256)
+        scores = [_rubric_scores(reply) if reply is not None else None for reply in asked.replies]
+        unparsed = [r for r, s in zip(asked.replies, scores, strict=True) if r is not None and s is None]
+        self._check("items", asked, unparsed, "the JSON scores asked for")
         good = [s for s in scores if s is not None]
         means = {k: round(sum(s[k] for s in good) / len(good), 3) for k in RUBRIC} if good else {}
-        return {"n": len(items), "scored": len(good), "unparsed": unparsed, "per_item": scores,
+        unscored = [{"item": i, "reason": "request failed" if reply is None else "reply not parsed"}
+                    for i, (reply, s) in enumerate(zip(asked.replies, scores, strict=True)) if s is None]
+        return {"n": len(items), "scored": len(good), "unparsed": len(unparsed),
+                "failed": sum(r is None for r in asked.replies), "unscored": unscored, "per_item": scores,
                 "mean_per_criterion": means, "total": round(sum(means.values()), 2) if means else None}
+
+
+def _verdict(reply: str | None) -> Verdict:
+    """Yes or no on the first line, then why; None (unscored) for a failed request or a reply that is neither."""
+    text = (reply or "").strip()
+    word = re.sub(r"[^a-z]", "", text.lower().split()[0]) if text else ""
+    if word not in ("yes", "no"):
+        return Verdict(None, _snippet(reply or ""))
+    rationale = text.split("\n", 1)[1].strip() if "\n" in text else text[len(text.split()[0]):].strip(" .:-")
+    return Verdict(word == "yes", rationale)
+
+
+def _snippet(reply: str, limit: int = 60) -> str:
+    return repr(redact(" ".join(reply.split()))[:limit])
 
 
 def _rubric_scores(reply: str) -> dict[str, int] | None:

@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from patho_r1.eval.judge import RUBRIC, LLMJudge
+from patho_r1.eval.judge import RUBRIC, JudgeError, LLMJudge
 from patho_r1.fixtures.teacher import serve
 
 ITEMS = [("What is shown?", "adenocarcinoma", "An invasive adenocarcinoma of the colon."),
@@ -62,10 +62,14 @@ def test_rubric_scores_ten_criteria_and_reports_means_and_total(tmp_path):
 def test_judge_against_transformers_serve_refuses_to_guess(hf_server):
     url, model = hf_server
     judge = LLMJudge(base_url=url, model=model, timeout=60)
-    with pytest.raises(ValueError, match="expected yes or no"):  # random tokens are not a verdict
+    with pytest.raises(JudgeError, match="2 replies were not yes or no"):  # random tokens are not a verdict
         judge.verdicts(ITEMS[:2])
+    with pytest.raises(JudgeError, match="1 replies were not the JSON scores"):
+        judge.rubric([("q", "a", "r", "p")])
+    judge.max_unscored = 1.0  # allowed: the item is unscored, never a 0
     report = judge.rubric([("q", "a", "r", "p")])
-    assert report["unparsed"] == 1 and report["total"] is None and judge.completion_tokens > 0
+    assert report["unparsed"] == 1 and report["per_item"] == [None] and report["total"] is None
+    assert judge.completion_tokens > 0
 
 
 def test_an_unreachable_judge_is_a_connection_error_naming_it():

@@ -18,6 +18,7 @@ each measured in a fresh process so that its peak resident memory is its own:
     >= 20k rows/s on one core).
 
     python bench/curate.py --only teacher filter      # just (4) and (5)
+    python bench/curate.py --only import --rows 100000  # the import alone, and what its image check costs an image
 """
 
 from __future__ import annotations
@@ -71,12 +72,16 @@ def _child(task: str, src: str, work: str, engine: str, images: str = "copy") ->
     from patho_r1.curate.pipeline import run_stage
 
     work_dir = Path(work)
+    start = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
-    if task == "import+dedup":
+    if task.startswith("import"):
         # resume=False: a rerun over the same work folder measures the work, not a skipped stage
         imported = run_stage(ImportStage(sources=[{"format": "quilt-1m", "path": src}], images=images,
                                          engine=engine), None, work_dir / "import", resume=False)
         t1 = time.perf_counter()
+    if task == "import":
+        extra = {"import_s": t1 - t0, "engine": imported.counts["engine"]}
+    elif task == "import+dedup":
         manifest = run_stage(DedupStage(engine=engine), work_dir / "import", work_dir / "dedup", resume=False)
         extra = {"import_s": t1 - t0, "dedup_s": time.perf_counter() - t1, "removed": manifest.counts["removed"],
                  "engine": f"{imported.counts['engine']}/{manifest.counts['engine']}"}
@@ -85,13 +90,16 @@ def _child(task: str, src: str, work: str, engine: str, images: str = "copy") ->
                              work_dir / f"tag-{engine}", resume=False)
         extra = {"subfields": manifest.counts["subfields"]}
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    worker = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest pool worker's
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak, "worker_peak_mb": worker, **extra}))
+    me, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU seconds of this process and its (finished) pool workers: on a shared machine the wall clock also counts
+    # the time a process waited for a core
+    cpu = me.ru_utime + me.ru_stime - start.ru_utime - start.ru_stime + workers.ru_utime + workers.ru_stime
+    print(json.dumps({"seconds": seconds, "cpu_s": cpu, "peak_rss_mb": me.ru_maxrss / 1024,
+                      "worker_peak_mb": workers.ru_maxrss / 1024, **extra}))  # the largest pool worker's
 
 
 def measure(task: str, src: Path, work: Path, engine: str, images: str = "copy") -> dict:
-    if task == "import+dedup":  # an earlier run's folders: deleted here, not inside the timed stages
+    if task.startswith("import"):  # an earlier run's folders: deleted here, not inside the timed stages
         shutil.rmtree(work, ignore_errors=True)
         # and the deletion written out: removing 1M hard links dirties 1M source inodes, whose writeback during the
         # next run cut its import from 32k to 11k rows/s on the 2-core test machine
@@ -141,7 +149,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--filter-rows", type=int, default=1_000_000)
     parser.add_argument("--teacher-requests", type=int, default=600)
-    parser.add_argument("--only", nargs="+", choices=["corpus", "teacher", "filter"],
+    parser.add_argument("--only", nargs="+", choices=["corpus", "import", "teacher", "filter"],
                         default=["corpus", "teacher", "filter"])
     args = parser.parse_args()
     print(f"cores: {os.cpu_count()}; image pool: {args.images}")
@@ -149,6 +157,8 @@ def main() -> None:
     base.mkdir(parents=True, exist_ok=True)
     if "corpus" in args.only:
         corpus(args, base)
+    if "import" in args.only:
+        import_rates(args, base)
     if "teacher" in args.only:
         teacher_rates(args.teacher_requests)
     if "filter" in args.only:
@@ -221,6 +231,31 @@ def filter_rate(base: Path, n: int) -> None:
     print(f"filter: {n:,} outputs in {seconds:.1f} s = {n / seconds:,.0f} rows/s, {n / cpu:,.0f} rows per CPU "
           f"second (goal 20,000 on one core); kept {manifest.counts['kept']:,}, rejected by rule "
           f"{manifest.counts['rejected_by_rule']}")
+
+
+def import_rates(args, base: Path) -> None:
+    """(1) without the dedup: the import alone (each row's image checked and stored, its id checked), and the image
+    check's own cost per image, on the export's files."""
+    for n in args.rows:
+        src = write_export(base / f"src-{n}", n, args.images)
+        for images in ("copy", "link"):
+            r = measure("import", src, base / f"work-{n}-{images}", args.engine, images)
+            print(f"{n:>9,} rows  import ({images} images, {r['engine']}) {n / r['import_s']:>9,.0f} rows/s "
+                  f"(goal >= 20,000 on 2 cores), {n / r['cpu_s']:,.0f} rows per CPU second  peak RSS "
+                  f"{r['peak_rss_mb']:,.0f} MB (driver)")
+    try:
+        from patho_r1.curate.store import image_problem
+    except ImportError:  # a checkout from before the check
+        return
+    from PIL import Image
+
+    files = sorted((base / f"src-{args.rows[0]}" / "images" / "000").iterdir())[:2000]
+    blobs = [f.read_bytes() for f in files]
+    t0 = time.perf_counter()
+    problems = sum(image_problem(b, Image.MAX_IMAGE_PIXELS) is not None for b in blobs)
+    seconds = time.perf_counter() - t0
+    print(f"image check: {seconds / len(blobs) * 1e6:.1f} us an image ({len(blobs)} PNGs of "
+          f"{sum(map(len, blobs)) // len(blobs):,} bytes; {problems} refused) in one process")
 
 
 def corpus(args, base: Path) -> None:

@@ -79,7 +79,7 @@ def _run(args, stage, model_encoder) -> int:
     dry_run = getattr(args, "dry_run", False)
     manifest = run_stage(validated, parent, Path(args.out), engine=getattr(args, "engine", None),
                          show_progress=True, model_encoder=model_encoder, resume=not args.force, seed=args.seed,
-                         dry_run=dry_run)
+                         dry_run=dry_run, overwrite=getattr(args, "overwrite", False))
     if dry_run:
         c = manifest.counts
         cost = f", at most ${c['est_max_cost_usd']:,.2f}" if c.get("est_max_cost_usd") is not None else ""
@@ -129,6 +129,9 @@ def register(sub, model_encoder=None) -> None:
             q.add_argument("input", help="the folder of the stage before")
         q.add_argument("--out", required=True, help="output folder")
         q.add_argument("--force", action="store_true", help="rerun even if the output is up to date")
+        q.add_argument("--overwrite", action="store_true", help="write --out even if it is a folder holding files "
+                       "that are not this command's output (they are deleted); without it such a folder, or a "
+                       "path that is a file, is refused")
         q.add_argument("--seed", type=int, default=0,
                        help="random seed (held-out splits, K-means, task draws, MCQ sampling)")
 
@@ -143,7 +146,17 @@ def register(sub, model_encoder=None) -> None:
     def spec(a):
         return {"kind": a.embedder, "model": a.model, "adapter": a.adapter}
 
-    q = stages.add_parser("import", help="import a public corpus in its own format")
+    from patho_r1.data import MAX_TEXT_CHARS
+
+    q = stages.add_parser("import", help="import a public corpus in its own format", description=(
+        "Import a public corpus in its own format.  Each row is refused (stops the import, naming file, row and "
+        "field; with --on-error skip, written to rejects.jsonl with the reason) when: an image file resolves "
+        "outside the image folder (a '..' name, an absolute path elsewhere, a symbolic link out of it; "
+        "--allow-outside-images takes them); an image is missing, not a regular file, damaged or truncated, or has "
+        "more than PIL's Image.MAX_IMAGE_PIXELS pixels (89,478,485: its decompression-bomb guard, under which "
+        f"training opens images); a text field holds more than {MAX_TEXT_CHARS:,} characters (about 25k tokens: "
+        "longer is a broken export, such as a whole article in one cell); its id is an earlier row's (both rows "
+        "are named).  A source with no rows is an error."))
     q.add_argument("source", help="the corpus file or folder")
     q.add_argument("--format", required=True, help="see `patho-r1 curate formats`")
     q.add_argument("--images", help="the image folder, where the format names image files")
@@ -154,12 +167,14 @@ def register(sub, model_encoder=None) -> None:
                    help="skip: bad rows go to rejects.jsonl with the reason")
     q.add_argument("--link-images", action="store_true", help="hard-link image files into the store instead of "
                    "copying them (no second copy; the sources must then not be edited in place)")
+    q.add_argument("--allow-outside-images", action="store_true", help="take image files that resolve outside "
+                   "the image folder (refused by default, so that a dataset's rows cannot pull other files in)")
     engine_option(q)
     common(q, with_input=False)
     q.set_defaults(func=lambda a: _run(a, {"stage": "import", "on_error": a.on_error,
                                            "images": "link" if a.link_images else "copy", "sources": [
         {"format": a.format, "path": a.source, "images": a.images, "kind": a.kind, "columns": _columns(a.columns),
-         "license": a.license}]}, model_encoder))
+         "license": a.license, "allow_outside_images": a.allow_outside_images}]}, model_encoder))
 
     q = stages.add_parser("dedup", help="exact image duplicates and near-duplicate texts (MinHash LSH)")
     q.add_argument("--threshold", type=float, default=0.8)
@@ -215,13 +230,29 @@ def register(sub, model_encoder=None) -> None:
         q.add_argument("--price-out", type=float, help="USD per million completion tokens")
         q.add_argument("--prompts", help="a folder of prompt overrides laid out like curate/prompts")
         q.add_argument("--with-image", action="store_true", help="send the image too (a VLM teacher)")
+        timeouts(q)
+
+    def timeouts(q):
+        from patho_r1.llm import EndpointConfig
+
+        default = {name: EndpointConfig.model_fields[name].default for name in ("timeout", "max_retries")}
+        q.add_argument("--timeout", type=float, help="seconds a request waits on the server: to connect, or for the "
+                       f"next bytes of the reply, per attempt (default {default['timeout']:g}, for a local model "
+                       "server)")
+        q.add_argument("--max-retries", type=int, help="retries per request on 429, 5xx, timeouts and dropped "
+                       f"connections, with backoff (default {default['max_retries']})")
+        q.add_argument("--deadline", type=float, help="seconds per request, every attempt together: a held "
+                       "connection or a trickling reply then fails that request (default: timeout x (retries + 1) "
+                       "+ 10 s a retry)")
 
     def endpoint_spec(a):
         if not a.base_url:
             return None
+        limits = {"timeout": a.timeout, "max_retries": a.max_retries, "deadline": a.deadline}
         return {"base_url": a.base_url, "model": a.teacher_model, "api_key_env": a.api_key_env,
                 "concurrency": a.concurrency, "max_tokens": a.max_tokens, "temperature": a.temperature,
-                "price_in_per_mtok": a.price_in, "price_out_per_mtok": a.price_out}
+                "price_in_per_mtok": a.price_in, "price_out_per_mtok": a.price_out,
+                **{k: v for k, v in limits.items() if v is not None}}  # unset: the config's defaults
 
     q = stages.add_parser("generate", help="teacher chain-of-thought from captions through the prompt grid")
     endpoint(q)

@@ -39,6 +39,9 @@ class SourceSpec(StrictModel):
     kind: Literal["caption", "mcq", "conversation"] | None = Field(None, description="csv/jsonl: the rows' kind")
     license: str | None = Field(None, description="overrides the license the format's dataset card states")
     name: str | None = Field(None, description="label for per-source counts (default: the format)")
+    allow_outside_images: bool = Field(
+        False, description="take image files that resolve outside the image folder (a `..` name, an absolute path "
+        "elsewhere, a symbolic link out of it); refused by default, so a dataset's rows cannot pull in other files")
 
     @field_validator("format")
     @classmethod

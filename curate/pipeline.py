@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ from patho_r1.curate.config import CuratePhaseConfig, GenerateStage, ImportStage
 from patho_r1.curate.engine import choose_engine
 from patho_r1.curate.store import MANIFEST, StageManifest, StageWriter, input_digest, is_done, read_stage_manifest
 from patho_r1.errors import ConfigError
+from patho_r1.outputs import check_output_folder
 from patho_r1.progress import RowProgress
 
 
@@ -62,10 +64,34 @@ def _appends(stage) -> bool:
     return isinstance(stage, GenerateStage) or (isinstance(stage, MCQStage) and stage.source == "teacher")
 
 
+def _is_ours(stage, out: Path) -> bool:
+    """`out` is this stage's own output: its manifest says so (finished, or a teacher run's unfinished one), or a
+    teacher run killed before its manifest left its run identity there (a re-run resumes it)."""
+    manifest = read_stage_manifest(out)
+    if manifest is not None:
+        return manifest.stage == stage.stage
+    if not _appends(stage):
+        return False
+    from patho_r1.curate.generate import IDENTITY
+
+    return (out / IDENTITY).is_file()
+
+
+def check_stage_output(stage, out: Path, overwrite: bool = False) -> bool:
+    """Apply the output-folder rule (`patho_r1.outputs`) to a stage's folder; returns whether `out` holds something
+    else that `overwrite` lets this stage replace."""
+    ours = _is_ours(stage, out)
+    check_output_folder(out, f"curate {stage.stage}", ours=ours, overwrite=overwrite)
+    return not ours and out.is_dir() and any(out.iterdir())
+
+
 @contextlib.contextmanager
-def _in_place(out: Path):
-    """The folder itself, for stages that append as they go; the old manifest goes first, so a crash never leaves
-    new partial files under a manifest that says finished."""
+def _in_place(out: Path, replace: bool = False):
+    """The folder itself, for stages that append as they go (emptied first if `replace`: another command's files,
+    with --overwrite); the old manifest goes first, so a crash never leaves new partial files under a manifest that
+    says finished."""
+    if replace:
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         os.remove(out / MANIFEST)
@@ -74,12 +100,15 @@ def _in_place(out: Path):
 
 def run_stage(stage, parent: Path | None, out: Path, *, engine: str | None = None, parallel_threshold: int = 50_000,
               seed: int = 0, show_progress: bool = False, metrics_file: Path | None = None,
-              model_encoder: Callable | None = None, resume: bool = True, dry_run: bool = False) -> StageManifest:
+              model_encoder: Callable | None = None, resume: bool = True, dry_run: bool = False,
+              overwrite: bool = False) -> StageManifest:
     """Run one stage from `parent` (None for import, or a filter given an input file) into `out`; returns its
-    manifest (with `dry_run`, a generate stage's request estimate, and nothing is sent or written)."""
+    manifest (with `dry_run`, a generate stage's request estimate, and nothing is sent or written).  `out` must be
+    new, empty, or this stage's own output, unless `overwrite` (`patho_r1.outputs`)."""
     out = Path(out).resolve()
     parent = Path(parent).resolve() if parent is not None else None
     n_rows = _parent_rows(parent) if parent is not None else 0  # first: a wrong folder fails here, by name
+    replace = check_stage_output(stage, out, overwrite)  # before any work: a wrong --out fails in a second
     config = stage.model_dump(mode="json")
     cfg_hash = _config_hash(stage, config, seed)
     inputs = _stage_inputs(stage, parent)
@@ -100,7 +129,7 @@ def run_stage(stage, parent: Path | None, out: Path, *, engine: str | None = Non
     chosen = choose_engine(engine or getattr(stage, "engine", "local"), total or 0, parallel_threshold)
     progress = RowProgress(stage.stage, total, metrics_file=metrics_file, show=show_progress)
     t0 = time.time()
-    with (_in_place(out) if _appends(stage) else atomic_directory(out)) as tmp:
+    with (_in_place(out, replace) if _appends(stage) else atomic_directory(out)) as tmp:
         writer = StageWriter(tmp)
         try:
             counts = _dispatch(stage, parent, tmp, out, writer, progress, chosen, n_rows, seed, model_encoder,

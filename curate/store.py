@@ -13,14 +13,18 @@ folder's store with paths relative to their own folder, so a chain of stage fold
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
 import os
 import re
+import stat
+import struct
 import time
+import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +61,15 @@ class StageManifest(BaseModel):
 
 
 def read_stage_manifest(directory: str | Path) -> StageManifest | None:
+    """The folder's manifest, or None where it has none or one that does not parse (a torn or hand-edited file is
+    not a finished stage either: the callers then say so in one line, or refuse to write over the folder)."""
     path = Path(directory) / MANIFEST
     if not path.is_file():
         return None
-    return StageManifest.model_validate_json(path.read_text())
+    try:
+        return StageManifest.model_validate_json(path.read_text())
+    except (ValueError, OSError):  # pydantic's ValidationError is a ValueError
+        return None
 
 
 def input_digest(path: str | Path) -> str:
@@ -102,6 +111,110 @@ def image_extension(data: bytes) -> str:
     return UNKNOWN_EXTENSION
 
 
+_PNG, _JPEG = _MAGIC[0][0], _MAGIC[1][0]
+_JPEG_FRAMES = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))  # SOFn
+
+
+def image_problem(data: bytes, max_pixels: int | None) -> str | None:
+    """Why `data` is not a whole image of at most `max_pixels` pixels, or None.  PNG and JPEG, what the corpora ship,
+    are checked by walking their structure here (a PNG's chunks with their CRCs to IEND, as PIL's `verify` does; a
+    JPEG's segments to its scan and its end marker, which PIL's `verify` does not look for): a few microseconds,
+    where PIL's open alone was a third of the import.  Other formats (rare in the corpora) must open and decode in
+    PIL, whose `verify` checks little outside PNG."""
+    if data.startswith(_PNG):
+        return _png_problem(data, max_pixels)
+    if data.startswith(_JPEG):
+        return _jpeg_problem(data, max_pixels)
+    return _pil_problem(data, max_pixels)
+
+
+def _size_problem(width: int, height: int, max_pixels: int | None) -> str | None:
+    if not width or not height:
+        return f"an image of {width}x{height} pixels"
+    if max_pixels and width * height > max_pixels:
+        return (f"{width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
+                "(Image.MAX_IMAGE_PIXELS: PIL's decompression-bomb guard, which the training loaders open images "
+                "under)")
+    return None
+
+
+_U32, _PNG_CHUNK = struct.Struct(">I"), struct.Struct(">I4s")  # compiled once: this runs once per image
+
+
+def _png_problem(data: bytes, max_pixels: int | None) -> str | None:
+    if len(data) < 33 or data[12:16] != b"IHDR":
+        return "not a PNG: no header chunk after the PNG signature"
+    if problem := _size_problem(_U32.unpack_from(data, 16)[0], _U32.unpack_from(data, 20)[0], max_pixels):
+        return problem
+    view, pos, n, has_data = memoryview(data), 8, len(data), False
+    while pos + 12 <= n:
+        length, kind = _PNG_CHUNK.unpack_from(data, pos)
+        end = pos + 12 + length
+        if end > n:
+            break
+        if zlib.crc32(view[pos + 4:end - 4]) != _U32.unpack_from(data, end - 4)[0]:
+            return f"a damaged PNG: the {kind.decode('latin-1')!r} chunk at byte {pos} fails its CRC"
+        if kind == b"IEND":
+            return None if has_data else "a PNG with no image data (no IDAT chunk)"
+        has_data = has_data or kind == b"IDAT"
+        pos = end
+    return f"a truncated PNG: {n:,} bytes, cut before its IEND chunk"
+
+
+def _jpeg_problem(data: bytes, max_pixels: int | None) -> str | None:
+    pos, n, size = 2, len(data), None
+    while True:  # the segments before the scan: each is FF, a marker, and a 2-byte length that counts itself
+        if pos + 4 > n:
+            return f"a truncated JPEG: {n:,} bytes, cut before its image data"
+        marker = data[pos + 1]
+        if data[pos] != 0xFF or (marker < 0xC0 and marker != 0x01):
+            return f"not a JPEG: no marker at byte {pos}"
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker == 0xD8 or 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            pos += 2
+            continue
+        if marker == 0xD9:
+            return "a JPEG that ends before its image data"
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if length < 2 or pos + 2 + length > n:
+            return f"a truncated JPEG: the segment at byte {pos} runs past the end ({n:,} bytes)"
+        if marker in _JPEG_FRAMES and length >= 8:
+            size = (int.from_bytes(data[pos + 7:pos + 9], "big"), int.from_bytes(data[pos + 5:pos + 7], "big"))
+        if marker == 0xDA:  # the scan starts
+            break
+        pos += 2 + length
+    if size is None:
+        return "a JPEG with no frame header before its image data"
+    if problem := _size_problem(*size, max_pixels):
+        return problem
+    # coded data escapes each FF byte it holds (FF 00), so an FF D9 after the scan starts is the end-of-image marker
+    if data.rfind(b"\xff\xd9", pos) < 0:
+        return f"a truncated JPEG: {n:,} bytes, no end-of-image marker"
+    return None
+
+
+def _pil_problem(data: bytes, max_pixels: int | None) -> str | None:
+    import io
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():  # its bomb warning: the size is checked here, against our limit
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                if problem := _size_problem(*im.size, max_pixels):  # before the decode, which it bounds
+                    return problem
+                im.load()
+    except Image.DecompressionBombError as exc:
+        return f"over the pixel limit ({exc})"
+    except Exception as exc:  # PIL raises a dozen kinds on malformed bytes (OSError, SyntaxError, struct.error, ...)
+        return f"not a readable image ({type(exc).__name__})"
+    return None
+
+
 class ImageStore:
     """Images under `root/ab/<sha256>.<ext>`: identical bytes are stored once, however many rows and sources name
     them.  Parallel workers may share a store: creation is exclusive, and two writers of one hash hold the same
@@ -112,10 +225,10 @@ class ImageStore:
         self.link = link  # hard-link source files instead of copying them (same filesystem; else copied)
         self._folders: set[str] = set()  # the ab/ folders made (256 at most): no stat per row
 
-    def put(self, data: bytes, source: str | Path | None = None) -> tuple[str, str]:
-        """Store `data` (read from the file `source`, if it came from one); returns (its path relative to the
-        store's parent folder, its sha256)."""
-        digest = hashlib.sha256(data).hexdigest()
+    def put(self, data: bytes, source: str | Path | None = None, digest: str | None = None) -> tuple[str, str]:
+        """Store `data` (read from the file `source`, if it came from one; `digest`: its sha256, if known); returns
+        (its path relative to the store's parent folder, its sha256)."""
+        digest = digest or hashlib.sha256(data).hexdigest()
         rel = f"{digest[:2]}/{digest}.{image_extension(data)}"
         path = f"{self.root}/{rel}"  # not pathlib, nor os.path.join: once per row
         if digest[:2] not in self._folders:
@@ -133,19 +246,34 @@ class ImageStore:
         return f"{IMAGE_DIR}/{rel}", digest
 
 
-def read_file(path: str) -> bytes:
-    """A file's bytes, by four system calls (open, fstat, read, close).  `open(path, "rb").read()` makes nine
-    (strace: also a terminal check, two seeks, a second fstat, and a second read to find the end), a third more
-    time per image on this project's 2-core test machine."""
-    fd = os.open(path, os.O_RDONLY)
+# Where the kernel says an open file is: one readlink, where os.path.realpath would lstat each folder on its path.
+_FD_PATHS = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else None
+
+
+def read_image_file(path: str, check: Callable[[str], None] | None = None) -> bytes:
+    """A file's bytes, by four system calls, five with `check` (open, fstat, [readlink,] read, close;
+    `open(path, "rb").read()` makes nine: also a terminal check, two seeks, a second fstat, and a second read to find
+    the end, a third more time per image on this project's 2-core test machine).  `check(real_path)` runs after the
+    open and before a byte is read, with the real path of what was opened (symbolic links resolved): it raises to
+    refuse the file.  Opened without blocking and refused unless a regular file: a FIFO named x.jpg would hang the
+    import, and /dev/zero never end."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        size = os.fstat(fd).st_size
-        data = os.read(fd, size + 1)
-        if len(data) > size:  # it grew since the fstat: the rest, to the end
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotARegularFile(errno.EINVAL, "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file", path)
+        if check is not None:
+            check(os.readlink(f"{_FD_PATHS}/{fd}") if _FD_PATHS else os.path.realpath(path))
+        data = os.read(fd, st.st_size + 1)
+        if len(data) > st.st_size:  # it grew since the fstat: the rest, to the end
             data += b"".join(iter(functools.partial(os.read, fd, 1 << 20), b""))
         return data
     finally:
         os.close(fd)
+
+
+class NotARegularFile(OSError):
+    """A device, FIFO or socket where an image file was named."""
 
 
 def _hard_link(source: str | Path, path: str) -> bool:

@@ -40,23 +40,47 @@ from patho_r1.rewards.parsing import OPTION_LETTERS
 
 
 class ImageFile(str):
-    """An image file's path (a `str`), with the source field that named it and a hint for when it is missing.  A
-    converter does not stat the file: a reader that opens it anyway (the importer) learns then that it is missing,
-    and says so with `missing`; one that does not calls `Converted.check_files`."""
+    """An image file's path (a `str`), with the source field that named it, a hint for when it is missing, and the
+    real path of the image folder it must stay in (`check_inside_root`).  A converter does not stat the file: a
+    reader that opens it anyway (the importer) learns then that it is missing, and says so with `missing`; one that
+    does not calls `Converted.check_files`."""
 
     field: str
     hint: str
+    root: str
 
-    def __new__(cls, path: str, field: str, hint: str = ""):
+    def __new__(cls, path: str, field: str, root: str, hint: str = ""):
         obj = super().__new__(cls, path)
-        obj.field, obj.hint = field, hint
+        obj.field, obj.root, obj.hint = field, root, hint
         return obj
 
     def missing(self, where: tuple[str, int]) -> DataError:
         return DataError(where[0], where[1], self.field, f"image not found: {self}{self.hint}")
 
-    def __reduce__(self):  # picklable with its field and hint (str's own reduction would drop them)
-        return ImageFile, (str(self), self.field, self.hint)
+    def __reduce__(self):  # picklable with its field, hint and root (str's own reduction would drop them)
+        return ImageFile, (str(self), self.field, self.root, self.hint)
+
+
+ALLOW_OUTSIDE = "--allow-outside-images"  # the option that lifts the guard below, named in its refusals
+
+
+def check_inside_root(image: ImageFile, where: tuple[str, int], real: str | None = None) -> None:
+    """The one path guard for every image file every format names: raise a DataError unless the file resolves
+    (through `..`, an absolute name, or symbolic links anywhere on its path) to a place inside its source's image
+    folder.  `real`: the resolved path, where the caller already has it from the file it opened (the importer: so
+    the check is of what was read, and costs no `realpath`)."""
+    real = real or os.path.realpath(image)
+    root = image.root
+    if real.startswith(root if root.endswith(os.sep) else root + os.sep):
+        return
+    raise DataError(where[0], where[1], image.field, f"image {image} resolves to {real}, outside the image folder "
+                    f"{root}; a dataset's rows may only name files inside it ({ALLOW_OUTSIDE} takes them)")
+
+
+@functools.lru_cache(maxsize=256)
+def real_folder(folder: str) -> str:
+    """An image folder's real path, once per folder (not per row)."""
+    return os.path.realpath(folder)
 
 
 ImageSource = bytes | str | Path  # encoded bytes, or a file path (an `ImageFile` from the readers here)
@@ -78,6 +102,7 @@ class Converted:
 @dataclass
 class ImportOptions:
     images: Path | None = None  # where relative image names are looked up (formats with an image folder)
+    allow_outside_images: bool = False  # take image files that resolve outside the image folder (the guard's off)
     columns: dict[str, str] = field(default_factory=dict)  # generic csv/jsonl: our field -> their column
     kind: str | None = None  # generic csv/jsonl: the kind every row is
 
@@ -123,12 +148,14 @@ def _text(raw: dict, key: str, where: tuple[str, int], *, required: bool = True)
     return value.strip() if value is not None else None
 
 
-def _image_file(name: str, base: str | Path | None, where: tuple[str, int], key: str, hint: str = "") -> ImageFile:
-    """The file `name` names (under `base`, if relative), unchecked: see `ImageFile`."""
+def _image_file(name: str, base: str | Path, where: tuple[str, int], key: str, hint: str = "") -> ImageFile:
+    """The file `name` names (under the image folder `base`, if relative, and to be kept inside it), unchecked: see
+    `ImageFile` and `check_inside_root`."""
     if not name:
         raise DataError(where[0], where[1], key, "empty image name")
+    base = os.fspath(base)
     # os.path, not pathlib: this runs once per row, and pathlib's parsing was a third of the import's time
-    return ImageFile(name if os.path.isabs(name) or base is None else os.path.join(base, name), key, hint)
+    return ImageFile(name if os.path.isabs(name) else os.path.join(base, name), key, real_folder(base), hint)
 
 
 @functools.lru_cache(maxsize=64)
@@ -223,8 +250,8 @@ def _hf_image(raw: dict, where: tuple[str, int], base: Path | None) -> ImageSour
     if isinstance(image, dict):
         if image.get("bytes"):
             return bytes(image["bytes"])
-        if image.get("path"):
-            return _image_file(image["path"], base, where, "image")
+        if image.get("path"):  # a file beside the parquet, unless --images says where
+            return _image_file(image["path"], base or os.path.dirname(where[0]), where, "image")
     raise DataError(where[0], where[1], "image", "no image bytes and no path")
 
 
@@ -371,15 +398,16 @@ def _arch_rows(src: Path, opts: ImportOptions) -> Iterator[tuple[str, int, Any]]
     for n, key in enumerate(keys, start=1):
         entry = data[key] if isinstance(data[key], dict) else {}
         image = by_stem.get(str(entry.get("uuid")))
-        yield str(path), n, {**entry, "_key": key, "_image": str(image) if image else None, "_set": path.parent.name}
+        yield str(path), n, {**entry, "_key": key, "_image": image.name if image else None, "_images": str(images),
+                             "_set": path.parent.name}
 
 
 def _convert_arch(raw: dict, where: tuple[str, int], opts: ImportOptions) -> Converted:
     uuid = _text(raw, "uuid", where)
     caption = _text(raw, "caption", where)
-    image = raw["_image"]
-    if image is None:
+    if raw["_image"] is None:
         raise DataError(where[0], where[1], "uuid", f"no image named {uuid}.* in the images folder")
+    image = _image_file(raw["_image"], raw["_images"], where, "uuid")  # a link in the folder may point out of it
     record = {"id": f"arch:{raw['_set']}:{raw['_key']}", "caption": caption, "arch_set": raw["_set"]}
     for key in ("figure_id", "letter"):
         if raw.get(key) not in (None, ""):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from patho_r1.outputs import check_output_file, check_output_folder
+
 
 def _cmd_mcq(args) -> int:
     from patho_r1.config import validate_config
     from patho_r1.eval.phase import EvalPhaseConfig, run_eval
 
+    check_output_folder(args.out, "eval mcq", ours=True)
     cfg = validate_config(EvalPhaseConfig, {
         "data": args.data, "checkpoints": {args.label: args.model}, "output_dir": args.out, "engine": args.engine,
         "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "limit": args.limit,
@@ -81,6 +84,7 @@ def _cmd_bench(args) -> int:
 
     bench = get_benchmark(args.name)
     out = Path(args.out or f"runs/bench/{args.name}")
+    check_output_folder(out, "eval bench", ours=True)  # it writes only its own files: a path that is a file is refused
     judge = _bench_judge(args, bench, out)
     report = run_benchmark(args.name, args.data, args.model, out, engine=args.engine, prompt=args.prompt,
                            split=args.split, subsets=args.subsets, question_filter=args.question_filter,
@@ -98,6 +102,7 @@ def _cmd_score(args) -> int:
 
     bench = get_benchmark(args.name)
     out = Path(args.out or f"runs/score/{args.name}")
+    check_output_folder(out, "eval score", ours=True)
     report = score_predictions(args.name, args.data, args.predictions, out, split=args.split, subsets=args.subsets,
                                question_filter=args.question_filter, images=args.images, on_error=args.on_error,
                                scorer=args.scorer, llm_judge=_bench_judge(args, bench, out), seed=args.seed)
@@ -140,6 +145,7 @@ def _cmd_rubric(args) -> int:
     from patho_r1.errors import DataError
     from patho_r1.rewards.parsing import split_thinking
 
+    check_output_file(args.out, "--out")
     judge = _judge_from_args(args, args.cache)
     if judge is None:
         raise SystemExit("error: the rubric needs a judge: --judge-url and --judge-model (or PATHO_JUDGE_*)")

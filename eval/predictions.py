@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from patho_r1.data import MCQRecord
+from patho_r1.data import MCQRecord, decode_utf8
 from patho_r1.errors import DataError
 
 TABLE_SUFFIXES = (".xlsx", ".tsv", ".json")
@@ -59,8 +59,11 @@ def read_predictions(path: str | Path) -> tuple[str, list[_Prediction]]:
 def _read_jsonl(path: Path) -> tuple[str, list[_Prediction]]:
     out: list[_Prediction] = []
     ours = False
-    with path.open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        offset = 0
+        for line_no, raw in enumerate(fh, start=1):
+            line = decode_utf8(raw, path, line_no, offset)  # a binary or Latin-1 file: one line naming the byte
+            offset += len(raw)
             if not line.strip():
                 continue
             try:
@@ -89,7 +92,7 @@ def _read_vlmeval(path: Path) -> list[_Prediction]:
         elif path.suffix == ".tsv":
             table = pd.read_csv(path, sep="\t", dtype=object, keep_default_na=False)
         else:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(decode_utf8(path.read_bytes(), path, None, 0))
             if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
                 raise DataError(path, None, None, "expected VLMEvalKit's JSON: a list of row objects")
             table = pd.DataFrame.from_records(data)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from patho_r1.errors import ConfigError, DataError
+from patho_r1.outputs import check_output_file
 
 # The kinds the accuracy reward scores (rewards/accuracy.py); `math` is its alias of `expression`.
 ANSWER_TYPES = ("mcq", "yesno", "numeric", "expression", "math", "open")
@@ -57,6 +58,7 @@ def _cmd_score(args) -> int:
             if spec["name"] == "accuracy":
                 spec.update(mcq_mode=args.mcq_mode, math_workers=args.workers, math_timeout=args.timeout)
     path = Path(args.input)
+    check_output_file(args.output, "--output")
     rows = _read_rows(path)
     try:
         reward_set = build_rewards(specs)

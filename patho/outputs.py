@@ -32,3 +32,16 @@ def check_output_folder(path: str | Path, command: str, *, ours: bool, overwrite
         raise ConfigError(f"{path}: holds files that are not an output of {command} (such as {first.name!r}); give "
                           f"a new or empty folder, the folder a {command} run wrote to skip or resume it, or "
                           "--overwrite to replace this one (deleting what it holds)")
+
+
+def check_output_file(path: str | Path, option: str) -> None:
+    """Raise a one-line ConfigError if the file `path` cannot be written: it is a folder, or a folder above it is a
+    file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{option} {path}: is a folder; give the path of the file to write")
+    for p in path.parents:
+        if p.is_dir():
+            break
+        if p.exists():
+            raise ConfigError(f"{option} {path}: {p} exists and is not a folder")

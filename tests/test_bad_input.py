@@ -110,3 +110,33 @@ def test_report_on_a_phase_file_cut_short_is_one_line(tmp_path, capsys):
     (run / "eval" / "summary.json").write_text('{"rl": {"accuracy": 0.7, "n"')
     assert main(["report", str(run)]) == 2
     assert "summary.json: not valid JSON" in _one_line_error(capsys)
+
+
+def test_a_binary_predictions_file_is_one_line(tmp_path, world_dir, capsys):
+    data = world_dir / "eval/PathoSynth_MCQ.tsv"
+    bodies = {"bin.jsonl": b"\x00\xff\xfe garbage", "latin.jsonl": b'{"id": "a", "prediction": "caf\xe9"}\n',
+              "vlm.json": b'[{"index": 1, "prediction": "\xff"}]'}
+    for name, body in bodies.items():
+        (tmp_path / name).write_bytes(body)
+        assert main(["eval", "score", "--name", "mcq", "--data", str(data), "--predictions", str(tmp_path / name),
+                     "--out", str(tmp_path / "out")]) == 2
+        assert f"{name}" in (line := _one_line_error(capsys)) and "not UTF-8: byte 0x" in line
+
+
+def test_outputs_that_are_the_wrong_kind_of_path_are_one_line(tmp_path, world_dir, capsys):
+    rows = _completions(tmp_path / "c.jsonl", [{"completion": "<think>t</think><answer>A</answer>", "answer": "A"}])
+    assert main(["rewards", "score", "--rewards", "format", "--input", str(rows), "--output", str(tmp_path)]) == 2
+    assert "is a folder; give the path of the file to write" in _one_line_error(capsys)
+    (tmp_path / "afile").write_text("keep me")
+    predictions = _completions(tmp_path / "p.jsonl", [{"id": "x", "prediction": "A"}])
+    assert main(["eval", "score", "--name", "mcq", "--data", str(world_dir / "eval/PathoSynth_MCQ.tsv"),
+                 "--predictions", str(predictions), "--out", str(tmp_path / "afile" / "sub")]) == 2
+    assert "afile: exists and is not a folder" in _one_line_error(capsys)
+    assert (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_invalid_yaml_is_one_line_with_its_position(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: x\nphases: [\n")
+    assert main(["plan", str(recipe)]) == 2
+    assert "r.yaml: invalid YAML: line 3, column 1: expected the node content" in _one_line_error(capsys)

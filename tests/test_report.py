@@ -269,6 +269,20 @@ def test_a_copied_or_moved_run_reports_itself_and_a_damaged_one_keeps_its_report
     assert {p: p.read_bytes() for p in kept} == kept
 
 
+def _write_samples(run_dir: Path) -> None:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (128, 128), (200, 100, 150)).save(buffer, format="PNG")
+    thumb = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    reasoning = "<think>" + " ".join(["eosinophilic debris with ghost outlines of cells"] * 12) + "</think>"
+    samples = [{"id": f"mcq:{i}", "question": "Which tissue type is shown in this H&E tile?", "answer": "B",
+                "options": {"A": "benign fibrous stroma", "B": "coagulative necrosis"}, "thumbnail": thumb,
+                "responses": {label: {"response": reasoning + "<answer>A</answer>" + "x" * 80, "prediction": "A",
+                                      "correct": False} for label in ("base", "sft")}} for i in range(2)]
+    (run_dir / "eval/samples.json").write_text(json.dumps(samples))
+
+
 def _browser() -> str | None:
     import shutil
 
@@ -285,6 +299,7 @@ def test_the_report_page_fits_the_screen_in_a_real_browser(run_dir, tmp_path, wi
         if os.environ.get("CI"):
             pytest.fail("CI installs Debian's chromium (.ci/run): the browser check must run there")
         pytest.skip("needs chromium (apt-get install chromium)")
+    _write_samples(run_dir)  # long responses and a thumbnail: the part of the page most likely to overflow a phone
     write_report(run_dir)
     page = (run_dir / "report.html").read_text()
     assert "<meta name='viewport'" in page and "`" not in page and "**" not in page

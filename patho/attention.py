@@ -193,6 +193,8 @@ def batched_vision_attention(module, query, key, value, attention_mask=None, sca
     (the vision tower's layout); returns [1, seq, heads, dim] as transformers' attention functions do."""
     q, k, v = query[0], key[0], value[0]  # [heads, seq, dim]
     heads, seq, dim = q.shape
+    if cu_seq_lens_q is None:  # called once per window by a transformers that routes only its own names to varlen
+        return _sdpa_segments(q, k, v, seq, scaling, dropout if module.training else 0.0).transpose(0, 1)[None], None
     groups = _groups_for(cu_seq_lens_q, segment_groups)
     dropout = dropout if module.training else 0.0
     if len(groups.groups) == 1 and groups.groups[0][1] is None:
@@ -221,7 +223,8 @@ def _sdpa_segments(q, k, v, length: int, scaling, dropout: float) -> torch.Tenso
 def varlen_vision_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
                             cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None, **kwargs):
     """PyTorch's variable-length flash kernel (CUDA, half precision); other inputs fall back to `batched`."""
-    if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16) or (dropout and module.training):
+    if (cu_seq_lens_q is None or not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16)
+            or (dropout and module.training)):
         return batched_vision_attention(module, query, key, value, scaling=scaling, dropout=dropout,
                                         cu_seq_lens_q=cu_seq_lens_q, **kwargs)
     from torch.nn.attention.varlen import varlen_attn
@@ -237,7 +240,7 @@ def flash_attn_vision_attention(module, query, key, value, attention_mask=None, 
                                 cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None,
                                 **kwargs):
     """flash-attn's `flash_attn_varlen_func` (CUDA, half precision); other inputs fall back to `batched`."""
-    if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16):
+    if cu_seq_lens_q is None or not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16):
         return batched_vision_attention(module, query, key, value, scaling=scaling, dropout=dropout,
                                         cu_seq_lens_q=cu_seq_lens_q, **kwargs)
     from flash_attn import flash_attn_varlen_func

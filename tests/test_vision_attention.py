@@ -198,3 +198,19 @@ def test_gpu_vision_kernels_equal_the_loop(kernel):
     out, dx, _ = run_tower(tower, config, REGISTERED_NAMES[kernel], x, grid, precomputed=True)
     torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=3e-2)
     torch.testing.assert_close(dx.float(), ref_dx.float(), atol=3e-2, rtol=3e-2)
+
+
+def test_a_transformers_that_loops_over_windows_itself_still_gets_right_answers():
+    """Were a transformers version to route only its own flash names to the variable-length call, our function would
+    be called once per window without `cu_seqlens`: each call is then one segment, and the result is still exact."""
+    from patho_r1.attention import batched_vision_attention
+
+    register_vision_attention()
+    tower, config = geometry_3b_tower()
+    x, grid = patches(SIZES["a batch of mixed sizes"])
+    ref, _, _ = run_tower(tower, config, "eager", x, grid)
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("patho_loop_test", batched_vision_attention)  # no "flash": transformers loops
+    out, _, _ = run_tower(tower, config, "patho_loop_test", x, grid)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

@@ -399,9 +399,16 @@ def test_vlmeval_judge_log_line_never_carries_the_api_key(vlmeval_judge_stack, c
 
     logger = get_logger("vlmeval.api.gpt")
     logger.addFilter(RedactKey("sk-planted-secret"))
-    with caplog.at_level(logging.INFO, logger=logger.name):
-        vlmeval_judge_stack.build_judge(model="judge", api_base="http://127.0.0.1:1/v1/chat/completions",
-                                        key="sk-planted-secret")
+    # RedactKey alone: an earlier test's client may have installed patho_r1.redact's process-wide record factory,
+    # which would mask the key before this filter sees it
+    factory = logging.getLogRecordFactory()
+    logging.setLogRecordFactory(logging.LogRecord)
+    try:
+        with caplog.at_level(logging.INFO, logger=logger.name):
+            vlmeval_judge_stack.build_judge(model="judge", api_base="http://127.0.0.1:1/v1/chat/completions",
+                                            key="sk-planted-secret")
+    finally:
+        logging.setLogRecordFactory(factory)
     assert "API Key: ***" in caplog.text and "sk-planted-secret" not in caplog.text
 
 

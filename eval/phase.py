@@ -81,7 +81,6 @@ def run_eval(cfg: EvalPhaseConfig) -> PhaseResult:
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0, batch_size=cfg.batch_size)
     out = Path(cfg.output_dir)
     summary: dict[str, dict] = {}
-    correct: dict[str, list[bool]] = {}
     scored: dict[str, list] = {}
     for label, path in cfg.checkpoints.items():
         t0 = time.time()
@@ -98,7 +97,6 @@ def run_eval(cfg: EvalPhaseConfig) -> PhaseResult:
         report, rows = evaluate_benchmark(bench, records, generator, sampling, **options)
         write_results(out / label, report, rows, f"{label}: {Path(cfg.data).name}")
         summary[label] = {**checkpoint_numbers(report), "checkpoint": str(path)}
-        correct[label] = [bool(r.correct) for r in rows]
         scored[label] = rows
         if shuffled is not None:
             control, control_rows = evaluate_benchmark(bench, shuffled, generator, sampling, **options)
@@ -112,7 +110,7 @@ def run_eval(cfg: EvalPhaseConfig) -> PhaseResult:
               f"(image-blind chance {s['chance']:.3f}, n={s['n']})", flush=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "summary.md").write_text(summary_markdown(summary))
-    labels = list(correct)
+    labels = list(scored)
     paired = [paired_test(a, b, scored[a], scored[b]) for a, b in zip(labels, labels[1:], strict=False)]
     (out / "paired.json").write_text(json.dumps(paired, indent=2) + "\n")
     (out / "samples.json").write_text(json.dumps(sample_generations(records, scored, cfg.seed), indent=2) + "\n")
@@ -122,17 +120,16 @@ def run_eval(cfg: EvalPhaseConfig) -> PhaseResult:
 
 
 def paired_test(a: str, b: str, rows_a: list, rows_b: list) -> dict:
-    """McNemar's exact test of two checkpoints on the same items, overall and, on a classification set (the gold
-    options name 2 to 30 classes, as `class_table` decides), within each gold class: an overall gain can hide a class
-    that collapses, and the per-class test says whether that fall is more than chance."""
-    from patho_r1.eval.scoring import MAX_CLASSES, class_name
+    """McNemar's exact test of two checkpoints on the same items, overall and, on a classification set (the rule
+    `class_table` uses: `gold_classes`), within each gold class: an overall gain can hide a class that collapses, and
+    the per-class test says whether that fall is more than chance."""
+    from patho_r1.eval.scoring import gold_classes
 
     test = mcnemar(a, b, [bool(r.correct) for r in rows_a], [bool(r.correct) for r in rows_b])
-    gold = [class_name(r) for r in rows_a]
-    classes = sorted(set(gold))
-    if all(g is not None for g in gold) and 2 <= len(classes) <= MAX_CLASSES and len(gold) >= 2 * len(classes):
+    gold = gold_classes(rows_a)
+    if gold is not None:
         test["per_class"] = {}
-        for name in classes:
+        for name in sorted(set(gold)):
             items = [i for i, g in enumerate(gold) if g == name]
             part = mcnemar(a, b, [bool(rows_a[i].correct) for i in items], [bool(rows_b[i].correct) for i in items])
             test["per_class"][name] = {k: part[k] for k in ("gained", "lost", "p_value")} | {"n": len(items)}

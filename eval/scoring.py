@@ -214,12 +214,10 @@ def class_table(rows: list[BenchRow]) -> dict | None:
     (a handful of knowledge questions is not a classification set)."""
     from sklearn.metrics import balanced_accuracy_score, confusion_matrix
 
-    gold = [class_name(r) for r in rows]
-    if None in gold:
+    gold = gold_classes(rows)
+    if gold is None:
         return None
     classes = sorted(set(gold))
-    if not 2 <= len(classes) <= MAX_CLASSES or len(rows) < 2 * len(classes):
-        return None
     answered = []
     for r, g in zip(rows, gold, strict=True):
         text = _label(r.options[r.choice]) if r.choice in r.options else NO_ANSWER
@@ -240,9 +238,15 @@ def _label(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def class_name(row: BenchRow) -> str | None:
-    """A row's gold class on a classification set: its gold option's text, normalised (None without options)."""
-    return _label(row.options[row.answer]) if row.answer in row.options else None
+def gold_classes(rows: list[BenchRow]) -> list[str] | None:
+    """Each row's gold class (its gold option's text, normalised) when the rows are a classification set: 2 to
+    `MAX_CLASSES` classes and at least two items a class on average; else None (free-text options, yes/no items, a
+    handful of knowledge questions)."""
+    if not all(r.answer in r.options for r in rows):
+        return None
+    gold = [_label(r.options[r.answer]) for r in rows]
+    n_classes = len(set(gold))
+    return gold if 2 <= n_classes <= MAX_CLASSES and len(rows) >= 2 * n_classes else None
 
 
 # ----------------------------------------------------------------------------------------------------------------------

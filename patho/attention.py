@@ -193,10 +193,10 @@ def batched_vision_attention(module, query, key, value, attention_mask=None, sca
     (the vision tower's layout); returns [1, seq, heads, dim] as transformers' attention functions do."""
     q, k, v = query[0], key[0], value[0]  # [heads, seq, dim]
     heads, seq, dim = q.shape
-    if cu_seq_lens_q is None:  # called once per window by a transformers that routes only its own names to varlen
-        return _sdpa_segments(q, k, v, seq, scaling, dropout if module.training else 0.0).transpose(0, 1)[None], None
-    groups = _groups_for(cu_seq_lens_q, segment_groups)
     dropout = dropout if module.training else 0.0
+    if cu_seq_lens_q is None:  # called once per window by a transformers that routes only its own names to varlen
+        return _sdpa_segments(q, k, v, seq, scaling, dropout).transpose(0, 1)[None], None
+    groups = _groups_for(cu_seq_lens_q, segment_groups)
     if len(groups.groups) == 1 and groups.groups[0][1] is None:
         length = groups.groups[0][0]
         out = _sdpa_segments(q, k, v, length, scaling, dropout)
@@ -229,9 +229,7 @@ def varlen_vision_attention(module, query, key, value, attention_mask=None, scal
                                         cu_seq_lens_q=cu_seq_lens_q, **kwargs)
     from torch.nn.attention.varlen import varlen_attn
 
-    cu = cu_seq_lens_q.to(torch.int32)
-    max_len = int(max_length_q) if max_length_q is not None else int((cu[1:] - cu[:-1]).max())
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [seq, heads, dim]
+    q, k, v, cu, max_len = _varlen_inputs(query, key, value, cu_seq_lens_q, max_length_q)
     out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling)
     return out.unsqueeze(0), None
 
@@ -245,12 +243,19 @@ def flash_attn_vision_attention(module, query, key, value, attention_mask=None, 
                                         cu_seq_lens_q=cu_seq_lens_q, **kwargs)
     from flash_attn import flash_attn_varlen_func
 
-    cu = cu_seq_lens_q.to(torch.int32)
-    max_len = int(max_length_q) if max_length_q is not None else int((cu[1:] - cu[:-1]).max())
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    q, k, v, cu, max_len = _varlen_inputs(query, key, value, cu_seq_lens_q, max_length_q)
     out = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout if module.training else 0.0,
                                  softmax_scale=scaling, causal=False)
     return out.unsqueeze(0), None
+
+
+def _varlen_inputs(query, key, value, cu_seq_lens, max_length):
+    """What a variable-length kernel takes: q, k, v as [seq, heads, dim], int32 boundaries, the longest segment (read
+    back from the device only when the collator did not precompute it)."""
+    cu = cu_seq_lens.to(torch.int32)
+    max_len = int(max_length) if max_length is not None else int((cu[1:] - cu[:-1]).max())
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    return q, k, v, cu, max_len
 
 
 # ------------------------------------------------------------------------------- indices precomputed on the CPU

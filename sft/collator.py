@@ -30,9 +30,7 @@ from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 from patho_r1.attention import vision_index_kwargs
 from patho_r1.data import load_image
-from patho_r1.sft.packing import RopeIndex, pack_batch
-
-IGNORE_INDEX = -100
+from patho_r1.sft.packing import IGNORE_INDEX, RopeIndex, pack_batch
 
 
 def assistant_token_mask(input_ids: torch.Tensor, start_ids: list[int], end_id: int) -> torch.Tensor:
@@ -114,12 +112,14 @@ class PathoVLMCollator(DataCollatorForVisionLanguageModeling):
 
     def _finish(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Precompute, on the CPU, what the model's forward would otherwise compute on the device with host reads:
-        the vision tower's index tensors and the mRoPE positions (as the model does, only for batches with images),
-        then pack."""
-        if self._rope_index is not None and batch.get("image_grid_thw") is not None:
-            batch.update(vision_index_kwargs(batch["image_grid_thw"], self.model_config.vision_config))
-            batch["position_ids"] = self._rope_index(batch["input_ids"], batch["attention_mask"],
-                                                     batch["image_grid_thw"], batch.get("mm_token_type_ids"))
+        the vision tower's index tensors and the mRoPE positions (as the model does, only for batches with images;
+        always when packing, which needs them per sample), then pack."""
+        images = batch.get("image_grid_thw")
+        if self._rope_index is not None and images is not None:
+            batch.update(vision_index_kwargs(images, self.model_config.vision_config))
+        if self._rope_index is not None and (images is not None or self.packing):
+            batch["position_ids"] = self._rope_index(batch["input_ids"], batch["attention_mask"], images,
+                                                     batch.get("mm_token_type_ids"))
         if self.packing:
-            batch = pack_batch(batch, self._rope_index)
+            batch = pack_batch(batch)
         return batch

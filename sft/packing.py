@@ -52,16 +52,13 @@ class RopeIndex:
         return position_ids
 
 
-def pack_batch(batch: dict, rope_index: RopeIndex) -> dict:
-    """A padded collated batch (any padding side; with or without its [3, batch, length] mRoPE `position_ids`) as one
-    packed row.  Keys other than the per-token ones (pixel
-    values, image grids, precomputed vision indices) pass through unchanged."""
+def pack_batch(batch: dict) -> dict:
+    """A padded collated batch (any padding side) with its [3, batch, length] mRoPE `position_ids` (`RopeIndex`) as
+    one packed row.  Keys other than the per-token ones (pixel values, image grids, precomputed vision indices) pass
+    through unchanged."""
     mask = batch["attention_mask"].bool()
     lengths = mask.sum(dim=1)
-    mrope = batch.get("position_ids")  # [3, batch, length], when the collator computed them already
-    if mrope is None:
-        mrope = rope_index(batch["input_ids"], batch["attention_mask"], batch.get("image_grid_thw"),
-                           batch.get("mm_token_type_ids"))
+    mrope = batch["position_ids"]
     text_positions = torch.cat([torch.arange(int(n)) for n in lengths])
     packed = {k: v for k, v in batch.items() if k not in ("attention_mask", "position_ids")}
     for key in ("input_ids", "labels", "mm_token_type_ids", "token_type_ids"):

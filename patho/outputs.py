@@ -18,12 +18,10 @@ def check_output_folder(path: str | Path, command: str, *, ours: bool, overwrite
     """Raise a one-line ConfigError if `command` must not write the folder `path`: it, or a folder above it, exists
     and is not a folder; or it is a folder that holds files, is not `ours`, and `overwrite` is off."""
     path = Path(path)
-    for p in (path, *path.parents):  # the nearest thing that exists must be a folder
-        if p.is_dir():
-            break
-        if p.exists() or p.is_symlink():
-            raise ConfigError(f"{p}: exists and is not a folder; {command} writes a folder at {path}, so give "
-                              "another --out (a file is never replaced)")
+    blocker = _not_a_folder(path)
+    if blocker is not None:
+        raise ConfigError(f"{blocker}: exists and is not a folder; {command} writes a folder at {path}, so give "
+                          "another --out (a file is never replaced)")
     if ours or overwrite or not path.is_dir():
         return
     with os.scandir(path) as entries:
@@ -40,8 +38,16 @@ def check_output_file(path: str | Path, option: str) -> None:
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{option} {path}: is a folder; give the path of the file to write")
-    for p in path.parents:
+    blocker = _not_a_folder(path.parent)
+    if blocker is not None:
+        raise ConfigError(f"{option} {path}: {blocker} exists and is not a folder")
+
+
+def _not_a_folder(path: Path) -> Path | None:
+    """The nearest of `path` and the folders above it that exists, when it is not a folder (else None)."""
+    for p in (path, *path.parents):
         if p.is_dir():
-            break
-        if p.exists():
-            raise ConfigError(f"{option} {path}: {p} exists and is not a folder")
+            return None
+        if p.exists() or p.is_symlink():
+            return p
+    return None

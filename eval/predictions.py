@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from patho_r1.data import MCQRecord, decode_utf8
+from patho_r1.data import MCQRecord, decode_utf8, read_json_file
 from patho_r1.errors import DataError
 
 TABLE_SUFFIXES = (".xlsx", ".tsv", ".json")
@@ -92,7 +92,7 @@ def _read_vlmeval(path: Path) -> list[_Prediction]:
         elif path.suffix == ".tsv":
             table = pd.read_csv(path, sep="\t", dtype=object, keep_default_na=False)
         else:
-            data = json.loads(decode_utf8(path.read_bytes(), path, None, 0))
+            data = read_json_file(path)
             if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
                 raise DataError(path, None, None, "expected VLMEvalKit's JSON: a list of row objects")
             table = pd.DataFrame.from_records(data)

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from patho_r1.data import iter_raw_rows
+from patho_r1.data import iter_raw_rows, read_json_file
 from patho_r1.errors import DataError
 from patho_r1.eval.stats import wilson_interval
 from patho_r1.launch import plots
@@ -33,9 +33,9 @@ STATE_FILE = "run_state.json"
 def read_json(path: Path):
     """A phase's JSON output; a file cut short (a copy interrupted mid-way) is one line naming it, not a traceback."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(path, None, None, f"not valid JSON ({exc}); the report was left as it was") from None
+        return read_json_file(path)
+    except DataError as exc:
+        raise DataError(exc.path, exc.row, exc.field, f"{exc.message}; the report was left as it was") from None
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -374,6 +374,19 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
                 raise invalid_json(path, lineno, exc) from None
 
 
+def read_json_file(path: Path) -> Any:
+    """A whole JSON file; bytes that are not UTF-8 and JSON that does not parse are one DataError naming the line."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise_not_utf8(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise invalid_json(path, exc.lineno, exc) from None
+
+
 def invalid_json(path: str | Path, lineno: int, exc: json.JSONDecodeError) -> DataError:
     """The error for a JSONL line that does not parse."""
     return DataError(path, lineno, None, f"invalid JSON ({exc.msg} at column {exc.colno})")

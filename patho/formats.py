@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from patho_r1.data import iter_raw_rows, iter_table_rows, raise_not_utf8
+from patho_r1.data import iter_raw_rows, iter_table_rows, read_json_file
 from patho_r1.errors import DataError
 from patho_r1.rewards.parsing import OPTION_LETTERS
 
@@ -204,18 +204,6 @@ def _parquet_rows(src: Path, opts: ImportOptions) -> Iterator[tuple[str, int, An
                 yield str(path), row, {**item, "_split": split}
 
 
-def _json_file(path: Path) -> Any:
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise_not_utf8(path)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(path, exc.lineno, None, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
-
-
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, int, Any]]:
     """Rows of a JSONL file through our loader (bad bytes and bad JSON are located by line)."""
     return ((str(path), n, raw) for n, raw in iter_raw_rows(path))
@@ -278,7 +266,7 @@ register_format(SourceFormat(
 
 def _quilt_vqa_rows(src: Path, opts: ImportOptions) -> Iterator[tuple[str, int, Any]]:
     if src.suffix == ".json":  # quiltvqa_test_w_ans.json: a list of LLaVA-style dicts
-        data = _json_file(src)
+        data = read_json_file(src)
         if not isinstance(data, list):
             raise DataError(src, None, None, f"expected a JSON list of questions, got {type(data).__name__}")
         for i, item in enumerate(data, start=1):
@@ -314,7 +302,7 @@ def _pathmmu_rows(src: Path, opts: ImportOptions) -> Iterator[tuple[str, int, An
     path = src / "data.json" if src.is_dir() else src
     if not path.is_file():
         raise DataError(path, None, None, "not found (PathMMU ships data.json with an images/ folder)")
-    data = _json_file(path)
+    data = read_json_file(path)
     if not isinstance(data, dict):
         raise DataError(path, None, None, "expected data[subset][split] -> list of questions")
     for subset, splits in data.items():
@@ -389,7 +377,7 @@ def _arch_rows(src: Path, opts: ImportOptions) -> Iterator[tuple[str, int, Any]]
     path = src / "captions.json" if src.is_dir() else src
     if not path.is_file():
         raise DataError(path, None, None, "not found (ARCH ships captions.json with an images/ folder)")
-    data = _json_file(path)
+    data = read_json_file(path)
     if not isinstance(data, dict):
         raise DataError(path, None, None, 'expected an object keyed "0", "1", ...')
     images = opts.images or path.parent / "images"
@@ -562,7 +550,7 @@ register_format(SourceFormat(
 
 def _omnimed_rows(src: Path, opts: ImportOptions) -> Iterator[tuple[str, int, Any]]:
     for path in _files(src, ".json"):
-        data = _json_file(path)
+        data = read_json_file(path)
         if not isinstance(data, list):
             raise DataError(path, None, None, f"expected a JSON list of questions, got {type(data).__name__}")
         # image paths are relative to the OmniMedVQA/ root: the folder above QA_information

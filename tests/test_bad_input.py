@@ -109,7 +109,7 @@ def test_report_on_a_phase_file_cut_short_is_one_line(tmp_path, capsys):
     (run / "run_state.json").write_text(json.dumps({"phases": {"eval": {"type": "eval", "output_dir": "eval"}}}))
     (run / "eval" / "summary.json").write_text('{"rl": {"accuracy": 0.7, "n"')
     assert main(["report", str(run)]) == 2
-    assert "summary.json: not valid JSON" in _one_line_error(capsys)
+    assert "summary.json:1: invalid JSON (Expecting" in _one_line_error(capsys)
 
 
 def test_a_binary_predictions_file_is_one_line(tmp_path, world_dir, capsys):

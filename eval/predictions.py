@@ -16,12 +16,11 @@ or with an explicit null, is `None`: the scorer counts and lists it, and never s
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from patho_r1.data import MCQRecord, decode_utf8, read_json_file
+from patho_r1.data import MCQRecord, iter_raw_rows, read_json_file
 from patho_r1.errors import DataError
 
 TABLE_SUFFIXES = (".xlsx", ".tsv", ".json")
@@ -59,27 +58,17 @@ def read_predictions(path: str | Path) -> tuple[str, list[_Prediction]]:
 def _read_jsonl(path: Path) -> tuple[str, list[_Prediction]]:
     out: list[_Prediction] = []
     ours = False
-    with path.open("rb") as fh:
-        offset = 0
-        for line_no, raw in enumerate(fh, start=1):
-            line = decode_utf8(raw, path, line_no, offset)  # a binary or Latin-1 file: one line naming the byte
-            offset += len(raw)
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(path, line_no, None, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(path, line_no, None, f"expected a JSON object, got {type(row).__name__}")
-            key = "response" if "response" in row else "prediction"
-            if key not in row:
-                raise DataError(path, line_no, "prediction", f"missing: each row needs `id` and `prediction` (or "
-                                f"`response`); this row has {sorted(row)[:8]}")
-            ours = ours or "response_tokens" in row
-            tokens = row.get("response_tokens")
-            out.append(_Prediction(line_no, _id(row.get("id"), path, line_no, "id"), _text(row[key], path, line_no,
-                                   key), tokens if isinstance(tokens, int) else None))
+    for line_no, row in iter_raw_rows(path):  # bad bytes and bad JSON located by line, blank lines skipped
+        if not isinstance(row, dict):
+            raise DataError(path, line_no, None, f"expected a JSON object, got {type(row).__name__}")
+        key = "response" if "response" in row else "prediction"
+        if key not in row:
+            raise DataError(path, line_no, "prediction", f"missing: each row needs `id` and `prediction` (or "
+                            f"`response`); this row has {sorted(row)[:8]}")
+        ours = ours or "response_tokens" in row
+        tokens = row.get("response_tokens")
+        out.append(_Prediction(line_no, _id(row.get("id"), path, line_no, "id"), _text(row[key], path, line_no,
+                               key), tokens if isinstance(tokens, int) else None))
     return ("patho-r1" if ours else "jsonl"), out
 
 

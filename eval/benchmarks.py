@@ -14,7 +14,8 @@
 
 Files are read by the same readers the data engine imports them with (`patho_r1.formats`); a `.tsv` is read as a
 VLMEvalKit TSV whatever the benchmark.  A bad row is an error naming its file, row and field, or, with
-`on_error="skip"`, a line in `skipped.jsonl` and a count in the report (PathMMU ships no images for SocialPath, Atlas
+`on_error="skip"` (default `"raise"`, as the data engine's importer spells it), a line in `skipped.jsonl` and a
+count in the report (PathMMU ships no images for SocialPath, Atlas
 and most of PathCLS, so a partial download needs it, or `subsets=`).
 
 `eval bench` generates the responses and then scores them through the same function as `eval score`, which scores
@@ -28,6 +29,7 @@ benchmark's own instruction to answer directly): the comparison the Patho-R1 pap
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +37,7 @@ from typing import Literal
 
 from patho_r1.data import MCQRecord, iter_records, parse_record
 from patho_r1.errors import DataError
-from patho_r1.eval.generation import ChatRequest, Generator, SamplingConfig
+from patho_r1.eval.generation import ChatRequest, ResponseGenerator, SamplingConfig
 from patho_r1.eval.mcq import build_request, response_length
 from patho_r1.eval.rules import RULES, Rules
 from patho_r1.eval.scoring import BenchRow, record_field, score_responses, score_row, write_results
@@ -60,6 +62,26 @@ PATHOLOGY_KEYWORDS = ("histolog", "biopsy", "patholog", "h&e", "hematoxylin", "h
 
 def _is_pathology_question(record: MCQRecord) -> bool:
     return any(k in record.question.lower() for k in PATHOLOGY_KEYWORDS)
+
+
+# `question_filter=`: a named subset of a benchmark's questions (`eval bench --question-filter`)
+QUESTION_FILTERS: dict[str, Callable[[MCQRecord], bool]] = {"pathology": _is_pathology_question}
+
+# `on_error=`: a bad row raises its DataError, or is skipped and counted; the data engine's importer spells it the
+# same.  `fail` is the old spelling of `raise`, still taken.
+OnError = Literal["raise", "skip"]
+ON_ERROR: tuple[str, ...] = ("raise", "skip")
+_ON_ERROR_ALIASES = {"fail": "raise"}
+
+
+def check_on_error(on_error: str) -> OnError:
+    """`raise` or `skip`; the old `fail` is read as `raise` (with a DeprecationWarning)."""
+    value = _ON_ERROR_ALIASES.get(on_error, on_error)
+    if value != on_error:
+        warnings.warn(f"on_error={on_error!r} is deprecated; use {value!r}", DeprecationWarning, stacklevel=3)
+    if value not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
+    return value  # type: ignore[return-value]
 
 
 def _is_microscopy(record: MCQRecord) -> bool:
@@ -157,19 +179,22 @@ class LoadedBenchmark:
 
 def load_benchmark(bench: Benchmark, data: str | Path, *, images: str | Path | None = None, split: str | None = None,
                    subsets: list[str] | None = None, question_filter: str | None = None, limit: int | None = None,
-                   on_error: Literal["fail", "skip"] = "fail") -> LoadedBenchmark:
+                   on_error: OnError = "raise") -> LoadedBenchmark:
     """The benchmark's rows as MCQ records (closed and open VQA rows too), through its own reader."""
     data = Path(data)
     is_tsv = data.suffix == ".tsv" or (data.is_dir() and any(data.glob("*.tsv")))
-    if question_filter not in (None, "pathology"):
-        raise ValueError(f"question_filter must be 'pathology' or None, got {question_filter!r}")
+    on_error = check_on_error(on_error)
+    if question_filter is not None and question_filter not in QUESTION_FILTERS:
+        raise ValueError(f"question_filter must be one of {', '.join(QUESTION_FILTERS)} or None, got "
+                         f"{question_filter!r}")
+    keep_question = QUESTION_FILTERS[question_filter] if question_filter else None
     out = LoadedBenchmark(records=[])
     for record in _records(bench, data, is_tsv, ImportOptions(images=Path(images) if images else None), split,
                            subsets, out, on_error):
         wanted = (bench.keep is None or bench.keep(record)) \
             and (split is None or record_field(record, "split") == split) \
             and (not subsets or record.category in subsets) \
-            and (question_filter is None or _is_pathology_question(record))
+            and (keep_question is None or keep_question(record))
         if not wanted:
             out.filtered += 1
             continue
@@ -198,7 +223,7 @@ def _records(bench: Benchmark, data: Path, is_tsv: bool, opts: ImportOptions, sp
             converted.check_files((label, row))
             yield parse_record({**converted.record, "images": converted.images}, "mcq", path=label, row=row)
         except DataError as exc:
-            if on_error == "fail":
+            if on_error == "raise":
                 raise
             out.skipped.append({"file": exc.path, "row": exc.row, "field": exc.field, "error": exc.message})
 
@@ -224,8 +249,8 @@ def _outside(raw, split: str | None, subsets: list[str] | None) -> bool:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def generate_responses(bench: Benchmark, records: list[MCQRecord], generator: Generator, sampling: SamplingConfig,
-                       *, prompt: PromptMode = "cot", system_prompt: str | None = FROM_MODE,
+def generate_responses(bench: Benchmark, records: list[MCQRecord], generator: ResponseGenerator,
+                       sampling: SamplingConfig, *, prompt: PromptMode = "cot", system_prompt: str | None = FROM_MODE,
                        show_progress: bool = False) -> list[str]:
     """Every record's response, batched, with progress and ETA."""
     if prompt not in PROMPTS:
@@ -241,9 +266,10 @@ def generate_responses(bench: Benchmark, records: list[MCQRecord], generator: Ge
     return responses
 
 
-def evaluate_benchmark(bench: Benchmark, records: list[MCQRecord], generator: Generator, sampling: SamplingConfig, *,
-                       prompt: PromptMode = "cot", system_prompt: str | None = FROM_MODE, tokenizer=None,
-                       llm_judge=None, scorer: str = "official", seed: int = 42,
+def evaluate_benchmark(bench: Benchmark, records: list[MCQRecord], generator: ResponseGenerator,
+                       sampling: SamplingConfig, *, prompt: PromptMode = "cot",
+                       system_prompt: str | None = FROM_MODE, tokenizer=None, llm_judge=None,
+                       scorer: str = "official", seed: int = 42,
                        show_progress: bool = False) -> tuple[dict, list[BenchRow]]:
     """Generate, then score every row (`score_responses`); returns (report, rows)."""
     responses = generate_responses(bench, records, generator, sampling, prompt=prompt, system_prompt=system_prompt,
@@ -270,7 +296,7 @@ def score_and_write(bench: Benchmark, loaded: LoadedBenchmark, responses: list[s
 def run_benchmark(name: str, data: str | Path, model: str, out_dir: str | Path, *, engine: str = "hf",
                   prompt: PromptMode = "cot", split: str | None = None, subsets: list[str] | None = None,
                   question_filter: str | None = None, images: str | None = None, limit: int | None = None,
-                  on_error: Literal["fail", "skip"] = "fail", max_new_tokens: int = 512, batch_size: int = 16,
+                  on_error: OnError = "raise", max_new_tokens: int = 512, batch_size: int = 16,
                   scorer: str = "official", llm_judge=None, seed: int = 42, show_progress: bool = False) -> dict:
     """Read, generate, then score and write (as `eval score` would) one benchmark for one checkpoint."""
     from patho_r1.eval.generation import make_generator
@@ -302,7 +328,7 @@ def run_benchmark(name: str, data: str | Path, model: str, out_dir: str | Path, 
 def score_predictions(name: str, data: str | Path, predictions: str | Path, out_dir: str | Path, *,
                       split: str | None = None, subsets: list[str] | None = None,
                       question_filter: str | None = None, images: str | None = None,
-                      on_error: Literal["fail", "skip"] = "fail", scorer: str = "official", llm_judge=None,
+                      on_error: OnError = "raise", scorer: str = "official", llm_judge=None,
                       seed: int = 42) -> dict:
     """`eval score`: the benchmark's rows, the predictions file matched to them by id, scored and written as
     `eval bench` writes them; no model is loaded."""

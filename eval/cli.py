@@ -171,18 +171,21 @@ def _cmd_vlmeval(args) -> int:
     from patho_r1.eval.vlmeval_hook import run_vlmeval
 
     run_vlmeval(model_path=args.model, datasets=args.data, work_dir=args.out, name=args.name,
-                max_new_tokens=args.max_new_tokens, judge=args.judge_model or args.judge, judge_url=args.judge_url)
+                max_new_tokens=args.max_new_tokens, vlmeval_judge=args.judge_model or args.vlmeval_judge,
+                judge_url=args.judge_url)
     return 0
 
 
 def _add_scorer_arg(p) -> None:
-    p.add_argument("--scorer", choices=["official", "corrected"], default="official",
+    from patho_r1.eval.rules import SCORERS
+
+    p.add_argument("--scorer", choices=SCORERS, default="official",
                    help="the headline rule: the benchmark's own evaluation code, quirks included (default), or our "
                    "corrected rules; the results show both columns")
 
 
 def _add_benchmark_args(p, default_out: str) -> None:
-    from patho_r1.eval.benchmarks import BENCHMARKS
+    from patho_r1.eval.benchmarks import BENCHMARKS, ON_ERROR, QUESTION_FILTERS
 
     p.add_argument("--name", required=True, choices=list(BENCHMARKS),
                    help="; ".join(f"{b.name}: {b.summary}" for b in BENCHMARKS.values()))
@@ -190,10 +193,13 @@ def _add_benchmark_args(p, default_out: str) -> None:
     p.add_argument("--out", help=f"results folder (default {default_out})")
     p.add_argument("--split", help="only this split (PathMMU: val, test, test_tiny; PathVQA: test, ...)")
     p.add_argument("--subsets", nargs="+", help="only these subsets (PathMMU: PubMed EduContent ...)")
-    p.add_argument("--question-filter", choices=["pathology"], help="MedXpertQA: our pathology keyword subset")
+    p.add_argument("--question-filter", choices=list(QUESTION_FILTERS),
+                   help="MedXpertQA: `pathology`, our pathology keyword subset")
     p.add_argument("--images", help="image folder, when not where the release puts it")
-    p.add_argument("--on-error", choices=["fail", "skip"], default="fail",
-                   help="a bad row (a missing image, ...) stops the run, or is skipped and counted")
+    # `fail`: the old spelling of `raise`, still taken (curate import spells it `raise` too)
+    p.add_argument("--on-error", choices=[*ON_ERROR, "fail"], default="raise", metavar="{" + ",".join(ON_ERROR) + "}",
+                   help="a bad row (a missing image, ...) stops the run (raise, the default), or is skipped and "
+                   "counted (skip)")
     p.add_argument("--seed", type=int, default=42, help="PathMMU's official rule guesses unparsed answers with this "
                    "seed, once per run, in row order")
     _add_scorer_arg(p)
@@ -201,6 +207,10 @@ def _add_benchmark_args(p, default_out: str) -> None:
 
 
 def register(sub) -> None:
+    from patho_r1.eval.benchmarks import PROMPTS
+    from patho_r1.eval.generation import ENGINES
+    from patho_r1.eval.vlmeval_hook import EXACT_MATCHING
+
     p = sub.add_parser("eval", help="evaluate checkpoints (built-in MCQ scorer or VLMEvalKit)")
     esub = p.add_subparsers(dest="eval_command", required=True)
     m = esub.add_parser("mcq", help="MCQ / Yes-No accuracy on a VLMEvalKit TSV or MCQ JSONL")
@@ -208,7 +218,7 @@ def register(sub) -> None:
     m.add_argument("--data", "--tsv", dest="data", required=True)
     m.add_argument("--out", default="runs/eval")
     m.add_argument("--label", default="model", help="name of this checkpoint in the results")
-    m.add_argument("--engine", choices=["hf", "vllm"], default="hf")
+    m.add_argument("--engine", choices=ENGINES, default="hf")
     m.add_argument("--max-new-tokens", type=int, default=512)
     m.add_argument("--batch-size", type=int, default=16)
     m.add_argument("--limit", type=int)
@@ -219,8 +229,8 @@ def register(sub) -> None:
                         "then score as `eval score` does")
     _add_benchmark_args(b, "runs/bench/NAME")
     b.add_argument("--model", required=True, help="checkpoint directory or hub id")
-    b.add_argument("--engine", choices=["hf", "vllm"], default="hf")
-    b.add_argument("--prompt", choices=["cot", "cod", "direct"], default="cot",
+    b.add_argument("--engine", choices=ENGINES, default="hf")
+    b.add_argument("--prompt", choices=list(PROMPTS), default="cot",
                    help="chain of thought (Patho-R1's prompt), chain of draft, or answer directly")
     b.add_argument("--limit", type=int)
     b.add_argument("--max-new-tokens", type=int, default=512)
@@ -245,7 +255,8 @@ def register(sub) -> None:
     v.add_argument("--out", default="runs/vlmeval")
     v.add_argument("--name", default="patho-r1")
     v.add_argument("--max-new-tokens", type=int, default=2048)
-    v.add_argument("--judge", default="exact_matching", help="exact_matching, or an OpenAI judge model name")
+    v.add_argument("--judge", dest="vlmeval_judge", default=EXACT_MATCHING,
+                   help="how VLMEvalKit scores: exact_matching (its rule-based matcher), or an OpenAI judge model name")
     v.add_argument("--judge-url", help="an OpenAI-compatible /v1 endpoint VLMEvalKit's judge calls (PathVQA needs one)")
     v.add_argument("--judge-model", help="the model name at --judge-url")
     v.set_defaults(func=_cmd_vlmeval)

@@ -29,7 +29,9 @@ class SamplingConfig:
     batch_size: int = 16
 
 
-class Generator(Protocol):
+class ResponseGenerator(Protocol):
+    """What turns chat requests into responses (`HFGenerator`, `VLLMGenerator`, a test's scripted model)."""
+
     def generate(self, requests: list[ChatRequest], sampling: SamplingConfig) -> list[str]: ...
 
 
@@ -114,7 +116,10 @@ class VLLMGenerator:
         return [r.outputs[0].text for r in results]
 
 
-def make_generator(model, engine: Literal["hf", "vllm"] = "hf", **engine_kwargs) -> Generator:
+ENGINES = ("hf", "vllm")
+
+
+def make_generator(model, engine: Literal["hf", "vllm"] = "hf", **engine_kwargs) -> ResponseGenerator:
     """A generator for a checkpoint path (or, for `hf`, a loaded `Backbone`)."""
     from patho_r1.models import Backbone, load_backbone
 
@@ -123,6 +128,6 @@ def make_generator(model, engine: Literal["hf", "vllm"] = "hf", **engine_kwargs)
             raise ValueError("engine 'vllm' loads the model itself: pass a checkpoint path")
         return VLLMGenerator(str(model), **engine_kwargs)
     if engine != "hf":
-        raise ValueError(f"unknown engine {engine!r}; use 'hf' or 'vllm'")
+        raise ValueError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
     backbone = model if isinstance(model, Backbone) else load_backbone(model, **engine_kwargs)
     return HFGenerator(backbone)

@@ -3,7 +3,7 @@ engine's teacher uses (`patho_r1.llm`): concurrent requests, the client's retrie
 and a disk cache keyed by judge model and prompt, so a re-run costs nothing.
 
 Two modes:
-- correctness (`verdicts`, `judge`): does a candidate answer mean the same as the reference?  Yes or no, with a
+- correctness (`verdicts`, `is_correct`): does a candidate answer mean the same as the reference?  Yes or no, with a
   one-line rationale, as VLMEvalKit's judge answers.
 - reasoning quality (`rubric`): each reasoning chain scored 1-10 on the ten criteria in `RUBRIC` (ours, after the
   Patho-R1 paper's ten-criteria evaluation), with the mean per criterion and the total.
@@ -70,7 +70,7 @@ class JudgeError(PathoError, ConnectionError):
 
 
 @dataclass
-class Verdict:
+class JudgeVerdict:
     correct: bool | None  # None: unscored (the request failed, or the reply was not yes or no)
     rationale: str
 
@@ -204,16 +204,17 @@ class LLMJudge:
         logger.warning("%s; left out of the scores", line)
 
     # -- correctness -------------------------------------------------------------------------------------------------
-    def verdicts(self, items: list[tuple[str, str, str]]) -> list[Verdict]:
+    def verdicts(self, items: list[tuple[str, str, str]]) -> list[JudgeVerdict]:
         """(question, reference answer, prediction) -> yes/no with the judge's rationale."""
         prompts = [JUDGE_PROMPT.format(question=q, answer=a, prediction=p) for q, a, p in items]
         asked = self.ask(prompts, max_tokens=64)
-        out = [_verdict(reply) for reply in asked.replies]
+        out = [_judge_verdict(reply) for reply in asked.replies]
         unparsed = [r for r, v in zip(asked.replies, out, strict=True) if r is not None and v.correct is None]
         self._check("verdicts", asked, unparsed, "yes or no")
         return out
 
-    def judge(self, question: str, answer: str, prediction: str) -> bool | None:
+    def is_correct(self, question: str, answer: str, prediction: str) -> bool | None:
+        """One item's verdict: True, False, or None (unscored)."""
         return self.verdicts([(question, answer, prediction)])[0].correct
 
     # -- reasoning quality -------------------------------------------------------------------------------------------
@@ -236,14 +237,14 @@ class LLMJudge:
                 "mean_per_criterion": means, "total": round(sum(means.values()), 2) if means else None}
 
 
-def _verdict(reply: str | None) -> Verdict:
+def _judge_verdict(reply: str | None) -> JudgeVerdict:
     """Yes or no on the first line, then why; None (unscored) for a failed request or a reply that is neither."""
     text = (reply or "").strip()
     word = re.sub(r"[^a-z]", "", text.lower().split()[0]) if text else ""
     if word not in ("yes", "no"):
-        return Verdict(None, _snippet(reply or ""))
+        return JudgeVerdict(None, _snippet(reply or ""))
     rationale = text.split("\n", 1)[1].strip() if "\n" in text else text[len(text.split()[0]):].strip(" .:-")
-    return Verdict(word == "yes", rationale)
+    return JudgeVerdict(word == "yes", rationale)
 
 
 def _snippet(reply: str, limit: int = 60) -> str:

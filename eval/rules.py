@@ -45,7 +45,7 @@ SCORERS = ("official", "corrected")
 
 
 @dataclass(frozen=True)
-class Verdict:
+class RuleVerdict:
     correct: bool | None  # None: an open answer, which no rule calls right or wrong
     choice: str | None = None  # what the rule read: an option letter or yes/no; None when it read nothing
     guessed: bool = False  # the official PathMMU verdict rests on a random letter (nothing parsed, no credit)
@@ -61,36 +61,36 @@ class Rules:
     mcq: str | None = None  # "pathmmu" or "vlmeval"
     closed: str | None = None  # "vlmeval", "llava-med" or "quilt"
 
-    def official(self, record: MCQRecord, prediction: str, rng: random.Random) -> Verdict:
+    def official(self, record: MCQRecord, prediction: str, rng: random.Random) -> RuleVerdict:
         kind = record.answer_type
         if kind == "mcq" and self.mcq == "pathmmu":
             v = pathmmu_official(prediction, record.options, record.answer, rng)
-            return Verdict(v.correct, v.letter, guessed=not v.parsed)
+            return RuleVerdict(v.correct, v.letter, guessed=not v.parsed)
         if kind == "mcq":
             read = can_infer(prediction, dict(record.options))
-            return Verdict(read == record.answer, read if read in record.options else None)
+            return RuleVerdict(read == record.answer, read if read in record.options else None)
         if kind == "yesno" and self.closed == "llava-med":
-            return Verdict(llava_med_closed_correct(prediction, record.answer), _yes_or_no(prediction))
+            return RuleVerdict(llava_med_closed_correct(prediction, record.answer), _yes_or_no(prediction))
         if kind == "yesno" and self.closed == "quilt":
             read = quilt_closed_answer(prediction)
-            return Verdict(read == record.answer.lower(), read)
+            return RuleVerdict(read == record.answer.lower(), read)
         if kind == "yesno":
             read = vlmeval_yesno_extract(prediction)
-            return Verdict(vlmeval_yesno_correct(prediction, record.answer),
+            return RuleVerdict(vlmeval_yesno_correct(prediction, record.answer),
                            read.lower() if read in ("Yes", "No") else None)
-        return Verdict(None, metrics=llava_med_open_scores(prediction, record.answer))
+        return RuleVerdict(None, metrics=llava_med_open_scores(prediction, record.answer))
 
-    def corrected(self, record: MCQRecord, prediction: str) -> Verdict:
+    def corrected(self, record: MCQRecord, prediction: str) -> RuleVerdict:
         kind = record.answer_type
         if kind == "mcq" and self.mcq == "pathmmu":
             v = corrected_mcq(prediction, record.options, record.answer)
-            return Verdict(v.correct, v.letter)
+            return RuleVerdict(v.correct, v.letter)
         if kind == "mcq":
             read = corrected_exact_mcq(prediction, record.options)
-            return Verdict(read == record.answer, read)
+            return RuleVerdict(read == record.answer, read)
         if kind == "yesno":
-            return Verdict(score_yesno(prediction, record.answer) == 1.0, _yes_or_no(prediction))
-        return Verdict(None, metrics=corrected_open_scores(prediction, record.answer))
+            return RuleVerdict(score_yesno(prediction, record.answer) == 1.0, _yes_or_no(prediction))
+        return RuleVerdict(None, metrics=corrected_open_scores(prediction, record.answer))
 
 
 def _yes_or_no(prediction: str) -> str | None:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from patho_r1.data import MCQRecord
 from patho_r1.eval.matching import exact_match_mcq
 from patho_r1.eval.mcq import blind_chance, judge_open_answers, uniform_chance
-from patho_r1.eval.rules import SCORERS, Verdict
+from patho_r1.eval.rules import SCORERS, RuleVerdict
 from patho_r1.eval.stats import wilson_interval
 from patho_r1.rewards.accuracy import score_mcq, score_yesno
 from patho_r1.rewards.parsing import extract_answer, extract_final_answer, is_strict_format
@@ -51,15 +51,16 @@ class BenchRow:
     format_ok: bool
     response_tokens: int
     choice: str | None = None  # the option letter or yes/no the chosen scorer read
-    scores: dict = field(default_factory=dict)  # {"official": {...}, "corrected": {...}, "strict_correct", "judge"}
+    # {"official": {...}, "corrected": {...}, "strict_correct", ...; open rows: "judge_correct", the LLM judge's}
+    scores: dict = field(default_factory=dict)
 
 
-def _verdict(v: Verdict) -> dict:
+def _rule_scores(v: RuleVerdict) -> dict:
     return {"correct": v.correct, "choice": v.choice, **({"guessed": True} if v.guessed else {}), **v.metrics}
 
 
 def score_row(bench: Benchmark, record: MCQRecord, response: str, n_tokens: int = 0, rng: random.Random | None = None,
-              *, scorer: str = "official", judge_verdict: bool | None = None) -> BenchRow:
+              *, scorer: str = "official", judge_correct: bool | None = None) -> BenchRow:
     """One response, by both rules.  `rng` is the official PathMMU rule's random stream: one per run, shared by the
     rows in order (`score_responses` keeps it); without one, a fresh stream seeded 42."""
     if scorer not in SCORERS:
@@ -68,15 +69,15 @@ def score_row(bench: Benchmark, record: MCQRecord, response: str, n_tokens: int 
     prediction = extract_final_answer(response)
     official, corrected = bench.rules.official(record, prediction, rng), bench.rules.corrected(record, prediction)
     chosen = official if scorer == "official" else corrected
-    scores: dict = {"official": _verdict(official), "corrected": _verdict(corrected)}
+    scores: dict = {"official": _rule_scores(official), "corrected": _rule_scores(corrected)}
     if record.answer_type == "mcq":
         scores["strict_correct"] = score_mcq(extract_answer(response), record.answer, "strict") == 1.0
         scores["vlmeval_correct"] = exact_match_mcq(prediction, record.options, record.answer)
     elif record.answer_type == "yesno":
         scores["strict_correct"] = score_yesno(extract_answer(response), record.answer) == 1.0
     else:  # the headline rule's token metrics stand at the top too, as the open numbers of the report do
-        scores.update({m: chosen.metrics[m] for m in OPEN_METRICS}, judge=judge_verdict)
-    correct = chosen.correct if record.answer_type in ("mcq", "yesno") else judge_verdict
+        scores.update({m: chosen.metrics[m] for m in OPEN_METRICS}, judge_correct=judge_correct)
+    correct = chosen.correct if record.answer_type in ("mcq", "yesno") else judge_correct
     return BenchRow(id=str(record.id), groups={g: record_field(record, g) for g in bench.groups},
                     question=record.question, answer_type=record.answer_type, answer=record.answer,
                     options=dict(record.options), prediction=prediction, response=response, correct=correct,
@@ -105,14 +106,14 @@ def score_responses(bench: Benchmark, records: list[MCQRecord], responses: list[
         known = token_counts[i] if token_counts else None
         n_tokens = known if known is not None else count(responses[i])
         rows.append(score_row(bench, records[i], responses[i], n_tokens, rng, scorer=scorer,
-                              judge_verdict=verdicts.get(k)))
+                              judge_correct=verdicts.get(k)))
     missing = [str(records[i].id) for i, resp in enumerate(responses) if resp is None]
     if not rows:
         raise ValueError(f"{bench.name}: none of the {len(records)} items has a prediction")
     report = summarise(bench, rows, scorer)
     scored = [records[i] for i in answered]
     report.update(missing=len(missing), missing_ids=missing[:20], seed=seed, chance=round(blind_chance(scored), 4),
-                  uniform_chance=round(uniform_chance(scored), 4), judge=getattr(llm_judge, "model", None))
+                  uniform_chance=round(uniform_chance(scored), 4), judge_model=getattr(llm_judge, "model", None))
     return report, rows
 
 
@@ -169,7 +170,7 @@ def summarise(bench: Benchmark, rows: list[BenchRow], scorer: str = "official") 
         judged = [bool(r.correct) for r in opened if r.correct is not None]
         report["open"] = {"n": len(opened), **_open_metrics(opened, scorer),
                           **{s: _open_metrics(opened, s) for s in SCORERS},
-                          "judge": _accuracy(judged) if judged else None}
+                          "judge_accuracy": _accuracy(judged) if judged else None}
     report["groups"] = {}
     for group in bench.groups:
         by_value: dict[str, list[BenchRow]] = defaultdict(list)
@@ -203,7 +204,7 @@ def _group_numbers(rows: list[BenchRow], scorer: str) -> dict:
     judged = [bool(r.correct) for r in opened if r.correct is not None]
     return {"closed": _accuracy(closed) if closed else None, "open_n": len(opened),
             "open_recall": _mean([r.scores[scorer]["recall"] for r in opened]),
-            "open_judge": _accuracy(judged) if judged else None}
+            "open_judge_accuracy": _accuracy(judged) if judged else None}
 
 
 def class_table(rows: list[BenchRow]) -> dict | None:
@@ -285,7 +286,8 @@ def markdown(report: dict, title: str) -> str:
         lines += [f"| open (n={o['n']}) | official | corrected |", "|---|---|---|"]
         lines += [f"| token {m.replace('_', ' ')} | {number(o['official'][m])} | {number(o['corrected'][m])} |"
                   for m in OPEN_METRICS]
-        lines += [f"| judge accuracy | {cell(o['judge']) if o['judge'] else 'not run (no judge)'} | |", ""]
+        judged = cell(o["judge_accuracy"]) if o["judge_accuracy"] else "not run (no judge)"
+        lines += [f"| judge accuracy | {judged} | |", ""]
     if "classes" in report:
         c = report["classes"]
         lines += [f"Per class ({report['scorer']} rule): balanced accuracy {c['balanced_accuracy']:.3f}", "",
@@ -317,7 +319,7 @@ def markdown(report: dict, title: str) -> str:
             lines += [f"| {group} | closed accuracy | open n | open recall | open judge accuracy |",
                       "|---|---|---|---|---|"]
             lines += [f"| {v} | {cell(m['closed'])} | {m['open_n']} | {number(m['open_recall'])} | "
-                      f"{cell(m['open_judge'])} |" for v, m in values.items()]
+                      f"{cell(m['open_judge_accuracy'])} |" for v, m in values.items()]
         lines.append("")
     return "\n".join(lines)
 

@@ -92,14 +92,18 @@ def register(name: str, model_path: str, **kwargs) -> None:
     supported_VLM[name] = functools.partial(model_class(), model_path=model_path, **kwargs)
 
 
+# What VLMEvalKit calls its "judge" is how `dataset.evaluate` scores: this rule-based matcher (no LLM), or the name of
+# an LLM judge model.  `vlmeval_judge` below is that setting, kept apart from our own LLM judge (`eval/judge.py`).
+EXACT_MATCHING = "exact_matching"
+
 # VLMEvalKit's short-answer sets (PathVQA_VAL/TEST) are scored only by an LLM judge; exact matching leaves their
 # answer map empty (`ImageShortQADataset.evaluate`), so a run would generate everything and then fail.
 JUDGE_ONLY_TYPES = ("Short",)
 
 
-def check_judge(dataset_name: str, dataset_type: str, judge: str, judge_url: str | None) -> None:
-    """Fail before inference when the judge cannot score the dataset."""
-    if dataset_type in JUDGE_ONLY_TYPES and judge == "exact_matching" and not judge_url:
+def check_vlmeval_judge(dataset_name: str, dataset_type: str, vlmeval_judge: str, judge_url: str | None) -> None:
+    """Fail before inference when VLMEvalKit's scoring setting cannot score the dataset."""
+    if dataset_type in JUDGE_ONLY_TYPES and vlmeval_judge == EXACT_MATCHING and not judge_url:
         raise ValueError(f"{dataset_name} is a short-answer set: VLMEvalKit scores it only with an LLM judge. Pass "
                          "--judge-url URL/v1 and --judge-model NAME (any OpenAI-compatible server, e.g. `vllm serve`), "
                          "or score it with `patho-r1 eval bench --name pathvqa` (token recall without a judge)")
@@ -125,10 +129,11 @@ class RedactKey:
         return True
 
 
-def judge_kwargs(judge: str, judge_url: str | None, api_key: str | None, nproc: int = 4) -> dict:
-    """`dataset.evaluate(pred_file, **judge_kwargs)` for our judge endpoint: `build_judge` hands `api_base` and `key`
-    to `OpenAIWrapper`, which posts to `api_base` as given, so the chat-completions path is appended here."""
-    kwargs: dict = {"model": judge, "nproc": nproc}
+def vlmeval_judge_kwargs(vlmeval_judge: str, judge_url: str | None, api_key: str | None, nproc: int = 4) -> dict:
+    """`dataset.evaluate(pred_file, **kwargs)` for `vlmeval_judge` (`exact_matching` or a model name) at our judge
+    endpoint: `build_judge` hands `api_base` and `key` to `OpenAIWrapper`, which posts to `api_base` as given, so the
+    chat-completions path is appended here."""
+    kwargs: dict = {"model": vlmeval_judge, "nproc": nproc}
     if judge_url:
         kwargs["api_base"] = judge_url.rstrip("/") + "/chat/completions"
         kwargs["key"] = api_key or "EMPTY"  # local servers take any key; OpenAIWrapper insists on one
@@ -136,12 +141,13 @@ def judge_kwargs(judge: str, judge_url: str | None, api_key: str | None, nproc: 
 
 
 def run_vlmeval(model_path: str, datasets: list[str], work_dir: str, name: str = "patho-r1",
-                max_new_tokens: int = 2048, judge: str = "exact_matching", judge_url: str | None = None,
+                max_new_tokens: int = 2048, vlmeval_judge: str = EXACT_MATCHING, judge_url: str | None = None,
                 nproc: int = 4) -> dict:
     """VLMEvalKit's own inference and evaluation, in this process (datasets by name; custom TSVs from $LMUData).
 
-    `judge`: `exact_matching`, or a judge model name; with `judge_url` (an OpenAI-compatible /v1 base, such as our
-    judge's endpoint), VLMEvalKit's judge is that server, with the key from `OPENAI_API_KEY`."""
+    `vlmeval_judge`: `exact_matching` (VLMEvalKit's rule-based matcher), or an LLM judge model name; with
+    `judge_url` (an OpenAI-compatible /v1 base, such as our judge's endpoint), VLMEvalKit's judge is that server,
+    with the key from `OPENAI_API_KEY`."""
     import logging
 
     try:
@@ -153,8 +159,8 @@ def run_vlmeval(model_path: str, datasets: list[str], work_dir: str, name: str =
         raise ImportError("VLMEvalKit is not importable: pip install -e '.[eval]' (it needs torchvision, so use a "
                           "GPU/CUDA torch stack, not the CPU demo stack)") from exc
     api_key = os.environ.get("OPENAI_API_KEY")
-    if judge != "exact_matching" and not (judge_url or api_key or os.environ.get("OPENAI_API_BASE")):
-        raise ValueError(f"judge {judge!r} needs --judge-url, or OPENAI_API_KEY / OPENAI_API_BASE for OpenAI; "
+    if vlmeval_judge != EXACT_MATCHING and not (judge_url or api_key or os.environ.get("OPENAI_API_BASE")):
+        raise ValueError(f"judge {vlmeval_judge!r} needs --judge-url, or OPENAI_API_KEY / OPENAI_API_BASE for OpenAI; "
                          "use --judge exact_matching for MCQ and Yes/No sets")
     get_logger("vlmeval.api.gpt").addFilter(RedactKey(api_key))
     built = {}
@@ -163,7 +169,7 @@ def run_vlmeval(model_path: str, datasets: list[str], work_dir: str, name: str =
         if built[ds_name] is None:
             raise ValueError(f"VLMEvalKit does not know dataset {ds_name!r} (custom sets: put {ds_name}.tsv in "
                              "$LMUData)")
-        check_judge(ds_name, getattr(built[ds_name], "TYPE", ""), judge, judge_url)
+        check_vlmeval_judge(ds_name, getattr(built[ds_name], "TYPE", ""), vlmeval_judge, judge_url)
     register(name, model_path, max_new_tokens=max_new_tokens)
     model = supported_VLM[name]()
     results = {}
@@ -171,7 +177,7 @@ def run_vlmeval(model_path: str, datasets: list[str], work_dir: str, name: str =
     for ds_name, dataset in built.items():
         model = infer_data_job(model, work_dir=work_dir, model_name=name, dataset=dataset, verbose=False)
         results[ds_name] = dataset.evaluate(str(pred_file(work_dir, name, ds_name)),
-                                            **judge_kwargs(judge, judge_url, api_key, nproc))
+                                            **vlmeval_judge_kwargs(vlmeval_judge, judge_url, api_key, nproc))
         logging.getLogger(__name__).info("vlmeval %s: %s", ds_name, results[ds_name])
         print(f"[vlmeval] {ds_name}: {results[ds_name]}")
     return results

@@ -9,13 +9,12 @@ from pathlib import Path
 
 from patho_r1.errors import ConfigError, DataError
 from patho_r1.outputs import check_output_file
-
-# The kinds the accuracy reward scores (rewards/accuracy.py); `math` is its alias of `expression`.
-ANSWER_TYPES = ("mcq", "yesno", "numeric", "expression", "math", "open")
+from patho_r1.rewards.accuracy import ANSWER_TYPES, MCQ_MODES
+from patho_r1.rewards.registry import PRESETS
 
 
 def _cmd_list(args) -> int:
-    from patho_r1.rewards.registry import PRESETS, REGISTRY
+    from patho_r1.rewards.registry import REGISTRY
 
     for name, doc in REGISTRY.describe().items():
         print(f"{name:16s} {doc}")
@@ -50,7 +49,7 @@ def _cmd_score(args) -> int:
     from patho_r1.rewards.registry import build_rewards
 
     specs: str | list[dict] = args.rewards
-    if "," in args.rewards or args.rewards not in ("grpo", "dapo"):
+    if "," in args.rewards or args.rewards not in PRESETS:
         specs = [{"name": n.strip()} for n in args.rewards.split(",") if n.strip()]
         for spec in specs:
             if spec["name"] == "soft_overlong":
@@ -121,10 +120,10 @@ def register(sub) -> None:
     ls.set_defaults(func=_cmd_list)
     sc = rsub.add_parser("score", help="score a JSONL of completions offline")
     sc.add_argument("--rewards", default="format,accuracy",
-                    help="comma-separated names or import strings, or a preset (grpo, dapo)")
+                    help=f"comma-separated names or import strings, or a preset ({', '.join(PRESETS)})")
     sc.add_argument("--input", required=True, help="JSONL with `completion`, `answer` [, `completion_length`]")
     sc.add_argument("--output", required=True)
-    sc.add_argument("--mcq-mode", choices=["strict", "lenient"], default="strict")
+    sc.add_argument("--mcq-mode", choices=MCQ_MODES, default="strict")
     sc.add_argument("--max-completion-length", type=int, default=2048)
     sc.add_argument("--cache-length", type=int, default=512)
     sc.add_argument("--workers", type=int, default=1, help="math-verify worker processes (0 = inline)")

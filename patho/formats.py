@@ -5,7 +5,7 @@ exactly as it is decontaminated against.
 Every format is a `SourceFormat`: `rows(src, opts)` streams raw rows with where they came from, and
 `convert(raw, where, opts)` turns one into a `Converted` (a kind, the record's fields, its image sources) or raises
 a `DataError` naming the file, row and field.  The importer decides what a bad row costs (`--on-error`).  Field
-layouts follow `../shared/notes/dataset-formats.md`; the sections are cited beside each reader.
+layouts follow `docs/dataset-formats.md`; its sections are cited beside each reader.
 
 | format        | source                                              | kinds             |
 |---------------|-----------------------------------------------------|-------------------|
@@ -230,7 +230,7 @@ def _lettered(text: str) -> tuple[str, str] | None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# PathVQA (§1a) and Quilt-VQA (§3a): HF parquet with an Image column
+# PathVQA and Quilt-VQA (docs/dataset-formats.md#pathvqa, #quilt-vqa): HF parquet with an Image column
 # ----------------------------------------------------------------------------------------------------------------------
 
 def _hf_image(raw: dict, where: tuple[str, int], base: Path | None) -> ImageSource:
@@ -295,7 +295,7 @@ register_format(SourceFormat(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# PathMMU (§2): data.json with data[subset][split] -> samples, images/ beside it
+# PathMMU (docs/dataset-formats.md#pathmmu): data.json with data[subset][split] -> samples, images/ beside it
 # ----------------------------------------------------------------------------------------------------------------------
 
 def _pathmmu_rows(src: Path, opts: ImportOptions) -> Iterator[tuple[str, int, Any]]:
@@ -347,7 +347,7 @@ register_format(SourceFormat("pathmmu", _pathmmu_rows, _convert_pathmmu, license
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Quilt-1M (§3b): quilt_1M_lookup.csv + an image folder
+# Quilt-1M (docs/dataset-formats.md#quilt-1m): quilt_1M_lookup.csv + an image folder
 # ----------------------------------------------------------------------------------------------------------------------
 
 _QUILT_KEEP = ("subset", "split", "pathology", "magnification", "med_umls_ids")
@@ -370,7 +370,7 @@ register_format(SourceFormat(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# ARCH (§5a): captions.json keyed "0", "1", ... with uuid and caption; images/<uuid>.<ext>
+# ARCH (docs/dataset-formats.md#arch): captions.json keyed "0", "1", ... with uuid and caption; images/<uuid>.<ext>
 # ----------------------------------------------------------------------------------------------------------------------
 
 def _arch_rows(src: Path, opts: ImportOptions) -> Iterator[tuple[str, int, Any]]:
@@ -408,7 +408,7 @@ register_format(SourceFormat("arch", _arch_rows, _convert_arch, license="CC BY-N
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# PMC-OA (§5b): pmc_oa.jsonl rows {image, caption}, images/ beside it
+# PMC-OA (docs/dataset-formats.md#pmc-oa): pmc_oa.jsonl rows {image, caption}, images/ beside it
 # ----------------------------------------------------------------------------------------------------------------------
 
 def _convert_pmc_oa(raw: Any, where: tuple[str, int], opts: ImportOptions) -> Converted:
@@ -430,7 +430,8 @@ register_format(SourceFormat(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# VLMEvalKit TSV (§4): index, image (base64, or <=64 chars naming another row's index), question, A-F, answer
+# VLMEvalKit TSV (docs/dataset-formats.md#vlmevalkit-tsv): index, image (base64, or <=64 chars naming another
+# row's index), question, A-F, answer
 # ----------------------------------------------------------------------------------------------------------------------
 
 def _tsv_rows(src: Path, opts: ImportOptions) -> Iterator[tuple[str, int, Any]]:
@@ -482,7 +483,8 @@ register_format(SourceFormat("vlmeval-tsv", _tsv_rows, _convert_tsv, license=Non
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# MedXpertQA MM (§6b): jsonl, GitHub eval input or the HF card's rows; images/ beside the file or one folder up
+# MedXpertQA MM (docs/dataset-formats.md#medxpertqa-mm): jsonl, GitHub eval input or the HF card's rows;
+# images/ beside the file or one folder up
 # ----------------------------------------------------------------------------------------------------------------------
 
 _ANSWER_CHOICES = re.compile(r"\s*Answer Choices:\s*\(A\).*\Z", re.S)
@@ -545,7 +547,8 @@ register_format(SourceFormat(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# OmniMedVQA (§6a): OmniMedVQA/QA_information/{Open,Restricted}-access/<source>.json, image paths from OmniMedVQA/
+# OmniMedVQA (docs/dataset-formats.md#omnimedvqa): OmniMedVQA/QA_information/{Open,Restricted}-access/<source>.json,
+# image paths from OmniMedVQA/
 # ----------------------------------------------------------------------------------------------------------------------
 
 def _omnimed_rows(src: Path, opts: ImportOptions) -> Iterator[tuple[str, int, Any]]:

@@ -24,8 +24,6 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
 
 from patho_r1.rewards.parsing import OPTION_LETTERS, completion_text, extract_answer
 from patho_r1.rewards.pool import VerifierPool
@@ -39,12 +37,9 @@ _OPERATOR = re.compile(r"[+*/^=<>]|(?<=[\w)])\s*-\s*(?=[\w(])|\$")
 _YES = {"yes", "y", "true", "correct"}
 _NO = {"no", "n", "false", "incorrect"}
 
-
-@dataclass
-class AccuracyConfig:
-    mcq_mode: Literal["strict", "lenient"] = "strict"
-    math_timeout: float = 5.0  # hard per-sample limit for math-verify, in seconds
-    math_workers: int = 1  # worker processes for math-verify; 0 runs it inline (no hard limit)
+MCQ_MODES = ("strict", "lenient")
+# The answer types the reward dispatches on (the table above); `math` is an alias of `expression`.
+ANSWER_TYPES = ("mcq", "yesno", "numeric", "expression", "math", "open")
 
 
 def infer_answer_type(gold: str) -> str:
@@ -177,15 +172,17 @@ class AccuracyReward:
 
     def __init__(self, mcq_mode: str = "strict", math_timeout: float = 5.0, math_workers: int = 1,
                  pool: VerifierPool | None = None):
-        if mcq_mode not in ("strict", "lenient"):
+        """`math_timeout`: the hard per-sample limit for math-verify, in seconds; `math_workers`: its worker
+        processes (0 runs it inline, with no hard limit)."""
+        if mcq_mode not in MCQ_MODES:
             raise ValueError(f"mcq_mode must be 'strict' or 'lenient', got {mcq_mode!r}")
-        self.config = AccuracyConfig(mcq_mode=mcq_mode, math_timeout=math_timeout, math_workers=math_workers)
+        self.mcq_mode, self.math_timeout, self.math_workers = mcq_mode, math_timeout, math_workers
         self._pool = pool
 
     @property
     def pool(self) -> VerifierPool:
         if self._pool is None:
-            self._pool = VerifierPool(workers=self.config.math_workers, timeout=self.config.math_timeout)
+            self._pool = VerifierPool(workers=self.math_workers, timeout=self.math_timeout)
         return self._pool
 
     def __call__(self, prompts=None, completions=None, completion_ids=None, answer=None, solution=None,
@@ -201,7 +198,7 @@ class AccuracyReward:
             gold = "" if gold is None else str(gold)
             kind = kind or infer_answer_type(gold)
             if kind == "mcq":
-                scores[i] = score_mcq(pred, gold, self.config.mcq_mode)
+                scores[i] = score_mcq(pred, gold, self.mcq_mode)
             elif kind == "yesno":
                 scores[i] = score_yesno(pred, gold)
             elif kind in ("numeric", "expression", "math"):

@@ -151,3 +151,22 @@ def hf_server(tiny_model_dir):
     proc.terminate()
     proc.wait(30)
     log.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Scheduling for `pytest -n N --dist loadgroup` (pytest-xdist; the Makefile's test target)
+# ----------------------------------------------------------------------------------------------------------------------
+
+# Session fixtures that cost tens of seconds: the tests that use one run on one xdist worker, so it is built once.
+SHARED_EXPENSIVE_FIXTURES = ("sft_model_dir", "hf_server")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the group marks
+def pytest_collection_modifyitems(config, items):
+    """The slow end-to-end tests first, so the workers start them early and the short ones fill in around them
+    (xdist hands out tests in collection order); tests sharing an expensive session fixture in one xdist group."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise
+    for item in items:
+        shared = [name for name in SHARED_EXPENSIVE_FIXTURES if name in item.fixturenames]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(shared[0]))

@@ -32,7 +32,9 @@ def submit(recipe: str, out: str, *extra: str, timeout: float = 420) -> dict:
 
 
 def interrupted(recipe: str, out: str) -> dict:
-    """Submit, wait for the job's first log line, press Ctrl-C; then wait for the job itself to end."""
+    """Submit, wait for the job's first log line, press Ctrl-C; then ask the cluster whether the job still runs (it
+    must), and stop it: waiting for it to end would prove nothing more.  `out` is this step's own output root, so the
+    stopped job leaves nothing half-written where the other steps' outputs are checked."""
     proc = subprocess.Popen([sys.executable, "-m", "patho_r1.launch.cli", "submit", recipe, "--address", ADDRESS,
                              "--output-root", out, "--phases", "eval"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -45,10 +47,15 @@ def interrupted(recipe: str, out: str) -> dict:
         seen += line
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
-    job = next((w for w in (seen + stdout).split() if w.startswith("raysubmit_")), None)
-    if job:  # the job kept running: let it finish before the cluster goes
-        subprocess.run([RAY, "job", "logs", "-f", job, "--address", ADDRESS], capture_output=True, timeout=300)
-    return {"rc": proc.returncode, "out": (seen + stdout)[-3000:], "err": stderr[-3000:], "job": job}
+    job = next((w for w in (seen + stdout).split() if w.strip("'\".,").startswith("raysubmit_")), None)
+    status = ""
+    if job:
+        job = job.strip("'\".,")
+        status = subprocess.run([RAY, "job", "status", job, "--address", ADDRESS], capture_output=True, text=True,
+                                timeout=60).stdout
+        subprocess.run([RAY, "job", "stop", job, "--address", ADDRESS], capture_output=True, timeout=120)
+    return {"rc": proc.returncode, "out": (seen + stdout)[-3000:], "err": stderr[-3000:], "job": job,
+            "status": status[-2000:]}
 
 
 def token_auth(recipe: str, out: str, temp: str, env: dict) -> dict:
@@ -84,7 +91,7 @@ def main() -> int:
     try:
         steps = {"first": submit(recipe, out)}
         steps["resumed"] = submit(recipe, out, "--resume")
-        steps["interrupted"] = interrupted(recipe, out)
+        steps["interrupted"] = interrupted(recipe, f"{out}-interrupted")
         if len(sys.argv) > 5:  # a second node (its own raylet, one CPU), then a phase spread over both nodes
             joined = subprocess.run([RAY, "start", "--address=127.0.0.1:6379", "--node-ip-address=127.0.0.1",
                                      "--num-cpus=1", "--disable-usage-stats"], capture_output=True, text=True,

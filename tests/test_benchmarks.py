@@ -71,6 +71,39 @@ def test_a_bad_benchmark_row_fails_naming_file_row_and_field_unless_skipped(tmp_
     assert len(loaded.records) == 3 and loaded.filtered == 1 and not loaded.skipped
 
 
+def test_on_error_is_spelled_as_the_importer_spells_it_and_the_old_fail_still_works(tmp_path):
+    src, _ = public_formats.pathmmu(tmp_path)
+    with pytest.raises(DataError):
+        load_benchmark(get_benchmark("pathmmu"), src, on_error="raise")
+    with pytest.warns(DeprecationWarning, match="on_error='fail' is deprecated; use 'raise'"), \
+            pytest.raises(DataError):
+        load_benchmark(get_benchmark("pathmmu"), src, on_error="fail")
+    with pytest.raises(ValueError, match="on_error must be one of raise, skip, got 'ignore'"):
+        load_benchmark(get_benchmark("pathmmu"), src, on_error="ignore")
+
+
+def test_the_cli_choices_are_the_registries():
+    """`eval bench`'s flags list what the tables hold: a benchmark, prompt, scorer or filter added there is a choice."""
+    import argparse
+
+    from patho_r1.eval.benchmarks import ON_ERROR, PROMPTS, QUESTION_FILTERS
+    from patho_r1.eval.cli import register
+    from patho_r1.eval.generation import ENGINES
+    from patho_r1.eval.rules import SCORERS
+
+    parser = argparse.ArgumentParser()
+    top = parser.add_subparsers()
+    register(top)
+    commands = next(a for a in top.choices["eval"]._actions if isinstance(a, argparse._SubParsersAction))
+    bench = commands.choices["bench"]
+    choices = {a.dest: list(a.choices) for a in bench._actions if a.choices}
+    assert choices["name"] == list(BENCHMARKS) and choices["prompt"] == list(PROMPTS)
+    assert choices["scorer"] == list(SCORERS) and choices["question_filter"] == list(QUESTION_FILTERS)
+    assert choices["engine"] == list(ENGINES) and choices["on_error"] == [*ON_ERROR, "fail"]
+    args = parser.parse_args(["eval", "bench", "--name", "pathmmu", "--data", "d", "--model", "m"])
+    assert args.on_error == "raise"
+
+
 def test_medxpertqa_rows_keep_their_labels_and_the_pathology_filter_is_a_keyword_subset(tmp_path):
     src, _ = public_formats.medxpertqa_mm(tmp_path)
     loaded = load_benchmark(get_benchmark("medxpertqa-mm"), src, on_error="skip")
@@ -195,12 +228,12 @@ def test_pathvqa_closed_and_open_with_recall_and_a_real_judge_server(tmp_path):
     assert report["open"]["f1"] == 0.4  # precision 2/3, recall 1 -> 0.8; and 0
     # LLaVA-Med's "exact match": 2 reference words found / 3 prediction words, and 0; ours: equality, never here
     assert report["open"]["exact_match"] == round(2 / 3 / 2, 4) and report["open"]["corrected"]["exact_match"] == 0.0
-    assert report["open"]["judge"]["accuracy"] == 0.5  # the judge accepts the hyperplasia, not the necrosis
+    assert report["open"]["judge_accuracy"]["accuracy"] == 0.5  # the judge accepts the hyperplasia, not the necrosis
     assert again == report and judge.cache_hits == 2  # the second run asked the judge nothing
     by_split = report["groups"]["split"]
     assert by_split["train"]["closed"]["n"] == 2 and by_split["train"]["open_n"] == 1
     assert by_split["train"]["open_recall"] == 1.0 and by_split["test"]["open_recall"] == 0.0
-    assert by_split["test"]["closed"] is None and by_split["test"]["open_judge"]["accuracy"] == 0.0
+    assert by_split["test"]["closed"] is None and by_split["test"]["open_judge_accuracy"]["accuracy"] == 0.0
     # the corrected scorer heads the same report with its own numbers; both columns are always there
     corrected, _ = evaluate_benchmark(bench, records, model, SamplingConfig(), scorer="corrected")
     assert corrected["scorer"] == "corrected" and corrected["open"]["exact_match"] == 0.0
@@ -214,7 +247,7 @@ def test_open_answers_without_a_judge_still_get_recall_and_say_the_judge_did_not
     model = ScriptedModel({"granuloma": "<answer>yes</answer>",
                            "pattern": "<answer>nodular epithelioid histiocytes around necrosis</answer>"})
     report, _ = evaluate_benchmark(bench, records, model, SamplingConfig())
-    assert report["closed"]["accuracy"] == 1.0 and report["open"]["judge"] is None
+    assert report["closed"]["accuracy"] == 1.0 and report["open"]["judge_accuracy"] is None
     # reference: "a nodular pattern of epithelioid histiocytes surrounding necrosis" -> 7 words after "a" goes;
     # shared: nodular, epithelioid, histiocytes, necrosis
     assert report["open"]["recall"] == round(4 / 7, 4)
@@ -267,7 +300,7 @@ def test_bench_with_a_judge_then_the_rubric_cli_on_its_predictions(tiny_model_di
                      "--out", str(out), "--on-error", "skip", "--max-new-tokens", "4", "--judge-url", server.url,
                      "--judge-model", "scripted"]) == 0
         report = json.loads((out / "results.json").read_text())["report"]
-        assert report["judge"] == "scripted" and report["open"]["judge"]["n"] == 2
+        assert report["judge_model"] == "scripted" and report["open"]["judge_accuracy"]["n"] == 2
         assert (out / "judge_cache.jsonl").read_text().count("\n") == 2
 
         # the rubric, on predictions whose reasoning names the gold in one of four chains

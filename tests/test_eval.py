@@ -208,7 +208,7 @@ def test_open_questions_need_a_judge_and_use_it(monkeypatch):
     assert [r.correct for r in rows] == [True, False] and report["overall"]["accuracy"] == 0.5
     with pytest.raises(ConnectionError):
         LLMJudge(base_url=f"http://127.0.0.1:{server.server_port}/v1", model="m", timeout=1,
-                 max_retries=0).judge("q", "a", "b")
+                 max_retries=0).is_correct("q", "a", "b")
 
 
 def test_vlmeval_model_class_core_on_the_tiny_model(tiny_model_dir, world_dir, monkeypatch):
@@ -347,7 +347,7 @@ def test_vlmeval_scores_pathvqa_through_our_judge_endpoint_and_finds_tsv_predict
     import csv
 
     from patho_r1.eval.judge import LLMJudge
-    from patho_r1.eval.vlmeval_hook import judge_kwargs, pred_file
+    from patho_r1.eval.vlmeval_hook import pred_file, vlmeval_judge_kwargs
     from patho_r1.fixtures.teacher import serve
 
     rows = [("what is present?", "granuloma", "a granuloma with giant cells"),
@@ -368,7 +368,7 @@ def test_vlmeval_scores_pathvqa_through_our_judge_endpoint_and_finds_tsv_predict
         w.writerows([(i, q, a, p) for i, (q, a, p) in enumerate(rows)])
     server = serve()
     try:
-        acc = dataset.evaluate(str(path), **judge_kwargs("scripted", server.url, None, nproc=1))
+        acc = dataset.evaluate(str(path), **vlmeval_judge_kwargs("scripted", server.url, None, nproc=1))
         ours = LLMJudge(base_url=server.url, model="scripted").verdicts(rows)
     finally:
         server.stop()
@@ -380,14 +380,14 @@ def test_vlmeval_scores_pathvqa_through_our_judge_endpoint_and_finds_tsv_predict
 
 
 def test_run_vlmeval_refuses_a_short_answer_set_without_a_judge_before_inference():
-    from patho_r1.eval.vlmeval_hook import check_judge, judge_kwargs
+    from patho_r1.eval.vlmeval_hook import check_vlmeval_judge, vlmeval_judge_kwargs
 
     with pytest.raises(ValueError, match="short-answer set.*--judge-url"):
-        check_judge("PathVQA_VAL", "Short", "exact_matching", None)
-    check_judge("PathVQA_VAL", "Short", "qwen-judge", "http://127.0.0.1:1/v1")  # a judge endpoint: fine
-    check_judge("PathMMU_VAL", "MCQ", "exact_matching", None)  # MCQ: exact matching is enough
-    assert judge_kwargs("m", "http://h:1/v1/", None)["api_base"] == "http://h:1/v1/chat/completions"
-    assert judge_kwargs("exact_matching", None, None) == {"model": "exact_matching", "nproc": 4}
+        check_vlmeval_judge("PathVQA_VAL", "Short", "exact_matching", None)
+    check_vlmeval_judge("PathVQA_VAL", "Short", "qwen-judge", "http://127.0.0.1:1/v1")  # a judge endpoint: fine
+    check_vlmeval_judge("PathMMU_VAL", "MCQ", "exact_matching", None)  # MCQ: exact matching is enough
+    assert vlmeval_judge_kwargs("m", "http://h:1/v1/", None)["api_base"] == "http://h:1/v1/chat/completions"
+    assert vlmeval_judge_kwargs("exact_matching", None, None) == {"model": "exact_matching", "nproc": 4}
 
 
 def test_vlmeval_judge_log_line_never_carries_the_api_key(vlmeval_judge_stack, caplog):

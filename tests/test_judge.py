@@ -75,5 +75,5 @@ def test_judge_against_transformers_serve_refuses_to_guess(hf_server):
 def test_an_unreachable_judge_is_a_connection_error_naming_it():
     judge = LLMJudge(base_url="http://127.0.0.1:9/v1", model="m", max_retries=0, timeout=2, api_key="sk-hidden-77")
     with pytest.raises(ConnectionError, match="127.0.0.1:9") as info:
-        judge.judge("q", "a", "b")
+        judge.is_correct("q", "a", "b")
     assert "sk-hidden-77" not in str(info.value) and "sk-hidden" not in repr(judge)

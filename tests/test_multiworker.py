@@ -49,6 +49,22 @@ def _run(root: Path, phase: dict, workers: int, *args, env=None) -> Path:
     return root / "out"
 
 
+def _in_this_process(root: Path, phase: dict, inputs: Path) -> Path:
+    """The same one-phase recipe, reading the base model and the world a Ray run prepared under `inputs`, run by one
+    worker in this process (no Ray): the single worker that holds the global batch, without a cluster's start-up."""
+    from patho_r1.launch.recipe import load_plan
+    from patho_r1.launch.workers import run_phase
+
+    raw = yaml.safe_load((inputs.parent / "recipe.yaml").read_text())
+    raw.update(output_root=str(root / "out"), model={"base": str(inputs / "base-model")},
+               data={"root": str(inputs / "world")}, resources={"num_workers": 1, "cpus_per_worker": 1}, phases=[phase])
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    planned = load_plan(root / "recipe.yaml").phase(phase["name"])
+    run_phase(planned.type, planned.config.model_dump(mode="json"))
+    return root / "out"
+
+
 def _steps(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -60,15 +76,16 @@ def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
 def test_sft_two_workers_match_one_worker_with_the_global_batch_and_resume(tmp_path):
     sft = {"name": "sft", "type": "sft", "config": {"data": "{data}/sft/train.jsonl", "max_steps": 6,
                                                      "save_steps": 2, "save_total_limit": 5}}
-    one = _run(tmp_path / "one", {**sft, "config": {**sft["config"], "per_device_train_batch_size": 4}}, 1)
     two = _run(tmp_path / "two", {**sft, "config": {**sft["config"], "per_device_train_batch_size": 2}}, 2)
+    one = _in_this_process(tmp_path / "one", {**sft, "config": {**sft["config"], "per_device_train_batch_size": 4}},
+                           two)
     loss_one = [r["loss"] for r in _steps(one / "sft/metrics.jsonl") if "loss" in r]
     loss_two = [r["loss"] for r in _steps(two / "sft/metrics.jsonl") if "loss" in r]
     assert len(loss_one) == len(loss_two) == 6
     assert loss_one[-1] < loss_one[0]  # it learns
     assert loss_two == pytest.approx(loss_one, rel=1e-4)
     w1, w2 = _weights(one / "sft/model"), _weights(two / "sft/model")
-    base = _weights(one / "base-model")
+    base = _weights(two / "base-model")
     moved = max(float((w1[k].float() - base[k].float()).abs().max()) for k in w1)
     worst = max(float((w1[k].float() - w2[k].float()).abs().max()) for k in w1)
     # Measured: 1.3e-5 against a movement of 6.0e-3 (float noise that Adam's normalisation amplifies where a gradient
@@ -84,17 +101,22 @@ def test_sft_two_workers_match_one_worker_with_the_global_batch_and_resume(tmp_p
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
 
 
-def test_rl_dynamic_sampling_on_two_workers_decides_what_one_worker_decides(tmp_path):
+def test_rl_dynamic_sampling_on_two_workers_decides_what_one_worker_decides(tmp_path, monkeypatch):
     rl = {"name": "rl", "type": "rl", "config": {
         "data": "{data}/rl/train.jsonl", "algorithm": "dapo", "num_generations": 4, "max_completion_length": 8,
         "max_steps": 3, "save_steps": 100, "rewards": [{"name": "reward_plugins:by_prompt"}],
         "dynamic_sampling": {"enabled": True, "max_rounds": 2, "filter_metric": "total"}}}
     runs = {}
-    for workers, batch in ((1, 8), (2, 4)):  # a global generation batch of 8 rows = 2 groups of 4
+    # a global generation batch of 8 rows = 2 groups of 4: two Ray workers of 4, then one worker of 8 in this process
+    for workers, batch in ((2, 4), (1, 8)):
         root = tmp_path / f"w{workers}"
         log = root / "rewards.jsonl"
-        out = _run(root, {**rl, "config": {**rl["config"], "per_device_train_batch_size": batch}}, workers,
-                   env={"PATHO_TEST_REWARD_LOG": str(log)})
+        config = {**rl, "config": {**rl["config"], "per_device_train_batch_size": batch}}
+        if workers == 2:
+            out = _run(root, config, workers, env={"PATHO_TEST_REWARD_LOG": str(log)})
+        else:
+            monkeypatch.setenv("PATHO_TEST_REWARD_LOG", str(log))
+            out = _in_this_process(root, config, tmp_path / "w2" / "out")
         steps = [s for s in _steps(out / "rl/metrics.jsonl") if "dynamic_sampling/rounds" in s]  # not the summary
         runs[workers] = (steps, _steps(log))
     (steps1, calls1), (steps2, calls2) = runs[1], runs[2]

@@ -2,6 +2,8 @@
 
 import ast
 import importlib.util
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -73,6 +75,60 @@ def test_the_import_graph_check_catches_an_upward_edge(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "FOLDERS", {"rewards": ("patho_r1.rewards", 0)})
     with pytest.raises(AssertionError, match=r"rewards/cli.py:2: patho_r1.rewards -> patho_r1.data \(points up\)"):
         test_imports_point_down_phases_stay_apart_and_fixtures_stay_out_of_production()
+
+
+def _module_graph(folder: Path, package: str) -> dict[str, set[str]]:
+    """Module -> the modules of the same folder it imports, lazy imports inside functions included (only imports
+    under `if TYPE_CHECKING:` are left out: they never run)."""
+    modules = {p.stem: p for p in folder.glob("*.py") if p.stem != "__init__"}
+    graph = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(), str(path))
+        typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                       and ast.unparse(node.test).endswith("TYPE_CHECKING") for n in ast.walk(node)}
+        graph[name] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and id(node) not in typing_only:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                graph[name] |= {t.rsplit(".", 1)[-1] for t in targets
+                                if t.rsplit(".", 1)[0] == package and t.rsplit(".", 1)[-1] in modules}
+        graph[name].discard(name)
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [node, nxt]
+            if nxt not in state and (found := visit(nxt, path + [node])):
+                return found
+        state[node] = 2
+        return None
+
+    return next((c for n in sorted(graph) if n not in state and (c := visit(n, [])) is not None), None)
+
+
+def test_the_shared_modules_import_each_other_without_a_cycle():
+    """`patho_r1.config` once imported `patho_r1.training` inside a method while training imported the config: a
+    cycle hidden behind a lazy import.  The shared floor (patho/) and the rewards have none."""
+    for folder, package in (("patho", "patho_r1"), ("rewards", "patho_r1.rewards")):
+        cycle = _cycle(_module_graph(ROOT / folder, package))
+        assert cycle is None, f"{folder}/: import cycle {' -> '.join(cycle)}"
+
+
+def test_the_cycle_check_sees_a_lazy_import(tmp_path):
+    (tmp_path / "config.py").write_text("from patho_r1.errors import E\n\n"
+                                        "def f():\n    from patho_r1.training import T\n")
+    (tmp_path / "training.py").write_text("from patho_r1.config import C\n")
+    (tmp_path / "errors.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                                        "    from patho_r1.config import C\n")
+    graph = _module_graph(tmp_path, "patho_r1")
+    assert graph == {"config": {"errors", "training"}, "training": {"config"}, "errors": set()}
+    assert _cycle(graph) == ["config", "training", "config"]
 
 
 @pytest.mark.slow
@@ -206,3 +262,88 @@ def test_eval_scores_one_model_given_as_model(world_dir, tmp_path):
     with pytest.raises(ConfigError, match="checkpoints: name at least one"):
         validate_config(EvalPhaseConfig, {"data": str(world_dir / "eval/PathoSynth_MCQ.tsv"),
                                           "output_dir": str(tmp_path)})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Citations a clone can follow: every cited `*.md` is in the repository (or is a report our code writes)
+# ----------------------------------------------------------------------------------------------------------------------
+
+_SKIP_DIRS = {".git", ".venv", "build", "dist", "runs", "__pycache__", ".pytest_cache", "wandb"}
+_MD_NAME = re.compile(r"(?<![\w/.:-])((?:\.\./|\./)*[\w.-]+(?:/[\w.-]+)*\.md)(#[\w-]+)?(?![\w])")
+
+
+def _repo_text_files(root: Path) -> list[Path]:
+    out = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.endswith(".egg-info"))
+        out += [Path(folder) / f for f in sorted(files) if f.endswith((".py", ".md", ".yaml"))]
+    return out
+
+
+def _written_reports(files: list[Path]) -> set[str]:
+    """Names like `report.md`, `results.md`: the Markdown files our code writes, each a string literal in it."""
+    names = set()
+    for path in files:
+        if path.suffix == ".py":
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.endswith(".md"):
+                    names.add(node.value.rsplit("/", 1)[-1])
+    return names
+
+
+def _anchors(doc: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation but `-` and `_` dropped, spaces to `-`."""
+    heads = [line.lstrip("#").strip() for line in doc.read_text().splitlines() if line.startswith("#")]
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in heads}
+
+
+def _bad_citations(root: Path) -> list[str]:
+    """Each `*.md` named in a .py/.md/.yaml file that a clone could not open; `owner/repo:path.md` names an upstream
+    file and is left alone."""
+    files = _repo_text_files(root)
+    reports = _written_reports(files)
+    bad = []
+    for path in files:
+        if path.resolve() == Path(__file__).resolve():
+            continue  # this file spells out bad citations to test the check
+        for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+            where = f"{path.relative_to(root)}:{lineno}"
+            if re.search(r"shared/notes|§\s*\d", line):
+                bad.append(f"{where}: cites notes outside the repository: {line.strip()}")
+                continue
+            for name, anchor in _MD_NAME.findall(line):
+                candidates = [root / name, path.parent / name, root / "docs" / name]
+                target = next((c for c in candidates if c.is_file() and c.resolve().is_relative_to(root)), None)
+                if target is None:
+                    if name.rsplit("/", 1)[-1] in reports and not name.startswith("docs/"):
+                        continue  # a report our code writes, e.g. RUN_DIR/report.md
+                    bad.append(f"{where}: {name} is not a file in the repository")
+                elif anchor and anchor[1:] not in _anchors(target):
+                    bad.append(f"{where}: {name} has no section {anchor}")
+    return bad
+
+
+def test_every_cited_markdown_file_and_section_is_in_the_repository():
+    """A fact the code relies on lives in docs/, so a clone can follow the citation; nothing points at notes kept
+    beside the repository (`../shared/notes/*.md`, `some-notes.md §2`)."""
+    bad = _bad_citations(ROOT)
+    assert not bad, "\n".join(bad)
+
+
+def test_the_citation_check_catches_notes_outside_the_repository(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs/formats.md").write_text("# Formats\n\n## PathVQA\n")
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg/ok.py").write_text('"""See docs/formats.md#pathvqa, formats.md and ../README.md."""\n'
+                                        'OUT = "report.md"\n'
+                                        '"""The run writes RUN_DIR/report.md."""\n')
+    (tmp_path / "pkg/bad.py").write_text('"""Layouts follow dataset-formats.md."""\n'
+                                         '"""See rl-pitfalls §3."""\n'
+                                         '"""See docs/formats.md#pathmmu."""\n'
+                                         '# from ../shared/notes/gpu-facts.md\n')
+    (tmp_path / "README.md").write_text("Facts: [notes](../notes/memory.md), [ok](docs/formats.md).\n")
+    bad = _bad_citations(tmp_path)
+    assert [b.split(": ", 1)[0] for b in bad] == ["README.md:1", "pkg/bad.py:1", "pkg/bad.py:2", "pkg/bad.py:3",
+                                                  "pkg/bad.py:4"], bad
+    assert "../notes/memory.md is not a file" in bad[0] and "dataset-formats.md is not a file" in bad[1]
+    assert "notes outside" in bad[2] and "has no section #pathmmu" in bad[3] and "notes outside" in bad[4]

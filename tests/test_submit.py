@@ -156,6 +156,8 @@ def test_submit_on_a_real_cluster_writes_to_output_root_resumes_survives_ctrl_c_
     assert (spread_out / "cpt" / "model").is_dir()
     assert {p.name for p in (spread_out / "logs").glob("cpt.rank*.log")} == {"cpt.rank0.log", "cpt.rank1.log"}
     assert steps["interrupted"]["rc"] == 130
+    assert "RUNNING" in steps["interrupted"]["status"] or "PENDING" in steps["interrupted"]["status"], steps[
+        "interrupted"]  # the job goes on without its client
     assert "keeps running" in steps["interrupted"]["err"] and "ray job stop" in steps["interrupted"]["err"]
     assert "Traceback" not in steps["interrupted"]["err"]
     # a cluster that asks for token auth, a client without it: exit 2 and one line naming the variables to set

@@ -66,15 +66,7 @@ class ChunkText:
         self.bodies_end = int(self.body_end[-1]) + 1 if self.n else 0
         self.tail_start = self.bodies_end + np.cumsum(tail_len + 1) - (tail_len + 1)
         self.tail_end = self.tail_start + tail_len
-        # where each think and answer of the ASCII rows starts (a sentence never crosses the "\\n" between two)
-        ascii_rows = np.flatnonzero(self.ascii)
-        per_row = np.fromiter((len(bodies[i]) for i in ascii_rows), dtype=np.int64, count=len(ascii_rows))
-        lengths = np.fromiter((len(p) + 1 for i in ascii_rows for p in bodies[i]), dtype=np.int64,
-                              count=int(per_row.sum()))
-        self._part_row = np.repeat(ascii_rows, per_row)
-        before = np.cumsum(lengths) - lengths  # bytes of the earlier parts, made relative to the part's row
-        row_first = np.repeat(before[np.cumsum(per_row) - per_row], per_row) if len(before) else before
-        self._part_start = self.body_start[self._part_row] + before - row_first
+        self._part_row, self._part_start = self._parts(bodies)
 
         # words: runs of word bytes
         starts, ends = runs(_IS_WORD[self.data])
@@ -86,6 +78,18 @@ class ChunkText:
         self._hashes = hash_words(self.data, starts[:n_body], ends[:n_body])  # the bodies' words, row after row
         self._word_starts = starts[:n_body]
         self.word_offsets = prefix_sums(body_words, np.int64)
+
+    def _parts(self, bodies: Sequence[Sequence[str]]) -> tuple[np.ndarray, np.ndarray]:
+        """The row of each think and answer of the ASCII rows, and where it starts (a sentence never crosses the
+        "\\n" between two)."""
+        ascii_rows = np.flatnonzero(self.ascii)
+        per_row = np.fromiter((len(bodies[i]) for i in ascii_rows), dtype=np.int64, count=len(ascii_rows))
+        lengths = np.fromiter((len(p) + 1 for i in ascii_rows for p in bodies[i]), dtype=np.int64,
+                              count=int(per_row.sum()))
+        part_row = np.repeat(ascii_rows, per_row)
+        before = np.cumsum(lengths) - lengths  # bytes of the earlier parts, made relative to the part's row
+        row_first = np.repeat(before[np.cumsum(per_row) - per_row], per_row) if len(before) else before
+        return part_row, self.body_start[part_row] + before - row_first
 
     def word_hashes(self, i: int) -> np.ndarray:
         return self._hashes[self.word_offsets[i]:self.word_offsets[i + 1]]

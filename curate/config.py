@@ -64,6 +64,9 @@ class SourceSpec(StrictModel):
     def label(self) -> str:
         return self.name or self.format
 
+    def input_paths(self) -> list[str]:
+        return [self.path] + ([self.images] if self.images else [])
+
 
 class ImportStage(StrictModel):
     stage: Literal["import"] = "import"

@@ -31,8 +31,8 @@ from patho_r1.curate.config import DecontaminateStage
 from patho_r1.curate.engine import map_batches
 from patho_r1.curate.minhash import MinHashSpec, jaccard, n_words
 from patho_r1.curate.rows import image_digest, image_paths, row_text
-from patho_r1.curate.store import StageWriter, iter_jsonl, read_stage_manifest, relative_images, stage_files
-from patho_r1.progress import RowProgress
+from patho_r1.curate.stages import StageContext
+from patho_r1.curate.store import iter_jsonl, read_stage_manifest, relative_images, stage_files
 
 SAME_BYTES, SAME_PICTURE, NEAR_TEXT = "benchmark image (same bytes)", "benchmark image (re-encoded)", \
     "benchmark text"
@@ -157,38 +157,42 @@ def _text_match(bench: Benchmark, sig: np.ndarray, keys: np.ndarray, threshold: 
     return None
 
 
-def run_decontaminate(stage: DecontaminateStage, parent: Path, out: Path, final: Path, writer: StageWriter,
-                      progress: RowProgress, engine: str) -> dict:
+def run_decontaminate(stage: DecontaminateStage, ctx: StageContext) -> dict:
+    parent, writer = ctx.parent, ctx.writer
     bench = load_benchmarks(stage)
     removed: Counter = Counter()
     for kind, file in stage_files(parent).items():
         fn = ContaminationFeatures(kind, str(parent), stage.minhash(), stage.min_words, stage.perceptual)
         rows = iter_jsonl(file)
-        for batch in map_batches([file], fn, engine=engine, batch_size=1024):
+        for batch in map_batches([file], fn, engine=ctx.engine, batch_size=1024):
             for i in range(len(batch["long"])):
                 row = next(rows)
-                hit = None
-                for ref in row.get("images") or []:
-                    if isinstance(ref, str) and (m := bench.sha.get(image_digest(ref, parent))):
-                        hit = (SAME_BYTES, m, 1.0)
-                        break
+                hit = _match(stage, bench, parent, row, batch, i)
                 if hit is None:
-                    for h in batch["dhash"][i]:
-                        if h and (m := picture_match(bench, int(h))):
-                            hit = (SAME_PICTURE, m, 1.0)
-                            break
-                if hit is None and batch["long"][i]:
-                    found = _text_match(bench, batch["sig"][i], batch["bands"][i], stage.threshold)
-                    if found:
-                        hit = (NEAR_TEXT, bench.texts[found[0]], found[1])
-                if hit is None:
-                    writer.row(kind, relative_images(row, parent, final))
+                    writer.row(kind, relative_images(row, parent, ctx.final))
                 else:
                     reason, (bench_file, bench_id), sim = hit
                     removed[f"{Path(bench_file).name}: {reason}"] += 1
                     writer.removed({"id": row.get("id"), "kind": kind, "reason": reason, "benchmark": bench_file,
                                     "benchmark_id": bench_id, "similarity": round(sim, 3),
                                     "source": row.get("source")})
-            progress.advance(len(batch["long"]))
+            ctx.progress.advance(len(batch["long"]))
     return {"benchmark_images": len(bench.sha), "benchmark_texts": len(bench.texts), "removed": dict(removed),
             "kept": writer.kind_counts()}
+
+
+def _match(stage: DecontaminateStage, bench: Benchmark, parent: Path, row: dict, batch: dict, i: int
+           ) -> tuple[str, tuple[str, str], float] | None:
+    """(reason, (benchmark file, item id), similarity) of the first benchmark item row `i` of `batch` matches: by
+    its image bytes, then its picture, then its text; or None."""
+    for ref in row.get("images") or []:
+        if isinstance(ref, str) and (m := bench.sha.get(image_digest(ref, parent))):
+            return SAME_BYTES, m, 1.0
+    for h in batch["dhash"][i]:
+        if h and (m := picture_match(bench, int(h))):
+            return SAME_PICTURE, m, 1.0
+    if batch["long"][i]:
+        found = _text_match(bench, batch["sig"][i], batch["bands"][i], stage.threshold)
+        if found:
+            return NEAR_TEXT, bench.texts[found[0]], found[1]
+    return None

@@ -42,6 +42,7 @@ from patho_r1.curate.config import DedupStage
 from patho_r1.curate.engine import line_batches, map_batches, ordered_map
 from patho_r1.curate.minhash import MinHashSpec, jaccard
 from patho_r1.curate.rows import digest_key, image_key, row_text
+from patho_r1.curate.stages import StageContext
 from patho_r1.curate.store import (
     IMAGE_DIR,
     ImageRebase,
@@ -54,7 +55,6 @@ from patho_r1.curate.store import (
 )
 from patho_r1.curate.word_hash import changes
 from patho_r1.errors import DataError
-from patho_r1.progress import RowProgress
 
 SAME_IMAGE, NEAR_TEXT = "same image", "near-duplicate text"
 BATCH_ROWS = 4096  # rows parsed and signed at once (a worker's unit of work), and copied at once after
@@ -268,23 +268,41 @@ def find_duplicates(sigs: np.ndarray, bands: np.ndarray, images: np.ndarray, is_
     return representative, by_image
 
 
-def run_dedup(stage: DedupStage, parent: Path, out: Path, final: Path, writer: StageWriter,
-              progress: RowProgress, engine: str, n: int) -> dict:
-    files = stage_files(parent)
+def run_dedup(stage: DedupStage, ctx: StageContext) -> dict:
+    """The dedup stage's runner (`curate/stages.py`): the steps in this module's docstring."""
+    files = stage_files(ctx.parent)
     minhash = stage.minhash()
     bands_n, rows_n = minhash.bands
-    work = out / ".work"
+    work = ctx.work / ".work"
     work.mkdir()
     sig_file = SignatureFile(work / "sig.bin", stage.num_perm)
-    buckets = KeyBuckets(work, n * (bands_n * stage.near_text + stage.exact_images))
+    buckets = KeyBuckets(work, ctx.rows * (bands_n * stage.near_text + stage.exact_images))
+    rewritable, rows_of = _sign(stage, ctx, files, minhash, sig_file, buckets)
+    signatures = sig_file.reader()
+    removed_rows, representative, by_image = _duplicates(signatures, buckets, stage.threshold, ctx.engine)
+    copier = KeptCopier(ctx.writer, signatures, removed_rows, representative, by_image,
+                        ImageRebase(ctx.parent, ctx.final))
+    _copy_kept(copier, files, rows_of, rewritable)
+    for path in work.iterdir():
+        path.unlink()
+    work.rmdir()
+    return {"bands": bands_n, "rows_per_band": rows_n, "removed": dict(copier.removed),
+            "kept": ctx.writer.kind_counts()}
+
+
+def _sign(stage: DedupStage, ctx: StageContext, files: dict[str, Path], minhash: MinHashSpec,
+          sig_file: SignatureFile, buckets: KeyBuckets) -> tuple[np.ndarray, dict[str, int]]:
+    """The first pass, on the chosen engine: every row's signature to `sig_file`, its band keys and (caption rows)
+    its image key to `buckets`; returns whether each row's line may be re-based as text, and the rows per kind."""
+    n = ctx.rows
     rewritable = np.zeros(n, dtype=bool)
     rows_of: dict[str, int] = {}
     at = 0
     for kind, file in files.items():
-        fn = DedupFeatures(kind, str(parent), minhash, str(file))
+        fn = DedupFeatures(kind, str(ctx.parent), minhash, str(file))
         first = at
         try:
-            for batch in map_batches([file], fn, engine=engine, batch_size=BATCH_ROWS):
+            for batch in map_batches([file], fn, engine=ctx.engine, batch_size=BATCH_ROWS):
                 m = len(batch["image"])
                 rows = np.arange(at, at + m, dtype=np.uint64)
                 sig_file.append(batch["sig"])
@@ -295,30 +313,30 @@ def run_dedup(stage: DedupStage, parent: Path, out: Path, final: Path, writer: S
                     buckets.add(batch["image"][has, None], rows[has] | IMAGE_PAIR)
                 rewritable[at:at + m] = batch["rewritable"]
                 at += m
-                progress.advance(m)
+                ctx.progress.advance(m)
         except DataError as exc:  # a broken line, located in its batch; batches come in order, so `at` starts it
             raise offset_row(exc, at - first) from None
         rows_of[kind] = at - first
     if at != n:
         raise RuntimeError(f"dedup read {at} rows but the parent manifest counts {n}")
-    signatures = sig_file.reader()
-    find = BucketEdges(signatures, stage.threshold)
+    return rewritable, rows_of
+
+
+def _duplicates(signatures: SignatureReader, buckets: KeyBuckets, threshold: float, engine: str
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(removed rows, ascending; the representative of each; the rows linked by an image match), from the buckets:
+    in a pool where there is one (the first pass's engine), each bucket sorted and checked on its own."""
+    find = BucketEdges(signatures, threshold)
     bucket_paths = buckets.close()
-    # the buckets in a pool where there is one (the first pass's engine), each sorted and checked on its own
     found = list(ordered_map(find, bucket_paths) if engine == "processes" and len(bucket_paths) > 1
                  else map(find, bucket_paths))
     removed_rows, representative = duplicate_groups([e for pair in found for e in pair])
     by_image = np.unique(np.concatenate([np.zeros((0, 2), np.int64), *(image for _, image in found)])[:, 1])
-    del found
-    # The second pass copies the kept rows' lines; only the removed rows and those they duplicate are parsed.  A
-    # representative's id is held from its row to the last row that names it.
-    wanted = np.unique(representative)
-    last_named = np.zeros(len(wanted), dtype=np.int64)
-    np.maximum.at(last_named, np.searchsorted(wanted, representative), removed_rows)
-    forget_order, forgotten = np.argsort(last_named, kind="stable"), 0
-    ids: dict[int, str] = {}
-    removed: Counter = Counter()
-    rebase = ImageRebase(parent, final)
+    return removed_rows, representative, by_image
+
+
+def _copy_kept(copier: KeptCopier, files: dict[str, Path], rows_of: dict[str, int], rewritable: np.ndarray) -> None:
+    """The second pass, batch by batch, checking each kind holds the rows the first pass counted."""
     start = 0
     for kind, count in rows_of.items():
         lo = start
@@ -326,35 +344,56 @@ def run_dedup(stage: DedupStage, parent: Path, out: Path, final: Path, writer: S
             hi = lo + len(lines)
             if hi > start + count:
                 raise RuntimeError(f"{files[kind]}: the second pass read more rows than the first, {count}")
-            first_gone, end_gone = np.searchsorted(removed_rows, [lo, hi])
-            gone, reps = removed_rows[first_gone:end_gone], representative[first_gone:end_gone]
-            keep = np.ones(hi - lo, dtype=bool)
-            keep[gone - lo] = False
-            writer.lines(kind, _kept_text(lines, keep, rewritable[lo:hi], rebase), int(keep.sum()))
-            for i in wanted[np.searchsorted(wanted, lo):np.searchsorted(wanted, hi)]:
-                ids[int(i)] = json.loads(lines[i - lo]).get("id")
-            similarity = jaccard(signatures[gone], signatures[reps]) if len(gone) else []
-            gone_rows = json.loads(f"[{','.join(lines[i - lo] for i in gone)}]")
-            entries = []
-            for rep, sim, same_image, row in zip(reps, similarity, np.isin(gone, by_image), gone_rows, strict=True):
-                reason = SAME_IMAGE if same_image else NEAR_TEXT
-                removed[f"{kind}: {reason}"] += 1
-                entries.append(encode_row({"id": row.get("id"), "kind": kind, "reason": reason,
-                                           "duplicate_of": ids.get(int(rep)), "similarity": round(float(sim), 3),
-                                           "source": row.get("source")}))
-            if entries:  # one write a batch: a write a row cost 0.6 s at 1M rows
-                writer.lines("removed", "".join(entries), len(entries))
-            while forgotten < len(wanted) and last_named[forget_order[forgotten]] < hi:
-                ids.pop(int(wanted[forget_order[forgotten]]), None)
-                forgotten += 1
+            copier.copy(kind, lines, lo, rewritable[lo:hi])
             lo = hi
         if lo - start != count:
             raise RuntimeError(f"{files[kind]}: the second pass read {lo - start} rows, the first {count}")
         start = lo
-    for path in work.iterdir():
-        path.unlink()
-    work.rmdir()
-    return {"bands": bands_n, "rows_per_band": rows_n, "removed": dict(removed), "kept": writer.kind_counts()}
+
+
+class KeptCopier:
+    """The second pass: copies the kept rows' lines; only the removed rows and those they duplicate are parsed, and
+    each removed row goes to `removed.jsonl` with the id of the row it duplicates.  A representative's id is held
+    from its row to the last row that names it."""
+
+    def __init__(self, writer: StageWriter, signatures: SignatureReader, removed_rows: np.ndarray,
+                 representative: np.ndarray, by_image: np.ndarray, rebase: ImageRebase):
+        self.writer, self.signatures, self.rebase = writer, signatures, rebase
+        self.removed_rows, self.representative, self.by_image = removed_rows, representative, by_image
+        self.wanted = np.unique(representative)
+        self.last_named = np.zeros(len(self.wanted), dtype=np.int64)
+        np.maximum.at(self.last_named, np.searchsorted(self.wanted, representative), removed_rows)
+        self.forget_order, self.forgotten = np.argsort(self.last_named, kind="stable"), 0
+        self.ids: dict[int, str] = {}
+        self.removed: Counter = Counter()
+
+    def copy(self, kind: str, lines: list[str], lo: int, rewritable: np.ndarray) -> None:
+        """One batch: `lines` are rows lo, lo + 1, ... of the stage's row numbering."""
+        hi = lo + len(lines)
+        first_gone, end_gone = np.searchsorted(self.removed_rows, [lo, hi])
+        gone, reps = self.removed_rows[first_gone:end_gone], self.representative[first_gone:end_gone]
+        keep = np.ones(hi - lo, dtype=bool)
+        keep[gone - lo] = False
+        self.writer.lines(kind, _kept_text(lines, keep, rewritable, self.rebase), int(keep.sum()))
+        for i in self.wanted[np.searchsorted(self.wanted, lo):np.searchsorted(self.wanted, hi)]:
+            self.ids[int(i)] = json.loads(lines[i - lo]).get("id")
+        self._write_removed(kind, lines, lo, gone, reps)
+        while self.forgotten < len(self.wanted) and self.last_named[self.forget_order[self.forgotten]] < hi:
+            self.ids.pop(int(self.wanted[self.forget_order[self.forgotten]]), None)
+            self.forgotten += 1
+
+    def _write_removed(self, kind: str, lines: list[str], lo: int, gone: np.ndarray, reps: np.ndarray) -> None:
+        similarity = jaccard(self.signatures[gone], self.signatures[reps]) if len(gone) else []
+        gone_rows = json.loads(f"[{','.join(lines[i - lo] for i in gone)}]")
+        entries = []
+        for rep, sim, same_image, row in zip(reps, similarity, np.isin(gone, self.by_image), gone_rows, strict=True):
+            reason = SAME_IMAGE if same_image else NEAR_TEXT
+            self.removed[f"{kind}: {reason}"] += 1
+            entries.append(encode_row({"id": row.get("id"), "kind": kind, "reason": reason,
+                                       "duplicate_of": self.ids.get(int(rep)), "similarity": round(float(sim), 3),
+                                       "source": row.get("source")}))
+        if entries:  # one write a batch: a write a row cost 0.6 s at 1M rows
+            self.writer.lines("removed", "".join(entries), len(entries))
 
 
 def _kept_text(lines: list[str], keep: np.ndarray, rewritable: np.ndarray, rebase: ImageRebase) -> str:

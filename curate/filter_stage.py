@@ -23,9 +23,10 @@ from pathlib import Path
 
 from patho_r1.curate.config import FilterStage
 from patho_r1.curate.filters import FILTERS, Candidate, candidates
+from patho_r1.curate.stages import StageContext
 from patho_r1.curate.store import relative_images
 from patho_r1.curate.teacher_output import parse_reply, to_conversation
-from patho_r1.errors import DataError
+from patho_r1.errors import ConfigError, DataError
 
 CHUNK = 4096
 
@@ -168,7 +169,29 @@ def kept_row(c: Candidate, stage: FilterStage, images: list) -> dict:
     return out
 
 
-def run_filter(stage: FilterStage, source: Path, out: Path, writer, progress) -> dict:
+def run_filter(stage: FilterStage, ctx: StageContext) -> dict:
+    """The filter stage's runner (`curate/stages.py`): its input, or the parent's generations, through the rules."""
+    source = filter_source(stage, ctx.parent)
+    ctx.progress.total = ctx.progress.total or None
+    counts = filter_rows(stage, source, ctx.work, ctx.writer, ctx.progress)
+    return {**counts, "kinds": {"conversation": counts["kept"]}}
+
+
+def filter_source(stage: FilterStage, parent: Path | None) -> Path:
+    """The teacher outputs a filter stage reads: its `input`, else the parent stage's generations.jsonl."""
+    if stage.input:
+        return Path(stage.input).resolve()
+    from patho_r1.curate.generate import GENERATIONS
+
+    if parent is None or not (parent / GENERATIONS).is_file():
+        raise ConfigError(f"filter: no input; give `input` (a JSONL of teacher outputs) or run it after a generate "
+                          f"stage ({parent or 'no parent'} holds no {GENERATIONS})")
+    return parent / GENERATIONS
+
+
+def filter_rows(stage: FilterStage, source: Path, out: Path, writer, progress) -> dict:
+    """`source`'s rows through the rules, in chunks: kept rows as conversations, rejected ones with their reasons,
+    and the report."""
     checks = [(name, FILTERS[name].factory(stage), FILTERS[name].batch) for name in stage.rules]
     row_checks = [(n, c) for n, c, batch in checks if not batch]
     batch_checks = [(n, c) for n, c, batch in checks if batch]
@@ -178,13 +201,7 @@ def run_filter(stage: FilterStage, source: Path, out: Path, writer, progress) ->
 
     def flush(rows: list[dict]) -> None:
         chunk = _candidates(rows, tokenizer)
-        reasons = [[f"{name}: {why}" for name, check in row_checks if (why := check(c)) is not None]
-                   for c in chunk]
-        for name, check in batch_checks:
-            alive = [i for i, r in enumerate(reasons) if not r]
-            for i, why in zip(alive, check([chunk[i] for i in alive]), strict=True):
-                if why is not None:
-                    reasons[i].append(f"{name}: {why}")
+        reasons = _reasons(chunk, row_checks, batch_checks)
         for c, why in zip(chunk, reasons, strict=True):
             report.add(c.row, why)
             if why:
@@ -203,6 +220,21 @@ def run_filter(stage: FilterStage, source: Path, out: Path, writer, progress) ->
                 rows = []
         if rows:
             flush(rows)
+    return _write_report(report, stage, source, out)
+
+
+def _reasons(chunk: list[Candidate], row_checks: list, batch_checks: list) -> list[list[str]]:
+    """Why each candidate fails: the row rules on every row, then the batch rules on the rows still alive."""
+    reasons = [[f"{name}: {why}" for name, check in row_checks if (why := check(c)) is not None] for c in chunk]
+    for name, check in batch_checks:
+        alive = [i for i, r in enumerate(reasons) if not r]
+        for i, why in zip(alive, check([chunk[i] for i in alive]), strict=True):
+            if why is not None:
+                reasons[i].append(f"{name}: {why}")
+    return reasons
+
+
+def _write_report(report: FilterReport, stage: FilterStage, source: Path, out: Path) -> dict:
     summary = report.as_dict(stage.rules)
     (out / "filter_report.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     (out / "filter_report.md").write_text(report.markdown(stage.rules), encoding="utf-8")

@@ -286,10 +286,7 @@ def near_duplicate(cfg):
             return []
         sigs = word_signatures([c.word_hashes for c in batch], spec.num_perm, spec.shingle)
         keys = band_keys(sigs, *spec.bands)
-        if len(kept_ids) + len(batch) > len(kept_sigs):
-            grown = np.empty((2 * (len(kept_ids) + len(batch)), spec.num_perm), dtype=np.uint32)
-            grown[:len(kept_ids)] = kept_sigs[:len(kept_ids)]
-            kept_sigs = grown
+        kept_sigs = _room_for(kept_sigs, len(kept_ids), len(batch))
         out: list[str | None] = []
         for c, sig, row_keys in zip(batch, sigs, keys.tolist(), strict=True):
             # a shared band makes a candidate; the signatures' agreement decides (LSH alone lets some through)
@@ -308,6 +305,17 @@ def near_duplicate(cfg):
         return out
 
     return check
+
+
+def _room_for(sigs, used: int, more: int):
+    """`sigs` (its first `used` rows), doubled past `used + more` rows where it has not room for them."""
+    import numpy as np
+
+    if used + more <= len(sigs):
+        return sigs
+    grown = np.empty((2 * (used + more), sigs.shape[1]), dtype=np.uint32)
+    grown[:used] = sigs[:used]
+    return grown
 
 
 BUILTIN_ORDER = ("tags", "truncation", "length", "repetition", "language_mix", "answer_consistency", "near_duplicate")

@@ -32,6 +32,7 @@ import numpy as np
 from patho_r1.curate.config import GenerateStage
 from patho_r1.curate.grid import GRID_SUBFIELDS, PromptGrid, cell_id
 from patho_r1.curate.rows import image_paths, read_id_table
+from patho_r1.curate.stages import StageContext
 from patho_r1.curate.store import iter_jsonl, relative_images, stage_files
 from patho_r1.errors import ConfigError
 from patho_r1.llm import ChatRequest, ChatResult, EndpointConfig, LLMClient, image_part, run
@@ -190,52 +191,54 @@ def generate(make_jobs: Callable[[], Iterator[Job]], out: Path, endpoint: Endpoi
     counts["resumed"] = resumed
     progress.total = counts["requests"] = n_jobs - resumed
     pending = (j for j in make_jobs() if j.key not in done)
-
-    async def main() -> None:
-        with (out / GENERATIONS).open("a", encoding="utf-8") as gen, \
-                (out / FAILURES).open("a", encoding="utf-8") as bad:
-            async with LLMClient(endpoint) as client:
-                def on_result(request: ChatRequest, result: ChatResult) -> None:
-                    job: Job = request.key
-                    if result.error is not None:
-                        counts["failed"] += 1
-                        # the client redacts its errors; this file is the one a user pastes into an issue
-                        bad.write(json.dumps({"record_id": job.record["id"], "prompt_id": job.cell,
-                                              "error": redact(result.error), "time": time.time()}) + "\n")
-                        bad.flush()
-                    else:
-                        counts["answered"] += 1
-                        counts["finish_length"] += result.finish_reason == "length"
-                        gen.write(json.dumps(output_row(job, result, endpoint.model), ensure_ascii=False) + "\n")
-                        gen.flush()  # in the OS's hands now: a killed process loses nothing written
-                    cost = client.cost()
-                    progress.advance(1, tokens_in=client.prompt_tokens, tokens_out=client.completion_tokens,
-                                     **({"cost_usd": round(cost, 4)} if cost is not None else {}))
-
-                await client.map((request_for(j, out, with_image) for j in pending), on_result)
-                counts["prompt_tokens"] = client.prompt_tokens
-                counts["completion_tokens"] = client.completion_tokens
-                if client.cost() is not None:
-                    counts["cost_usd"] = round(client.cost(), 4)
-
-    run(main())
+    run(_send(pending, out, endpoint, with_image, progress, counts))
 
 
-def run_generate(stage: GenerateStage, parent: Path, out: Path, writer, progress, seed: int, resume: bool,
-                 dry_run: bool = False) -> dict:
+async def _send(pending: Iterator[Job], out: Path, endpoint: EndpointConfig, with_image: bool, progress,
+                counts: dict) -> None:
+    """Send `pending`, appending each reply (or failure) to its file the moment it arrives."""
+    with (out / GENERATIONS).open("a", encoding="utf-8") as gen, (out / FAILURES).open("a", encoding="utf-8") as bad:
+        async with LLMClient(endpoint) as client:
+            def on_result(request: ChatRequest, result: ChatResult) -> None:
+                job: Job = request.key
+                if result.error is not None:
+                    counts["failed"] += 1
+                    # the client redacts its errors; this file is the one a user pastes into an issue
+                    bad.write(json.dumps({"record_id": job.record["id"], "prompt_id": job.cell,
+                                          "error": redact(result.error), "time": time.time()}) + "\n")
+                    bad.flush()
+                else:
+                    counts["answered"] += 1
+                    counts["finish_length"] += result.finish_reason == "length"
+                    gen.write(json.dumps(output_row(job, result, endpoint.model), ensure_ascii=False) + "\n")
+                    gen.flush()  # in the OS's hands now: a killed process loses nothing written
+                cost = client.cost()
+                progress.advance(1, tokens_in=client.prompt_tokens, tokens_out=client.completion_tokens,
+                                 **({"cost_usd": round(cost, 4)} if cost is not None else {}))
+
+            await client.map((request_for(j, out, with_image) for j in pending), on_result)
+            counts["prompt_tokens"] = client.prompt_tokens
+            counts["completion_tokens"] = client.completion_tokens
+            if client.cost() is not None:
+                counts["cost_usd"] = round(client.cost(), 4)
+
+
+def run_generate(stage: GenerateStage, ctx: StageContext) -> dict:
+    """The generate stage's runner (`curate/stages.py`); with `ctx.dry_run`, what it would send, and nothing sent."""
+    parent, out, seed = ctx.parent, ctx.work, ctx.seed
     grid = PromptGrid(Path(stage.prompts) if stage.prompts else None)
     gold = load_gold(stage.labels)
     counts: Counter = Counter()
-    if dry_run:
+    if ctx.dry_run:
         return {**estimate(list(plan_jobs(stage, parent, out, grid, seed, counts, gold)), stage.endpoint), **counts}
-    guard_identity(out, stage.identity(grid.digest()), resume)
+    guard_identity(out, stage.identity(grid.digest()), ctx.resume)
     skipped: Counter = Counter()  # the planning passes count skips; keep one pass's worth
 
     def make_jobs():
         skipped.clear()
         return plan_jobs(stage, parent, out, grid, seed, skipped, gold)
 
-    generate(make_jobs, out, stage.endpoint, stage.with_image, progress, counts)
+    generate(make_jobs, out, stage.endpoint, stage.with_image, ctx.progress, counts)
     counts.update(skipped)
     tasks = Counter(r["task"] for r in iter_jsonl(out / GENERATIONS))  # this run's replies and earlier ones
     return {**counts, "generations": sum(tasks.values()), "complete": counts["failed"] == 0, "tasks": dict(tasks)}

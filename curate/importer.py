@@ -25,6 +25,7 @@ from PIL import Image
 
 from patho_r1.curate.config import ImportStage, SourceSpec
 from patho_r1.curate.engine import ordered_map
+from patho_r1.curate.stages import StageContext
 from patho_r1.curate.store import IMAGE_DIR, ImageStore, StageWriter, encode_row, image_problem, read_image_file
 from patho_r1.data import MAX_TEXT_CHARS, parse_record
 from patho_r1.errors import DataError
@@ -348,6 +349,11 @@ def import_sources(stage: ImportStage, out: Path, writer: StageWriter, progress:
             raise _no_rows(Path(spec.path))
         per_source[spec.label] = {"format": spec.format, "path": spec.path, "license": license_, **counts}
     return per_source
+
+
+def run_import(stage: ImportStage, ctx: StageContext) -> dict:
+    """The import stage's runner (`curate/stages.py`)."""
+    return {"sources": import_sources(stage, ctx.work, ctx.writer, ctx.progress, ctx.engine)}
 
 
 def estimate_total(stage: ImportStage) -> int | None:

@@ -30,6 +30,7 @@ from patho_r1.curate.filters import FILTERS, Candidate, normalize
 from patho_r1.curate.generate import GENERATIONS, Job, generate, guard_identity
 from patho_r1.curate.grid import GRID_SUBFIELDS, PromptGrid, cell_id
 from patho_r1.curate.rows import image_key, read_id_table
+from patho_r1.curate.stages import StageContext
 from patho_r1.curate.store import iter_jsonl, read_stage_manifest, relative_images
 from patho_r1.curate.teacher_output import answer_letter, parse_reply
 from patho_r1.errors import ConfigError
@@ -186,21 +187,7 @@ def balance_teacher_distractors(questions: list[tuple[dict, str, str, list[str]]
     index = {t: j for j, t in enumerate(texts)}
     own = np.array([index[k] for k in keys])
     need = np.array([len(questions[i][3]) for i in made])
-    answer_counts = np.bincount(own, minlength=len(texts)).astype(float)
-    target = answer_counts * need.mean()  # distractor appearances that make each text the answer 1/k of the time
-    log_w = np.log(answer_counts)
-
-    def draw() -> np.ndarray:  # Gumbel top-k: weighted sampling without replacement, one row per question
-        scores = log_w[None, :] + rng.gumbel(size=(len(made), len(texts)))
-        scores[np.arange(len(made)), own] = -np.inf  # never a question's own answer
-        return np.argsort(-scores, axis=1)[:, : need.max()]
-
-    for _ in range(rounds):
-        picks = draw()
-        mask = np.arange(picks.shape[1])[None, :] < need[:, None]
-        got = np.bincount(picks[mask], minlength=len(texts))
-        log_w += 0.7 * (np.log(target + 0.5) - np.log(got + 0.5))
-    picks = draw()
+    log_w, picks = _fitted_draw(own, need, len(texts), rng, rounds)
     out = list(questions)
     for row, i in enumerate(made):
         chosen = [texts[j] for j in picks[row, : need[row]] if np.isfinite(log_w[j])]
@@ -211,6 +198,27 @@ def balance_teacher_distractors(questions: list[tuple[dict, str, str, list[str]]
         q = questions[i]
         out[i] = (q[0], q[1], q[2], [shown[t] for t in chosen])
     return out
+
+
+def _fitted_draw(own: np.ndarray, need: np.ndarray, n_texts: int, rng: np.random.Generator, rounds: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(the fitted log weights; each question's distractor picks, as text indices, best first): weights fitted over
+    `rounds` draws so that each text is drawn about (k - 1) x its answer count times, then one more draw."""
+    answer_counts = np.bincount(own, minlength=n_texts).astype(float)
+    target = answer_counts * need.mean()  # distractor appearances that make each text the answer 1/k of the time
+    log_w = np.log(answer_counts)
+
+    def draw() -> np.ndarray:  # Gumbel top-k: weighted sampling without replacement, one row per question
+        scores = log_w[None, :] + rng.gumbel(size=(len(own), n_texts))
+        scores[np.arange(len(own)), own] = -np.inf  # never a question's own answer
+        return np.argsort(-scores, axis=1)[:, : need.max()]
+
+    for _ in range(rounds):
+        picks = draw()
+        mask = np.arange(picks.shape[1])[None, :] < need[:, None]
+        got = np.bincount(picks[mask], minlength=n_texts)
+        log_w += 0.7 * (np.log(target + 0.5) - np.log(got + 0.5))
+    return log_w, draw()
 
 
 def no_image_baselines(items: list[dict]) -> dict:
@@ -284,9 +292,48 @@ def _teacher_questions(stage: MCQStage, rows: list[dict], pool: Path, out: Path,
     return out_rows
 
 
-def run_mcq(stage: MCQStage, parent: Path, out: Path, writer, progress, seed: int, resume: bool) -> dict:
+def run_mcq(stage: MCQStage, ctx: StageContext) -> dict:
+    """The mcq stage's runner (`curate/stages.py`): the steps in this module's docstring."""
     counts: Counter = Counter()
-    pool = Path(stage.pool) if stage.pool else find_pool(parent)
+    pool = Path(stage.pool) if stage.pool else find_pool(ctx.parent)
+    rows = _pool_rows(stage, ctx.parent, pool, counts)
+    rng = np.random.default_rng([ctx.seed, 11])
+    by_stratum: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        by_stratum[stratum(row)].append(row)
+    take = allocate({k: len(v) for k, v in by_stratum.items()}, stage.n)
+    drawn = []
+    for key in sorted(by_stratum):
+        members = by_stratum[key]
+        idx = rng.choice(len(members), take[key], replace=False)
+        drawn += [members[i] for i in sorted(idx)]
+    ctx.progress.total = len(drawn)
+    if stage.source == "rules":
+        distractors = rule_distractors(rows, drawn, stage.n_options, rng)
+        questions = [(row, stage.question, row["diagnosis"], d) if d else None
+                     for row, d in zip(drawn, distractors, strict=True)]
+    else:
+        questions = _teacher_questions(stage, drawn, pool, ctx.work, ctx.seed, ctx.progress, counts, ctx.resume)
+        if stage.teacher_distractors == "balance":
+            questions = balance_teacher_distractors(questions, rng, counts)
+    made = [q for q in questions if q is not None]
+    counts["no_question"] = len(questions) - len(made)
+    items = _items(stage, made, pool, ctx, rng)
+    heldout = _stratified_heldout(items, stage.heldout, rng)
+    for item in items:
+        ctx.writer.row("heldout" if item["id"] in heldout else "mcq", item)
+    report = {"asked": stage.n, "pool": len(rows), "made": len(items), "heldout": len(heldout),
+              "strata": {k: {"pool": len(by_stratum[k]), "drawn": take[k]} for k in sorted(by_stratum)},
+              "letters": dict(sorted(Counter(it["answer"] for it in items).items())),
+              "no_image": no_image_baselines(items)}
+    (ctx.work / "mcq_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (ctx.work / "mcq_report.md").write_text(_markdown(report))
+    return {**counts, **{k: report[k] for k in ("asked", "pool", "made", "heldout", "letters", "no_image")}}
+
+
+def _pool_rows(stage: MCQStage, parent: Path, pool: Path, counts: Counter) -> list[dict]:
+    """The pool's caption rows in the stage's subfields, less those the SFT data holds (the parent filter stage's
+    kept.jsonl, and `exclude`), each with its diagnosis and tissue system."""
     exclude = [Path(p) for p in stage.exclude] + ([parent / "kept.jsonl"] if (parent / "kept.jsonl").is_file() else [])
     sft_images, sft_captions, sft_ids = _sft_keys(exclude)
     labels = read_id_table(stage.labels, ("diagnosis",), ("tissue_system",)) if stage.labels else {}
@@ -313,47 +360,24 @@ def run_mcq(stage: MCQStage, parent: Path, out: Path, writer, progress, seed: in
                           f"captions ({counts['excluded_sft_overlap']} overlapped"
                           + (f", {counts['no_diagnosis']} had no diagnosis: give `labels` or use source teacher"
                              if counts["no_diagnosis"] else "") + ")")
-    rng = np.random.default_rng([seed, 11])
-    by_stratum: dict[str, list[dict]] = defaultdict(list)
-    for row in rows:
-        by_stratum[stratum(row)].append(row)
-    take = allocate({k: len(v) for k, v in by_stratum.items()}, stage.n)
-    drawn = []
-    for key in sorted(by_stratum):
-        members = by_stratum[key]
-        idx = rng.choice(len(members), take[key], replace=False)
-        drawn += [members[i] for i in sorted(idx)]
-    progress.total = len(drawn)
-    if stage.source == "rules":
-        distractors = rule_distractors(rows, drawn, stage.n_options, rng)
-        questions = [(row, stage.question, row["diagnosis"], d) if d else None
-                     for row, d in zip(drawn, distractors, strict=True)]
-    else:
-        questions = _teacher_questions(stage, drawn, pool, out, seed, progress, counts, resume)
-        if stage.teacher_distractors == "balance":
-            questions = balance_teacher_distractors(questions, rng, counts)
-    made = [q for q in questions if q is not None]
-    counts["no_question"] = len(questions) - len(made)
+    return rows
+
+
+def _items(stage: MCQStage, made: list[tuple[dict, str, str, list[str]]], pool: Path, ctx: StageContext,
+           rng: np.random.Generator) -> list[dict]:
+    """The questions as our `mcq` rows, each answer's letter dealt from a balanced deck."""
     letters = balanced_letters([len(q[3]) + 1 for q in made], rng)
     items = []
     for (row, question, correct, others), letter in zip(made, letters, strict=True):
         options = place(correct, others, letter, rng)
         items.append({"id": f"mcq:{row['id']}", "record_id": row["id"], "question": question, "options": options,
-                      "answer": letter, "answer_type": "mcq", "images": relative_images(row, pool, out).get("images"),
+                      "answer": letter, "answer_type": "mcq",
+                      "images": relative_images(row, pool, ctx.work).get("images"),
                       "category": row.get("diagnosis") or correct, "subfield": row.get("subfield"),
                       "tissue_system": row["tissue_system"], "stratum": stratum(row)})
         if stage.source == "rules":
-            progress.advance(1)
-    heldout = _stratified_heldout(items, stage.heldout, rng)
-    for item in items:
-        writer.row("heldout" if item["id"] in heldout else "mcq", item)
-    report = {"asked": stage.n, "pool": len(rows), "made": len(items), "heldout": len(heldout),
-              "strata": {k: {"pool": len(by_stratum[k]), "drawn": take[k]} for k in sorted(by_stratum)},
-              "letters": dict(sorted(Counter(it["answer"] for it in items).items())),
-              "no_image": no_image_baselines(items)}
-    (out / "mcq_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "mcq_report.md").write_text(_markdown(report))
-    return {**counts, **{k: report[k] for k in ("asked", "pool", "made", "heldout", "letters", "no_image")}}
+            ctx.progress.advance(1)
+    return items
 
 
 def _stratified_heldout(items: list[dict], fraction: float, rng: np.random.Generator) -> set[str]:

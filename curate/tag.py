@@ -33,7 +33,8 @@ import numpy as np
 from patho_r1.curate.config import SUBFIELDS, TagStage
 from patho_r1.curate.embedders import EMBEDDINGS, embed_rows
 from patho_r1.curate.rows import read_id_table, row_text
-from patho_r1.curate.store import StageWriter, iter_jsonl, relative_images, stage_files
+from patho_r1.curate.stages import StageContext
+from patho_r1.curate.store import iter_jsonl, relative_images, stage_files
 from patho_r1.errors import DataError
 
 KEYWORD_RULES: dict[str, re.Pattern] = {
@@ -82,20 +83,37 @@ def _holdout(labels: dict[str, str], fraction: float, seed: int) -> set[str]:
     return out
 
 
-def run_tag(stage: TagStage, parent: Path, out: Path, final: Path, writer: StageWriter, progress, engine: str,
-            n_rows: int, seed: int = 0, model_encoder=None) -> dict:
+def run_tag(stage: TagStage, ctx: StageContext) -> dict:
+    """The tag stage's runner (`curate/stages.py`): the steps in this module's docstring."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import classification_report
 
+    parent = ctx.parent
     files = stage_files(parent)
     hand: dict[str, str] = read_labels(stage.seed) if stage.seed else {}
     for path in stage.corrections:
         hand.update(read_labels(path))
-    held = _holdout(hand, stage.holdout_fraction, seed)
-    emb = embed_rows(files, parent, stage.embedder, n_rows, out / EMBEDDINGS, engine=engine, progress=progress,
-                     model_encoder=model_encoder)
+    held = _holdout(hand, stage.holdout_fraction, ctx.seed)
+    emb = embed_rows(files, parent, stage.embedder, ctx.rows, ctx.work / EMBEDDINGS, engine=ctx.engine,
+                     progress=ctx.progress, model_encoder=ctx.model_encoder)
+    train_idx, train_y, test_idx, test_y, weak = _training_labels(stage, files, hand, held)
+    if len(set(train_y)) < 2:
+        raise DataError(stage.seed or parent, None, "subfield", f"tagging needs labels of at least two subfields "
+                        f"to train on; found {sorted(set(train_y)) or 'none'} (seed labels and keyword rules)")
+    clf = LogisticRegression(max_iter=2000, class_weight="balanced", C=10.0)
+    clf.fit(np.asarray(emb[train_idx]), train_y)
+    report = _holdout_report(clf, emb, test_idx, test_y)
+    counts, review = _label_rows(stage, ctx, files, clf, emb, hand)
+    if review:
+        _write_review(review, ctx.work / "review.csv")
+    return {"subfields": dict(counts), "hand_labels": len(hand), "held_out": len(test_idx),
+            "weak_labels": dict(weak), "holdout": report, "review": len(review),
+            "embedder": json.loads(stage.embedder.model_dump_json())}
 
-    # Labels of training rows, by row index (one streaming pass; the texts are not kept).
+
+def _training_labels(stage: TagStage, files: dict[str, Path], hand: dict[str, str], held: set[str]
+                     ) -> tuple[list[int], list[str], list[int], list[str], Counter]:
+    """Labels of training and held-out rows, by row index (one streaming pass; the texts are not kept), and the weak
+    labels taken per subfield."""
     train_idx, train_y, test_idx, test_y = [], [], [], []
     weak = Counter()
     i = 0
@@ -111,23 +129,28 @@ def run_tag(stage: TagStage, parent: Path, out: Path, final: Path, writer: Stage
                 train_y.append(label)
                 weak[label] += 1
             i += 1
-    if len(set(train_y)) < 2:
-        raise DataError(stage.seed or parent, None, "subfield", f"tagging needs labels of at least two subfields "
-                        f"to train on; found {sorted(set(train_y)) or 'none'} (seed labels and keyword rules)")
-    clf = LogisticRegression(max_iter=2000, class_weight="balanced", C=10.0)
-    clf.fit(np.asarray(emb[train_idx]), train_y)
+    return train_idx, train_y, test_idx, test_y, weak
+
+
+def _holdout_report(clf, emb, test_idx: list[int], test_y: list[str]) -> dict:
+    """Accuracy and per-class precision and recall on the held-out hand labels."""
+    from sklearn.metrics import classification_report
+
+    if not test_idx:
+        return {}
+    pred = clf.predict(np.asarray(emb[test_idx]))
+    full = classification_report(test_y, pred, output_dict=True, zero_division=0)
+    return {"accuracy": round(full["accuracy"], 4), "n": len(test_y),
+            "per_class": {c: {"precision": round(v["precision"], 4), "recall": round(v["recall"], 4),
+                              "support": int(v["support"])}
+                          for c, v in full.items() if c in SUBFIELDS}}
+
+
+def _label_rows(stage: TagStage, ctx: StageContext, files: dict[str, Path], clf, emb, hand: dict[str, str]
+                ) -> tuple[Counter, list[tuple[float, dict]]]:
+    """Predict in chunks and write every row with its label; keep the least confident classifier-labelled rows for
+    review (bounded: only the least sure survive)."""
     classes = list(clf.classes_)
-
-    report = {}
-    if test_idx:
-        pred = clf.predict(np.asarray(emb[test_idx]))
-        full = classification_report(test_y, pred, output_dict=True, zero_division=0)
-        report = {"accuracy": round(full["accuracy"], 4), "n": len(test_y),
-                  "per_class": {c: {"precision": round(v["precision"], 4), "recall": round(v["recall"], 4),
-                                    "support": int(v["support"])}
-                                for c, v in full.items() if c in SUBFIELDS}}
-
-    # Predict in chunks and write; keep the least confident classifier-labelled rows for review.
     review: list[tuple[float, dict]] = []
     counts: Counter = Counter()
     i = 0
@@ -144,21 +167,23 @@ def run_tag(stage: TagStage, parent: Path, out: Path, final: Path, writer: Stage
                 else:
                     label, conf, source = classes[best], float(p[best]), "classifier"
                     if stage.review:
-                        review.append((conf, {"id": rid, "predicted": label, "confidence": round(conf, 4),
-                                              "subfield": label, "text": row_text(kind, row)[:300],
-                                              "image": _absolute_image(row, parent)}))
+                        review.append((conf, _review_entry(kind, row, rid, label, conf, ctx.parent)))
                         if len(review) > 4 * stage.review:  # memory stays bounded: only the least sure survive
                             review = sorted(review, key=lambda x: x[0])[: stage.review]
                 counts[label] += 1
-                writer.row(kind, {**relative_images(row, parent, final), "subfield": label,
-                                  "subfield_confidence": round(conf, 4), "subfield_source": source})
-    review = sorted(review, key=lambda x: x[0])[: stage.review]
-    if review:
-        with (out / "review.csv").open("w", newline="", encoding="utf-8") as fh:
-            w = csv.DictWriter(fh, fieldnames=["id", "subfield", "predicted", "confidence", "text", "image"])
-            w.writeheader()
-            for _, entry in review:
-                w.writerow(entry)
-    return {"subfields": dict(counts), "hand_labels": len(hand), "held_out": len(test_idx),
-            "weak_labels": dict(weak), "holdout": report, "review": len(review),
-            "embedder": json.loads(stage.embedder.model_dump_json())}
+                ctx.writer.row(kind, {**relative_images(row, ctx.parent, ctx.final), "subfield": label,
+                                      "subfield_confidence": round(conf, 4), "subfield_source": source})
+    return counts, sorted(review, key=lambda x: x[0])[: stage.review]
+
+
+def _review_entry(kind: str, row: dict, rid: str, label: str, conf: float, parent: Path) -> dict:
+    return {"id": rid, "predicted": label, "confidence": round(conf, 4), "subfield": label,
+            "text": row_text(kind, row)[:300], "image": _absolute_image(row, parent)}
+
+
+def _write_review(review: list[tuple[float, dict]], path: Path) -> None:
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=["id", "subfield", "predicted", "confidence", "text", "image"])
+        w.writeheader()
+        for _, entry in review:
+            w.writerow(entry)

@@ -1,19 +1,12 @@
-"""`patho-r1 embed train | eval` (the HOMIE embedding head) and `patho-r1 clip train | eval` (PathoCLIP)."""
+"""`patho-r1 embed train | eval` (the HOMIE embedding head) and `patho-r1 clip train | eval` (PathoCLIP).
+
+`embed train` and `clip train` are aliases of `patho-r1 phase embed|clip CONFIG` (`add_phase_command`, handed down by
+the launcher); the evaluations are this package's own commands.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-
-def _cmd_train(args) -> int:
-    from patho_r1.config import load_config
-    from patho_r1.embed.config import EmbedPhaseConfig
-    from patho_r1.embed.train import run_embed
-
-    cfg = load_config(EmbedPhaseConfig, args.config)
-    result = run_embed(cfg)
-    print(f"embed: {result.global_step} steps; adapter in {result.model_dir}")
-    return 0
 
 
 def _cmd_eval(args) -> int:
@@ -29,12 +22,10 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-def register(sub) -> None:
+def register(sub, add_phase_command) -> None:
     p = sub.add_parser("embed", help="train or evaluate the embedding head")
     esub = p.add_subparsers(dest="embed_command", required=True)
-    t = esub.add_parser("train", help="stage 1 + stage 2 contrastive training")
-    t.add_argument("config")
-    t.set_defaults(func=_cmd_train)
+    add_phase_command(esub, "train", "embed", help="stage 1 + stage 2 contrastive training")
     e = esub.add_parser("eval", help="composed retrieval, zero-shot classification, modality gap")
     e.add_argument("--model", required=True, help="base checkpoint (the reasoner)")
     e.add_argument("--adapter", help="embedding adapter directory (the embed phase's model/)")
@@ -45,19 +36,13 @@ def register(sub) -> None:
     e.set_defaults(func=_cmd_eval)
 
 
-def _cmd_clip_train(args) -> int:
-    from patho_r1.config import load_config
-    from patho_r1.embed.clip_config import ClipPhaseConfig
-    from patho_r1.embed.clip_train import run_clip
-
-    cfg = load_config(ClipPhaseConfig, args.config)
-    result = run_clip(cfg)
+def _clip_done(cfg, result) -> None:
+    """`clip train`'s closing lines: each stage's steps, loss and drift."""
     stages = {k: v for k, v in result.metrics.items() if k.startswith("stage")}
     for name, m in stages.items():
         drift = f", drift {m['drift']:.4f}" if m.get("drift") is not None else ""
         print(f"clip {name}: {m['steps']} steps, loss {m['first_loss']:.3f} -> {m['last_loss']:.3f}{drift}")
     print(f"clip: model in {result.model_dir}")
-    return 0
 
 
 def _label(path: str) -> str:
@@ -120,12 +105,11 @@ def _cmd_clip_eval(args) -> int:
     return 0
 
 
-def register_clip(sub) -> None:
+def register_clip(sub, add_phase_command) -> None:
     p = sub.add_parser("clip", help="PathoCLIP: two-stage CLIP training and its retrieval/zero-/few-shot evaluation")
     csub = p.add_subparsers(dest="clip_command", required=True)
-    t = csub.add_parser("train", help="stage I (morphology-rich captions), then stage II (a mix, anchored)")
-    t.add_argument("config")
-    t.set_defaults(func=_cmd_clip_train)
+    add_phase_command(csub, "train", "clip", done=_clip_done,
+                      help="stage I (morphology-rich captions), then stage II (a mix, anchored)")
     e = csub.add_parser("eval", help="one comparison table: CLIP directories and the HOMIE embedder")
     e.add_argument("--model", action="append", help="a CLIP directory or hub id, optionally LABEL=PATH; repeatable")
     e.add_argument("--homie", help="the embed phase's adapter folder (its manifest names the base model)")

@@ -1,17 +1,21 @@
-"""The `patho-r1` command line: the root parser, the orchestration commands (`run`, `submit`) and the utilities
+"""The `patho-r1` command line: the root parser, the orchestration commands (`run`, `submit`), one phase alone
+(`phase TYPE CONFIG.yaml`, with its aliases `cpt`, `sft`, `rl`, `embed train`, `clip train`) and the utilities
 (`tiny-model`, `synth-data`, `data validate`).
 
 It sits on the top floor: it imports each phase's subcommands by name (`patho_r1.sft.cli`, ...), so every edge of the
-import graph is visible.  Those modules import their heavy dependencies inside the command functions, so
-`patho-r1 --help` stays fast.
+import graph is visible, and hands them `add_phase_command` to register their aliases of `patho-r1 phase` (a phase
+package may not import the phase table above it).  Those modules import their heavy dependencies inside the command
+functions, so `patho-r1 --help` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from patho_r1.curate import cli as curate_cli
@@ -20,7 +24,7 @@ from patho_r1.errors import PathoError
 from patho_r1.eval import cli as eval_cli
 from patho_r1.launch import rewards_cli
 from patho_r1.launch.curate_phase import model_encoder
-from patho_r1.rl import cli as rl_cli
+from patho_r1.launch.phases import PHASES, get_phase
 from patho_r1.sft import cli as sft_cli
 
 
@@ -94,10 +98,12 @@ def _memory_plan(plan, args, *, required: bool):
 
 
 def _cmd_plan(args) -> int:
+    from patho_r1.launch.planner import check_data_kinds
     from patho_r1.launch.preflight import check_gpu_stack, describe_stack
     from patho_r1.launch.recipe import load_plan
 
     plan = load_plan(args.recipe)
+    check_data_kinds(plan)  # an MCQ file given to SFT: one line naming the file, both kinds and the command
     stacks = check_gpu_stack(plan)  # a phase whose packages do not import is refused before its memory is planned
     memory = _memory_plan(plan, args, required=True)
     print(describe_stack(stacks))
@@ -108,12 +114,14 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_run(args) -> int:
+    from patho_r1.launch.planner import check_data_kinds
     from patho_r1.launch.preflight import check_gpu_stack, describe_stack
     from patho_r1.launch.recipe import load_plan
     from patho_r1.launch.runner import run_recipe, select_phases
 
     plan = load_plan(args.recipe)  # every field validated before anything starts
     phases = [p.strip() for p in args.phases.split(",")] if args.phases else None
+    check_data_kinds(plan, select_phases(plan, phases))  # the first rows of each data file are the kind it reads
     stacks = check_gpu_stack(plan, select_phases(plan, phases))  # every package the phases import, before Ray
     memory = _memory_plan(plan, args, required=False)
     if args.dry_run:
@@ -140,6 +148,61 @@ def _cmd_submit(args) -> int:
     return submit(args.recipe, address=args.address, phases=args.phases, resume=args.resume,
                   extra_pip=args.pip, wait=not args.no_wait, output_root=args.output_root,
                   stop_on_interrupt=args.stop_on_interrupt)
+
+
+def _cmd_phase(args, phase_type: str, done: Callable | None = None) -> int:
+    """One phase alone, in this process, from a YAML of its config (`patho-r1 phase TYPE CONFIG.yaml`)."""
+    import yaml
+
+    from patho_r1.config import load_config
+    from patho_r1.errors import ConfigError
+    from patho_r1.launch.planner import data_kind_problems
+    from patho_r1.launch.report import phase_headline
+
+    phase = get_phase(phase_type)
+    overrides = {"resume": True} if getattr(args, "resume", False) else {}
+    cfg = load_config(phase.config_class(), args.config, overrides)  # validated before any model is loaded
+    problems = data_kind_problems(phase, cfg, f"{args.config}: ")
+    if problems:
+        raise ConfigError("\n".join(problems))
+    if args.dry_run:
+        cfg.check_inputs()
+        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
+        print(f"{phase_type}: {args.config} is valid and its inputs are there; --dry-run: nothing run")
+        return 0
+    result = phase.run(cfg)
+    if done is not None:
+        done(cfg, result)
+        return 0
+    steps = f"{result.global_step} steps; " if result.global_step else ""
+    where = "final model" if phase.writes_checkpoint else "output"
+    print(f"{phase_type}: {steps}{where} in {result.model_dir}")
+    numbers = phase_headline(getattr(cfg, "output_dir", result.model_dir), result.metrics, phase_type)
+    if numbers:
+        print(f"{phase_type}: {numbers}")
+    return 0
+
+
+def add_phase_command(sub, command: str, phase_type: str, done: Callable | None = None, help: str | None = None):
+    """Register `command` under the subparsers `sub`: run one `phase_type` alone from a YAML of its config, as
+    `patho-r1 phase TYPE` does.  `done(cfg, result)` prints the result (default: steps, output, the phase's
+    numbers).  The phase packages' own commands (`patho-r1 sft`, `embed train`, ...) are these aliases."""
+    phase = get_phase(phase_type)
+    p = sub.add_parser(command, help=help or phase.summary or f"run a {phase_type} phase alone")
+    p.add_argument("config", help=f"{phase_type} phase config YAML (the `config:` of a recipe's {phase_type} phase)")
+    p.add_argument("--dry-run", action="store_true", help="validate the config, check that its inputs exist and hold "
+                   "the record kinds the phase reads, print it; run nothing")
+    if phase.hf_trainer:
+        p.add_argument("--resume", action="store_true", help="continue from the newest intermediate checkpoint")
+    p.set_defaults(func=functools.partial(_cmd_phase, phase_type=phase_type, done=done))
+    return p
+
+
+def _register_phase(sub) -> None:
+    p = sub.add_parser("phase", help="run one phase of any registered type alone, from a YAML of its config")
+    types = p.add_subparsers(dest="phase_type", required=True, metavar="TYPE")
+    for name in PHASES:
+        add_phase_command(types, name, name)
 
 
 def _register_run(sub) -> None:
@@ -214,9 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=_cmd_data_validate)
 
     _register_run(sub)
-    for register in (rewards_cli.register, sft_cli.register, rl_cli.register, embed_cli.register,
-                     embed_cli.register_clip, eval_cli.register):
-        register(sub)
+    _register_phase(sub)
+    rewards_cli.register(sub)
+    sft_cli.register(sub, add_phase_command)  # cpt, sft
+    add_phase_command(sub, "rl", "rl")  # the alias rl/cli.py registered (its own command until this table had one)
+    embed_cli.register(sub, add_phase_command)  # embed train, embed eval
+    embed_cli.register_clip(sub, add_phase_command)  # clip train, clip eval
+    eval_cli.register(sub)
     curate_cli.register(sub, model_encoder=model_encoder)
     return parser
 

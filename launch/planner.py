@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from patho_r1.errors import ConfigError
+from patho_r1.launch.phases import get_phase
 
 GIB = 1024**3
 # What a GPU process holds beyond the tensors counted here: the CUDA context, cuBLAS/NCCL workspaces and buffers.
@@ -457,9 +458,6 @@ def estimate(phase: str, setup: Setup, shape: ModelShape, gpu: GPUSpec | None, m
 # ------------------------------------------------------------------------------------------- from recipe to setup
 
 
-PLANNED_TYPES = ("cpt", "sft", "rl", "embed")
-
-
 def vision_patches(max_pixels: int) -> int:
     """Vision-tower patches of an image at `max_pixels`: one merged token per 28 x 28 pixels, four 14-px patches
     each."""
@@ -469,32 +467,45 @@ PROCESSOR_MAX_PIXELS = 12_845_056
 
 
 def phase_setup(planned, shape: ModelShape, world: int, default_max_pixels: int = PROCESSOR_MAX_PIXELS) -> Setup | None:
-    """A cpt/sft/rl phase's Setup from its validated config; None for phases the planner does not model.
-    `default_max_pixels`: the image processor's, for phases that set no max_pixels."""
+    """A phase's Setup from its validated config, by its type's `plan` hook (the phase table); None for phase types
+    the planner does not model.  `default_max_pixels`: the image processor's, for phases that set no max_pixels."""
+    setup = get_phase(planned.type).hook("plan")
+    if setup is None or planned.config is None:
+        return None
+    return setup(planned, shape, world, default_max_pixels)
+
+
+def _trainer_common(planned, shape: ModelShape, world: int, default_max_pixels: int) -> dict:
+    """What every HF-Trainer phase's Setup shares: batch, precision, trainable parameters, DeepSpeed."""
     from patho_r1.training import precision
 
     cfg = planned.config
-    if planned.type not in PLANNED_TYPES or cfg is None:
-        return None
-    if planned.type == "embed":
-        return _embed_setup(cfg, shape, world, default_max_pixels, on_cpu=not planned.resources.use_gpu)
-    on_cpu = not planned.resources.use_gpu
-    mixed = precision(cfg, on_cpu=on_cpu)
+    mixed = precision(cfg, on_cpu=not planned.resources.use_gpu)
     ds = DeepSpeedSetup.read(cfg.deepspeed) if cfg.deepspeed else None
     if cfg.lora is not None:
         trainable = shape.lora_parameters(cfg.lora.target_modules, cfg.lora.r)
     else:
         trainable = shape.total - (shape.vision if cfg.freeze_vision_tower else 0) \
             - (shape.projector if cfg.freeze_projector else 0)
-    patches = vision_patches(cfg.max_pixels or default_max_pixels)
-    common = dict(world=world, micro_batch=cfg.per_device_train_batch_size,
-                  grad_accum=cfg.gradient_accumulation_steps, patches=patches,
-                  checkpointing=cfg.gradient_checkpointing, compute_bytes=4 if mixed.compute == "float32" else 2,
-                  fp32_masters=mixed.weights == "float32" and mixed.compute != "float32", trainable=trainable,
-                  lora=cfg.lora is not None, deepspeed=ds)
-    if planned.type != "rl":
-        seq = cfg.max_length or 2048
-        return Setup(kind=planned.type, seq_tokens=seq, logit_tokens=seq, **common)
+    return dict(world=world, micro_batch=cfg.per_device_train_batch_size,
+                grad_accum=cfg.gradient_accumulation_steps,
+                patches=vision_patches(cfg.max_pixels or default_max_pixels),
+                checkpointing=cfg.gradient_checkpointing, compute_bytes=4 if mixed.compute == "float32" else 2,
+                fp32_masters=mixed.weights == "float32" and mixed.compute != "float32", trainable=trainable,
+                lora=cfg.lora is not None, deepspeed=ds)
+
+
+def trainer_setup(planned, shape: ModelShape, world: int, default_max_pixels: int) -> Setup:
+    """The `plan` hook of a supervised HF-Trainer phase (cpt, sft): every position of every sequence is a logit."""
+    seq = planned.config.max_length or 2048
+    return Setup(kind=planned.type, seq_tokens=seq, logit_tokens=seq,
+                 **_trainer_common(planned, shape, world, default_max_pixels))
+
+
+def rl_setup(planned, shape: ModelShape, world: int, default_max_pixels: int) -> Setup:
+    """The `plan` hook of the RL phase: prompt plus completion, logits of the completion only, the KL reference
+    model and the vLLM colocate share with its rollouts."""
+    cfg = planned.config
     prompt = cfg.max_prompt_length or (cfg.max_length or 2048)
     vllm = cfg.rollout.engine == "vllm" and cfg.rollout.vllm_mode == "colocate"
     steps_per_gen = cfg.steps_per_generation or cfg.gradient_accumulation_steps
@@ -504,7 +515,12 @@ def phase_setup(planned, shape: ModelShape, world: int, default_max_pixels: int 
                  sleep_mode=cfg.rollout.enable_sleep_mode, tensor_parallel=cfg.rollout.tensor_parallel_size,
                  rollout_sequences=cfg.per_device_train_batch_size * steps_per_gen,
                  rollout_tokens=prompt + cfg.max_completion_length, completion_tokens=cfg.max_completion_length,
-                 num_generations=cfg.num_generations, **common)
+                 num_generations=cfg.num_generations, **_trainer_common(planned, shape, world, default_max_pixels))
+
+
+def embed_setup(planned, shape: ModelShape, world: int, default_max_pixels: int) -> Setup:
+    """The `plan` hook of the embedding head."""
+    return _embed_setup(planned.config, shape, world, default_max_pixels, on_cpu=not planned.resources.use_gpu)
 
 
 # The embedding head's inputs: the summary prompt and a caption, besides the image's tokens (an assumption: the phase
@@ -679,7 +695,7 @@ def plan_recipe(plan, gpu_name: str | None = None, mfu: float = 0.35) -> RecipeP
     if not 0 < mfu <= 1:
         raise ConfigError(f"plan: --mfu {mfu} is not a fraction of the GPU's peak; give one in (0, 1], e.g. 0.35")
     recipe = plan.recipe
-    if not any(p.type in PLANNED_TYPES for p in plan.phases):
+    if not any(get_phase(p.type).plan for p in plan.phases):
         return RecipePlan(recipe=plan.source, gpu=None, model_source="", shape=None, mfu=mfu,
                           phases=[PhaseEstimate(p.name, p.type, None, [], 0, None, notes=[_unplanned_reason(p.type)])
                                   for p in plan.phases])
@@ -715,6 +731,114 @@ def plan_recipe(plan, gpu_name: str | None = None, mfu: float = 0.35) -> RecipeP
     return RecipePlan(recipe=plan.source, gpu=gpu, model_source=source, shape=shape, phases=estimates, mfu=mfu)
 
 
-def _unplanned_reason(kind: str) -> str:
-    return {"eval": "inference only: the model's weights plus the engine's KV cache",
-            "clip": "a separate CLIP model", "curate": "no GPU training"}.get(kind, "not a training phase")
+def _unplanned_reason(phase_type: str) -> str:
+    return get_phase(phase_type).not_planned
+
+
+# ------------------------------------------------------------------------------------------------- the data kinds
+
+SNIFF_ROWS = 5  # rows read from the head of a data file to tell its kind
+
+
+@functools.lru_cache(maxsize=1)
+def _kind_fields() -> dict[str, tuple[str, ...]]:
+    """Each record kind's required fields (`patho_r1.data.RECORD_TYPES`): a row holds the kinds whose every required
+    field it has."""
+    from patho_r1.data import RECORD_TYPES
+
+    return {kind: tuple(n for n, f in cls.model_fields.items() if f.is_required())
+            for kind, cls in RECORD_TYPES.items()}
+
+
+def _head(path: Path) -> list:
+    from itertools import islice
+
+    from patho_r1.data import iter_raw_rows
+
+    return [raw for _, raw in islice(iter_raw_rows(path), SNIFF_ROWS)]
+
+
+def file_kinds(path: Path) -> list[str] | None:
+    """The record kinds the first rows of a data file all hold (possibly none); None where the file is not one the
+    loaders read row by row (a VLMEvalKit TSV holds MCQs)."""
+    if path.suffix == ".tsv":
+        return ["mcq"]
+    if path.suffix not in (".jsonl", ".json", ".parquet"):
+        return None
+    rows = _head(path)
+    if not rows:
+        return None  # empty: the phase says so when it starts
+    return [kind for kind, need in _kind_fields().items()
+            if all(isinstance(row, dict) and all(f in row for f in need) for row in rows)]
+
+
+def kind_problem(path: Path, need: str, phase_type: str) -> str | None:
+    """Why `path` cannot feed a phase that reads `need` rows, in one line; None where it can (or cannot be told
+    cheaply: a `datasets` folder, an empty file).  Reads the first rows of a file, or a curate stage folder's
+    manifest."""
+    from patho_r1.data import parse_record
+    from patho_r1.errors import DataError
+    from patho_r1.launch.phases import KIND_SOURCES
+
+    hint = KIND_SOURCES.get(need, "")
+    try:
+        if path.is_dir():
+            from patho_r1.curate.store import read_stage_manifest
+
+            manifest = read_stage_manifest(path)
+            if manifest is None:
+                return None
+            files = [name for name in manifest.files if name.endswith(".jsonl")
+                     and need in (file_kinds(path / name) or [])]
+            if files:
+                return f"{path} is a curate stage folder; give its file {path / files[0]} (its {need} rows)"
+            kinds = [k for k, n in manifest.counts.get("kinds", {}).items() if n] or ["no"]
+            return (f"{path} is a curate stage folder of {', '.join(kinds)} rows, but the {phase_type} phase reads "
+                    f"{need} rows; {hint}")
+        kinds = file_kinds(path)
+        if kinds is None or need in kinds:
+            return None
+        if kinds:
+            return f"{path} holds {kinds[0]} rows, but the {phase_type} phase reads {need} rows; {hint}"
+        for row, raw in enumerate(_head(path), 1):  # rows of no kind: the loader's own error for the first bad one
+            parse_record(raw, need, path=path, row=row, check_images=False)
+    except DataError as exc:
+        return str(exc)
+    return None
+
+
+def data_kind_problems(phase_type, config, where: str = "", skip=lambda path: False) -> list[str]:
+    """One line per input of `config` whose rows are not the kind its phase type reads (`PhaseType.reads`).  Inputs
+    that do not exist yet, or for which `skip(path)` is true, are not checked."""
+    problems = []
+    for name, value in config.input_paths().items():
+        need = phase_type.kind_of(name)
+        path = Path(value)
+        if need is None or not path.exists() or skip(path):
+            continue
+        problem = kind_problem(path, need, phase_type.name)
+        if problem:
+            problems.append(f"{where}{name}: {problem}")
+    return problems
+
+
+def check_data_kinds(plan, selected=None) -> None:
+    """Refuse a recipe whose phases would read the wrong record kind (an MCQ file given to SFT), one line each.
+
+    A file inside the output folder of an earlier phase that this run runs is made by that phase and not checked
+    here (what is there now is an older run's); the phase checks its rows when it starts."""
+    from patho_r1.launch.phases import get_phase
+
+    selected = plan.phases if selected is None else selected
+    names = {p.name for p in selected}
+    problems, made = [], []
+    for i, planned in enumerate(plan.phases):
+        if planned.name in names and planned.config is not None:
+            problems += data_kind_problems(
+                get_phase(planned.type), planned.config, f"phases[{i}] ({planned.name}).config.",
+                skip=lambda path, made=tuple(made): any(path.resolve().is_relative_to(d) for d in made))
+        if planned.name in names:
+            out = getattr(planned.config, "output_dir", None) or Path(plan.recipe.output_root) / planned.name
+            made.append(Path(out).resolve())
+    if problems:
+        raise ConfigError("\n".join(f"{plan.source}: {p}" for p in problems))

@@ -66,7 +66,7 @@ def collect(run_dir: str | Path) -> dict:
         report["wall_time_s"][name] = round(float(entry.get("seconds", 0.0)), 1)
         report["phase_links"][name] = {what: os.path.relpath(out / folder, run_dir) for what, folder in
                                        (("model", "model"), ("wandb", "wandb"), ("eval", "")) if
-                                       (out / folder).is_dir() and (folder or entry.get("type") == "eval")}
+                                       (out / folder).is_dir() and (folder or (out / "summary.json").is_file())}
         rows = read_jsonl(out / "metrics.jsonl")
         if rows:
             report["training"][name] = {"type": entry.get("type"), "rows": rows}
@@ -198,7 +198,7 @@ def draw(report: dict, plot_dir: Path) -> dict[str, Path]:
                    "and PPO clip ratios where the phase logs them")
         drawn[caption] = plots.phase_training(name, t["rows"], plot_dir / f"{name}_training.png")
     for name, t in training.items():
-        if t["type"] != "rl":
+        if not any("reward" in r for r in t["rows"]):  # a phase that logs rewards: RL, by its rows
             continue
         rows = t["rows"]
         drawn[f"{name}: reward components and total"] = plots.rl_rewards(rows, plot_dir / f"{name}_rewards.png", name)
@@ -337,22 +337,7 @@ def context_lines(report: dict) -> list[str]:
 def render_markdown(report: dict, figures: dict[str, Path] | None = None, root: Path | None = None) -> str:
     lines = [f"# patho-r1 run report: {report['recipe']}", "", f"recipe hash `{report['recipe_hash']}`", ""]
     if report["mcq"]:
-        lines += ["## Held-out MCQ", "", "| checkpoint | n | accuracy | 95% CI | wrong-image control | strict accuracy "
-                  "| format rate | image-blind chance |", "|---|---|---|---|---|---|---|---|"]
-        nan = float("nan")
-        for label, r in report["mcq"].items():
-            lo, hi = r.get("ci95", (nan, nan))
-            lines.append(f"| {label} | {r.get('n', '')} | {r['accuracy']:.3f} | {lo:.2f}-{hi:.2f} | "
-                         f"{r.get('wrong_image_accuracy', nan):.3f} | {r['strict_accuracy']:.3f} | "
-                         f"{r['format_rate']:.3f} | {r['chance']:.3f} |")
-        lines.append("")
-        if report.get("paired"):
-            lines += ["Paired comparison of consecutive checkpoints on the same items (McNemar's exact test):", "",
-                      "| from | to | items gained | items lost | p |", "|---|---|---|---|---|"]
-            lines += [f"| {p['from']} | {p['to']} | {p['gained']} | {p['lost']} | {p['p_value']:.2g} |"
-                      for p in report["paired"]]
-            lines.append("")
-        lines += class_lines(report["mcq"], report.get("paired", []))
+        lines += ["## Held-out MCQ", "", *mcq_lines(report)]
     for name, samples in report.get("samples", {}).items():
         lines += sample_lines(name, samples)
     for name, r in report["retrieval"].items():
@@ -399,37 +384,103 @@ def render_html(report: dict, figures: dict[str, Path]) -> str:
             f"<title>{html.escape(report['recipe'])}</title><style>{style}</style></head><body>{body}</body></html>\n")
 
 
-def phase_headline(out_dir: str | Path, metrics: dict) -> str:
-    """The few numbers of a finished phase worth a console line: its final training loss, the held-out accuracy of
-    each checkpoint it scored, or its composed-retrieval R@1."""
+def phase_headline(out_dir: str | Path, metrics: dict, phase_type: str | None = None) -> str:
+    """The few numbers of a finished phase worth a console line: its final training loss, then what its type's
+    `result` hook (the phase table) reads from its output folder: the held-out accuracy of each checkpoint it
+    scored, its composed-retrieval R@1, ...  `phase_type` defaults to the one its manifest names."""
+    from patho_r1.launch.phases import PHASES
+
     out, parts = Path(out_dir), []
     if isinstance(metrics.get("train_loss"), (int, float)):
         parts.append(f"train_loss={metrics['train_loss']:.4g}")
-    if (out / "summary.json").is_file():
-        summary = read_json(out / "summary.json")
-        parts.append("accuracy " + " ".join(f"{label}={r['accuracy']:.2f}" for label, r in summary.items()))
-    if (out / "eval" / "metrics.json").is_file():
-        tasks = read_json(out / "eval" / "metrics.json").get("tasks", {})
-        parts.append("R@1 " + " ".join(f"{task}={m['recall@1']:.2f}" for task, m in tasks.items()))
+    phase = PHASES.get(phase_type or _manifest_phase(out) or "")
+    result = phase.hook("result") if phase else None
+    if result is not None:
+        parts.append(result(out, metrics))
+    return "  ".join(p for p in parts if p)
+
+
+def _manifest_phase(out: Path) -> str | None:
+    """The phase type a phase folder's manifest names (its final model's, else its own)."""
+    from patho_r1.checkpoint import read_manifest
+
+    for folder in (out / "model", out):
+        manifest = read_manifest(folder) if folder.is_dir() else None
+        if manifest is not None and manifest.phase:
+            return manifest.phase
+    return None
+
+
+# The phase table's `result` hooks: `(out_dir, metrics) -> str`, read from what each phase type writes.
+
+
+def eval_result(out: Path, metrics: dict) -> str:
+    """The held-out accuracy of each checkpoint an eval phase scored."""
+    if not (out / "summary.json").is_file():
+        return ""
+    summary = read_json(out / "summary.json")
+    return "accuracy " + " ".join(f"{label}={r['accuracy']:.2f}" for label, r in summary.items())
+
+
+def embed_result(out: Path, metrics: dict) -> str:
+    """The embedding head's composed-retrieval R@1 per task."""
+    if not (out / "eval" / "metrics.json").is_file():
+        return ""
+    tasks = read_json(out / "eval" / "metrics.json").get("tasks", {})
+    return "R@1 " + " ".join(f"{task}={m['recall@1']:.2f}" for task, m in tasks.items())
+
+
+def clip_result(out: Path, metrics: dict) -> str:
+    """PathoCLIP: each stage's loss (and stage II's drift from stage I), then its evaluation's mean recall and
+    zero-shot accuracy per model."""
+    parts = []
+    for stage in ("stage1", "stage2"):  # the manifest's metrics
+        if f"{stage}_last_loss" in metrics:
+            drift = f" drift={metrics[f'{stage}_drift']:.3f}" if f"{stage}_drift" in metrics else ""
+            parts.append(f"{stage} loss {metrics[f'{stage}_first_loss']:.2f}->{metrics[f'{stage}_last_loss']:.2f}"
+                         f"{drift}")
     if (out / "eval" / "comparison.json").is_file():
         for label, m in read_json(out / "eval" / "comparison.json")["results"].items():
             r, z = m.get("retrieval", {}), m.get("zero_shot", {})
             parts.append(f"{label}: mean R={r.get('mean_recall', float('nan')):.2f} "
                          f"zero-shot={z.get('accuracy', float('nan')):.2f}")
-    for stage in ("stage1", "stage2"):  # a clip phase's manifest metrics
-        if f"{stage}_last_loss" in metrics:
-            drift = f" drift={metrics[f'{stage}_drift']:.3f}" if f"{stage}_drift" in metrics else ""
-            parts.append(f"{stage} loss {metrics[f'{stage}_first_loss']:.2f}->{metrics[f'{stage}_last_loss']:.2f}"
-                         f"{drift}")
-    stages = curate_stages(out)
-    if stages:
-        rows = [stage_rows(st["counts"]) for st in stages]
-        parts.append("rows " + " -> ".join(f"{st['stage']} {n}" for st, n in zip(stages, rows, strict=True)))
-        ari = next((st["counts"]["adjusted_rand_index"] for st in stages if "adjusted_rand_index" in st["counts"]),
-                   None)
-        if ari is not None:
-            parts.append(f"difficulty ARI={ari:.2f}")
     return "  ".join(parts)
+
+
+def curate_result(out: Path, metrics: dict) -> str:
+    """The data engine: rows out of each stage, and the difficulty levels' agreement with a known truth."""
+    stages = curate_stages(out)
+    if not stages:
+        return ""
+    rows = [stage_rows(st["counts"]) for st in stages]
+    parts = ["rows " + " -> ".join(f"{st['stage']} {n}" for st, n in zip(stages, rows, strict=True))]
+    ari = next((st["counts"]["adjusted_rand_index"] for st in stages if "adjusted_rand_index" in st["counts"]), None)
+    if ari is not None:
+        parts.append(f"difficulty ARI={ari:.2f}")
+    return "  ".join(parts)
+
+
+def mcq_lines(report: dict) -> list[str]:
+    """The held-out MCQ section's body, as Markdown lines: accuracy per checkpoint, the paired comparison of
+    consecutive checkpoints and the per-class table (the run console prints it when a run ends)."""
+    if not report["mcq"]:
+        return []
+    lines = ["| checkpoint | n | accuracy | 95% CI | wrong-image control | strict accuracy | format rate | image-blind "
+             "chance |", "|---|---|---|---|---|---|---|---|"]
+    nan = float("nan")
+    for label, r in report["mcq"].items():
+        lo, hi = r.get("ci95", (nan, nan))
+        lines.append(f"| {label} | {r.get('n', '')} | {r['accuracy']:.3f} | {lo:.2f}-{hi:.2f} | "
+                     f"{r.get('wrong_image_accuracy', nan):.3f} | {r['strict_accuracy']:.3f} | "
+                     f"{r['format_rate']:.3f} | {r['chance']:.3f} |")
+    lines.append("")
+    if report.get("paired"):
+        lines += ["Paired comparison of consecutive checkpoints on the same items (McNemar's exact test):", "",
+                  "| from | to | items gained | items lost | p |", "|---|---|---|---|---|"]
+        lines += [f"| {p['from']} | {p['to']} | {p['gained']} | {p['lost']} | {p['p_value']:.2g} |"
+                  for p in report["paired"]]
+        lines.append("")
+    return lines + class_lines(report["mcq"], report.get("paired", []))
 
 
 def write_report(run_dir: str | Path) -> dict:

@@ -22,9 +22,10 @@ from patho_r1.launch.console import RunConsole, driver_logging, route_ray_loggin
 from patho_r1.launch.context import RECIPE_AS_RUN, now, run_context
 from patho_r1.launch.liveness import DriverLease, forget_local_ray, reap_orphans, record_local_ray
 from patho_r1.launch.phases import get_phase
+from patho_r1.launch.planner import check_data_kinds
 from patho_r1.launch.preflight import check_gpu_stack, check_on_cluster, unchecked_gpu_phases
 from patho_r1.launch.recipe import TINY_CLIP_DIR, Plan, PlannedPhase
-from patho_r1.launch.report import STATE_FILE, phase_headline, render_markdown, write_report
+from patho_r1.launch.report import STATE_FILE, mcq_lines, phase_headline, write_report
 
 LOG_DIR = "logs"
 logger = logging.getLogger(__name__)
@@ -278,6 +279,7 @@ def run_recipe(plan: Plan, *, phases: list[str] | None = None, resume: bool = Fa
 
     selected = select_phases(plan, phases)
     check_gpu_stack(plan, selected)  # a missing package fails now, not in a worker after Ray has started
+    check_data_kinds(plan, selected)  # an MCQ file given to SFT fails now, not when SFT starts on a worker
     refuse_local_gpu_phases(plan, selected)
     root = Path(plan.recipe.output_root)
     root.mkdir(parents=True, exist_ok=True)
@@ -333,9 +335,8 @@ def _run_locked(plan: Plan, selected: list[PlannedPhase], root: Path, resume: bo
                 forget_local_ray(root)
         numbers = write_report(root)
     if numbers["mcq"]:  # the one table that says whether it learned; the rest is in the report
-        mcq = render_markdown(numbers).split("## Held-out MCQ\n")[1].split("\n## ")[0]
         console.line("\nheld-out MCQ:")
-        for line in mcq.strip().splitlines():
+        for line in "\n".join(mcq_lines(numbers)).strip().splitlines():
             console.line(line)
     console.line(f"report: {root / 'report.md'} (plots in {root / 'plots'}, all in one page: {root / 'report.html'})")
     console.line(f"logs: {log_path.parent}")
@@ -384,7 +385,7 @@ def _run_one(plan: Plan, phase: PlannedPhase, position: str, state: dict, resume
         exc.outcome = PhaseOutcome(phase.name, phase.type, "failed", time.time() - t0, output_dir=out_dir)
         raise
     seconds = time.time() - t0
-    console.line(f"[run] {phase.name} done in {seconds:.1f}s  {phase_headline(out_dir, metrics)}".rstrip())
+    console.line(f"[run] {phase.name} done in {seconds:.1f}s  {phase_headline(out_dir, metrics, phase.type)}".rstrip())
     return PhaseOutcome(phase.name, phase.type, "done", seconds, _json_safe(metrics), out_dir)
 
 

@@ -68,7 +68,7 @@ def build_workspace(shape: str, work: Path, on_gpu: bool) -> tuple[Path, Path]:
     """The random-init model (saved once per shape) and a small world of 448-px tiles (56-px on CPU)."""
     import torch
 
-    from patho_r1.checkpoint import atomic_directory
+    from patho_r1.checkpoint import seal
     from patho_r1.fixtures.synth import WorldConfig, generate_world
     from patho_r1.fixtures.tiny import TinySpec, build_processor, register_processor
 
@@ -82,9 +82,12 @@ def build_workspace(shape: str, work: Path, on_gpu: bool) -> tuple[Path, Path]:
         with torch.device("cuda" if on_gpu else "cpu"):
             model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16 if on_gpu
                                                                      else torch.float32)
-        with atomic_directory(model_dir) as tmp:
+
+        def write(tmp: Path) -> None:
             model.save_pretrained(tmp)
             build_processor(tokenizer, spec).save_pretrained(tmp)
+
+        seal(model_dir, None, write)
         del model
     if not (world / "manifest.json").is_file():
         generate_world(world, seed=0, config=WorldConfig(tile_size=448 if on_gpu else 56, n_train_tiles=64,

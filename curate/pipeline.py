@@ -142,9 +142,7 @@ def _run_in_folder(kind: StageType, stage, ctx: StageContext, replace: bool, hea
 
             files[GENERATIONS] = file_sha256(tmp / GENERATIONS)
         manifest = _manifest(head, ctx, counts, files, seconds, t0)
-        tmp_manifest = tmp / f".{MANIFEST}.tmp"
-        tmp_manifest.write_text(manifest.model_dump_json(indent=2) + "\n")
-        os.replace(tmp_manifest, tmp / MANIFEST)
+        manifest.write_to(tmp)
     return manifest
 
 

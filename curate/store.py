@@ -21,16 +21,15 @@ import os
 import re
 import stat
 import struct
-import time
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from patho_r1.checkpoint import config_hash
+from patho_r1.checkpoint import SealedManifest, config_hash
 from patho_r1.data import invalid_json
 from patho_r1.errors import DataError
 
@@ -43,16 +42,17 @@ _MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"), (b"II*\x00", 
           (b"GIF8", "gif"), (b"BM", "bmp"))
 
 
-class StageManifest(BaseModel):
+class StageManifest(SealedManifest):
+    """A curate stage folder's manifest: the shared sealed-folder fields (`parent`: the stage folder this one read;
+    `files`: the sha256 of each JSONL file written; `complete`, `created`) plus the stage, its config and counts."""
+
+    FILE: ClassVar[str] = MANIFEST
+
     stage: str
     config: dict[str, Any] = Field(default_factory=dict)
     config_hash: str
     inputs: dict[str, str] = Field(default_factory=dict, description="input path -> digest")
-    parent: str | None = Field(None, description="the stage folder this one read")
     counts: dict[str, Any] = Field(default_factory=dict)
-    files: dict[str, str] = Field(default_factory=dict, description="sha256 of each JSONL file written")
-    complete: bool = True
-    created: float = Field(default_factory=time.time)
     seconds: float = 0.0
 
     def output_digest(self) -> str:
@@ -63,11 +63,8 @@ class StageManifest(BaseModel):
 def read_stage_manifest(directory: str | Path) -> StageManifest | None:
     """The folder's manifest, or None where it has none or one that does not parse (a torn or hand-edited file is
     not a finished stage either: the callers then say so in one line, or refuse to write over the folder)."""
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        return None
     try:
-        return StageManifest.model_validate_json(path.read_text())
+        return StageManifest.read_from(directory)
     except (ValueError, OSError):  # pydantic's ValidationError is a ValueError
         return None
 

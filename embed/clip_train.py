@@ -19,7 +19,6 @@ and `grad_cache_step` when `grad_cache_chunk` is set: the same code the HOMIE em
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from pathlib import Path
@@ -27,15 +26,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from patho_r1.checkpoint import Manifest, atomic_directory, lineage_digest, write_manifest
+from patho_r1.checkpoint import Manifest, seal
 from patho_r1.config import PhaseResult
 from patho_r1.data import CaptionRecord, load_records
 from patho_r1.embed.clip import ClipEmbedder
 from patho_r1.embed.clip_config import ClipPhaseConfig, ClipStage
-from patho_r1.embed.loss import grad_cache_step, info_nce
-from patho_r1.embed.train import _Log, _no_wandb, _world, epoch_batches, optimizer_step
+from patho_r1.embed.contrastive_loop import StepLog, phase_log, stage_plan, train_contrastive_stage, world
+from patho_r1.embed.loss import info_nce
 from patho_r1.errors import ConfigError
-from patho_r1.training import compute_dtype, wandb_run
+from patho_r1.training import compute_dtype
 
 
 def load_pairs(stage: ClipStage) -> list[CaptionRecord]:
@@ -69,42 +68,30 @@ def _optimizer(clip: ClipEmbedder, stage: ClipStage) -> torch.optim.Optimizer:
     return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=stage.weight_decay)
 
 
-def train_stage(clip: ClipEmbedder, stage: ClipStage, name: str, cfg: ClipPhaseConfig, log: _Log,
+def train_stage(clip: ClipEmbedder, stage: ClipStage, name: str, cfg: ClipPhaseConfig, log: StepLog,
                 anchor: dict[str, torch.Tensor] | None = None) -> dict:
     """One stage; returns {"steps", "first_loss", "last_loss", "drift"} (losses: means over the first and last
     tenth of the steps)."""
-    rng = np.random.default_rng([cfg.seed, _world()[0], len(name)])
     records = load_pairs(stage)
-    plan = epoch_batches(records, stage.epochs, stage.batch_size, rng)
-    if stage.max_steps:
-        plan = plan[: stage.max_steps]
+    plan, _ = stage_plan(cfg.seed, name, [(records, stage.epochs)], stage.batch_size, stage.max_steps)
     if not plan:
         raise ValueError(f"{name}: {len(records)} pairs make no batch of {stage.batch_size} per rank")
     optimizer = _optimizer(clip, stage)
-    from transformers import get_cosine_schedule_with_warmup
-
-    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, len(plan) // 20), len(plan))
     params = [p for p in clip.model.parameters() if p.requires_grad]
-    use_anchor = anchor is not None and stage.anchor_weight > 0
-    clip.train()
-    losses = []
-    for i, batch in enumerate(plan, start=1):
-        images = [{"images": r.images[:1]} for r in batch]
-        texts = [r.caption for r in batch]
-        # the temperature is CLIP's learned logit scale, read inside the loss so that it trains too
-        loss_fn = functools.partial(_clip_loss, clip)
-        if stage.grad_cache_chunk:
-            loss = grad_cache_step(clip, images, texts, stage.grad_cache_chunk, loss_fn)
-        else:
-            loss = loss_fn(clip(images), clip(texts))
-            loss.backward()
-        if use_anchor:
-            (stage.anchor_weight * anchor_penalty(clip, anchor)).backward()
-        optimizer_step(params, optimizer, scheduler)
-        losses.append(float(loss.detach()))
-        extra = {"drift": drift(clip, anchor)} if anchor is not None and (i % log.every == 0 or i == len(plan)) \
-            else {}
-        log(name, i, len(plan), losses[-1], scheduler.get_last_lr()[0], **extra)
+    # the temperature is CLIP's learned logit scale, read inside the loss so that it trains too
+    loss_fn = functools.partial(_clip_loss, clip)
+
+    def sides(batch: list[CaptionRecord]):
+        return [{"images": r.images[:1]} for r in batch], [r.caption for r in batch], loss_fn
+
+    penalty = None
+    if anchor is not None and stage.anchor_weight > 0:
+        def penalty() -> torch.Tensor:
+            return stage.anchor_weight * anchor_penalty(clip, anchor)
+
+    losses = train_contrastive_stage(clip, plan, name, params=params, optimizer=optimizer, log=log, sides=sides,
+                                     grad_cache_chunk=stage.grad_cache_chunk, penalty=penalty,
+                                     log_extra=(lambda: {"drift": drift(clip, anchor)}) if anchor is not None else None)
     tenth = max(1, len(losses) // 10)
     return {"steps": len(plan), "first_loss": float(np.mean(losses[:tenth])),
             "last_loss": float(np.mean(losses[-tenth:])), "drift": drift(clip, anchor) if anchor else None}
@@ -132,10 +119,9 @@ def run_clip(cfg: ClipPhaseConfig) -> PhaseResult:
     clip.autocast_dtype = clip_compute_dtype(cfg)
     if not cfg.runs_on_cpu():
         clip.to(f"cuda:{torch.cuda.current_device()}")
-    is_main = _world()[0] == 0
+    is_main = world()[0] == 0
     metrics: dict = {}
-    with wandb_run(cfg, f"clip-{out.name}") if is_main else contextlib.nullcontext(_no_wandb) as wandb_log:
-        log = _Log(out / "metrics.jsonl", cfg.logging_steps, wandb_log, phase="clip")
+    with phase_log(cfg, "clip") as log:
         metrics["stage1"] = train_stage(clip, cfg.stage1, "stage1", cfg, log)
         if cfg.stage2:
             metrics["stage2"] = train_stage(clip, cfg.stage2, "stage2", cfg, log, anchor=snapshot(clip))
@@ -147,14 +133,10 @@ def run_clip(cfg: ClipPhaseConfig) -> PhaseResult:
 
                 metrics["eval"] = evaluate_model(clip, cfg.eval)
                 write_comparison(out / "eval", {"pathoclip": metrics["eval"]}, cfg.eval)
-                wandb_log({"eval": metrics["eval"]})
-            with atomic_directory(out / "model") as tmp:
-                clip.save_pretrained(tmp)
-                parent = cfg.parent or cfg.model
-                stages = {k: v for k, v in metrics.items() if k != "eval"}
-                flat = {f"{stage}_{key}": float(value) for stage, m in stages.items() for key, value in m.items()
-                        if value is not None}
-                write_manifest(tmp, Manifest(phase="clip", step=steps, recipe_hash=cfg.recipe_hash, parent=parent,
-                                             parents={parent: lineage_digest(parent)}, complete=True, metrics=flat,
-                                             extra={"stages": stages}))
+                log.wandb_log({"eval": metrics["eval"]})
+            stages = {k: v for k, v in metrics.items() if k != "eval"}
+            flat = {f"{stage}_{key}": float(value) for stage, m in stages.items() for key, value in m.items()
+                    if value is not None}
+            seal(out / "model", Manifest.of_phase(cfg, "clip", steps, metrics=flat, extra={"stages": stages}),
+                 clip.save_pretrained)
     return PhaseResult(model_dir=out / "model", global_step=steps, metrics=metrics)

@@ -1,32 +1,27 @@
 """Training the embedding head: stage 1 (text pairs into the LoRA), stage 2 (image-text pairs with a curriculum,
 stain augmentation and native resolution), then optional bootstrap filtering and evaluation.
 
-A plain PyTorch loop rather than HF Trainer: GradCache needs two passes per step, which Trainer's step does not allow.
-Under Ray Train (or torchrun) the process group is already set up; gradients are averaged across ranks and every
-rank's embeddings serve as negatives for every other (see `embed.loss`).
+Each stage runs the contrastive loop PathoCLIP shares (`embed.contrastive_loop`: a plain PyTorch loop, for GradCache),
+with this head's batches: query and positive sides, stain-jittered in stage 2, under InfoNCE.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
-import math
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from patho_r1.checkpoint import Manifest, atomic_directory, lineage_digest, write_manifest
+from patho_r1.checkpoint import Manifest, seal
 from patho_r1.config import PhaseResult
 from patho_r1.data import EmbedPairRecord, load_image, load_records
 from patho_r1.embed.config import BootstrapConfig, EmbedPhaseConfig, StageConfig
-from patho_r1.embed.loss import average_gradients, grad_cache_step, info_nce
+from patho_r1.embed.contrastive_loop import StepLog, phase_log, stage_plan, train_contrastive_stage, world
+from patho_r1.embed.loss import info_nce
 from patho_r1.embed.model import Embedder, EmbedInput
 from patho_r1.stain import hed_jitter
-from patho_r1.training import wandb_run
 
 
 def _group_ids(records: list[EmbedPairRecord]) -> torch.Tensor | None:
@@ -45,84 +40,24 @@ def _augment(side, rng: np.random.Generator, sigma: float, bias: float) -> Embed
                       frames=[hed_jitter(load_image(r), sigma=sigma, bias=bias, rng=rng) for r in item.frames])
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _no_wandb(metrics, step=None) -> None:
-    """Ranks other than 0 (and runs with wandb disabled) log nothing."""
-
-
-class _Log:
-    """Every `every` steps: a row in metrics.jsonl, a progress line, and a wandb point."""
-
-    def __init__(self, path: Path, every: int, wandb_log=_no_wandb, phase: str = "embed"):
-        self.path, self.every, self.t0, self.wandb_log, self.phase = path, every, time.time(), wandb_log, phase
-        path.parent.mkdir(parents=True, exist_ok=True)
-
-    def __call__(self, stage: str, step: int, total: int, loss: float, lr: float, **extra: float):
-        if _world()[0] != 0 or (step % self.every and step != total):
-            return
-        row = {"phase": self.phase, "stage": stage, "step": step, "total": total, "loss": loss, "learning_rate": lr,
-               **extra, "time": round(time.time() - self.t0, 2)}
-        with self.path.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        self.wandb_log({f"{stage}/loss": loss, f"{stage}/learning_rate": lr, **{f"{stage}/{k}": v for k, v in
-                                                                                 extra.items()}})
-        more = "".join(f" {k}={v:.4g}" for k, v in extra.items())
-        print(f"[{self.phase}:{stage}] step {step}/{total} loss={loss:.4f} lr={lr:.3g}{more}", flush=True)
-
-
-def epoch_batches(records: list, epochs: float, batch_size: int, rng: np.random.Generator) -> list[list]:
-    """This rank's full batches for `epochs` passes over `records` (a fresh shuffle each pass; a fractional epoch is
-    a prefix of the last one).  Every rank draws the same global order and takes every world-th item."""
-    rank, world = _world()
-    n = int(len(records) * epochs)
-    order = np.concatenate([rng.permutation(len(records)) for _ in range(math.ceil(epochs))])[:n]
-    order = order[rank::world]
-    return [[records[i] for i in order[s:s + batch_size]] for s in range(0, len(order) - batch_size + 1, batch_size)]
-
-
-def optimizer_step(params: list, optimizer, scheduler) -> None:
-    """Average the gradients over ranks (no DDP wraps the model: GradCache takes two passes), clip, step."""
-    average_gradients(params)
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def train_stage(embedder: Embedder, stage: StageConfig, name: str, cfg: EmbedPhaseConfig, log: _Log) -> int:
+def train_stage(embedder: Embedder, stage: StageConfig, name: str, cfg: EmbedPhaseConfig, log: StepLog) -> int:
     """Run one stage's curriculum (datasets in order, each for its epochs).  Returns optimizer steps taken."""
-    rng = np.random.default_rng([cfg.seed, _world()[0], len(name)])
-    datasets = [(step, load_records(step.data, "embed_pair")[: step.max_pairs]) for step in stage.curriculum]
-    plan = [batch for step, records in datasets for batch in epoch_batches(records, step.epochs, stage.batch_size, rng)]
-    if stage.max_steps:
-        plan = plan[: stage.max_steps]
+    datasets = [(load_records(step.data, "embed_pair")[: step.max_pairs], step.epochs) for step in stage.curriculum]
+    plan, rng = stage_plan(cfg.seed, name, datasets, stage.batch_size, stage.max_steps)
     params = [p for p in embedder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=stage.learning_rate, weight_decay=0.0)
-    from transformers import get_cosine_schedule_with_warmup
-
-    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, len(plan) // 20), max(1, len(plan)))
-    embedder.train()
     aug = cfg.stain_augment if name == "stage2" else None
-    for i, batch in enumerate(plan, start=1):
+
+    def sides(batch: list[EmbedPairRecord]):
         if aug is not None:
             queries = [_augment(r.query, rng, aug.hed_sigma, aug.hed_bias) for r in batch]
             positives = [_augment(r.positive, rng, aug.hed_sigma, aug.hed_bias) for r in batch]
         else:
             queries, positives = [r.query for r in batch], [r.positive for r in batch]
-        loss_fn = functools.partial(info_nce, temperature=cfg.temperature, groups=_group_ids(batch))
-        if stage.grad_cache_chunk:
-            loss = grad_cache_step(embedder, queries, positives, stage.grad_cache_chunk, loss_fn)
-        else:
-            loss = loss_fn(embedder(queries), embedder(positives))
-            loss.backward()
-        optimizer_step(params, optimizer, scheduler)
-        log(name, i, len(plan), float(loss.detach()), scheduler.get_last_lr()[0])
-    return len(plan)
+        return queries, positives, functools.partial(info_nce, temperature=cfg.temperature, groups=_group_ids(batch))
+
+    return len(train_contrastive_stage(embedder, plan, name, params=params, optimizer=optimizer, log=log,
+                                       sides=sides, grad_cache_chunk=stage.grad_cache_chunk))
 
 
 def bootstrap_filter(embedder: Embedder, bcfg: BootstrapConfig, default_dir: Path, batch_size: int = 32) -> dict:
@@ -174,11 +109,10 @@ def run_embed(cfg: EmbedPhaseConfig) -> PhaseResult:
     cfg.check_inputs()
     out = Path(cfg.output_dir)
     embedder = build_embedder(cfg)
-    is_main = _world()[0] == 0
+    is_main = world()[0] == 0
     steps = 0
     metrics: dict = {}
-    with wandb_run(cfg, f"embed-{out.name}") if is_main else contextlib.nullcontext(_no_wandb) as wandb_log:
-        log = _Log(out / "metrics.jsonl", cfg.logging_steps, wandb_log)
+    with phase_log(cfg, "embed") as log:
         if cfg.stage1:
             steps += train_stage(embedder, cfg.stage1, "stage1", cfg, log)
         if cfg.stage2:
@@ -192,11 +126,8 @@ def run_embed(cfg: EmbedPhaseConfig) -> PhaseResult:
                                             cfg.eval.batch_size)
                 write_results(out / "eval", results)
                 metrics["eval"] = results
-                wandb_log({"eval": results})
-            with atomic_directory(out / "model") as tmp:
-                embedder.save_adapter(tmp)
-                parent = cfg.parent or cfg.model
-                write_manifest(tmp, Manifest(phase="embed", step=steps, recipe_hash=cfg.recipe_hash,
-                                             parent=parent, parents={parent: lineage_digest(parent)}, complete=True,
-                                             extra={"base_model": cfg.model, "adapter": "embed"}))
+                log.wandb_log({"eval": results})
+            seal(out / "model", Manifest.of_phase(cfg, "embed", steps,
+                                                  extra={"base_model": cfg.model, "adapter": "embed"}),
+                 embedder.save_adapter)
     return PhaseResult(model_dir=out / "model", global_step=steps, metrics=metrics)

@@ -14,27 +14,67 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import ClassVar, Self
 
 from pydantic import BaseModel, Field
 
 MANIFEST_NAME = "patho_manifest.json"
 
 
-class Manifest(BaseModel):
+class SealedManifest(BaseModel):
+    """What every sealed folder's manifest records, whatever wrote the folder: where it came from, whether it is whole,
+    when it was written, and the sha256 of the files that matter; read and written under the subclass's `FILE` name.
+    A checkpoint's `Manifest` adds the phase, step and lineage; a curated dataset's `StageManifest` (curate/store.py)
+    adds the stage, its config and counts.  Every field has a default, so a manifest written before a field existed
+    still reads (and one with a field since dropped: pydantic ignores unknown keys)."""
+
+    FILE: ClassVar[str]
+
+    parent: str | None = None  # what this folder was made from (a checkpoint path or hub id; a stage folder)
+    complete: bool = True
+    created: float = Field(default_factory=time.time)
+    files: dict[str, str] = Field(default_factory=dict)  # relative name -> sha256, recorded when sealed
+
+    def write_to(self, directory: str | Path) -> Path:
+        """Write this manifest into `directory` in one rename (a reader never sees half of it)."""
+        path = Path(directory) / self.FILE
+        tmp = path.with_name(f".{self.FILE}.tmp")
+        tmp.write_text(self.model_dump_json(indent=2) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def read_from(cls, directory: str | Path) -> Self | None:
+        """The folder's manifest, or None where it has none (a malformed one raises pydantic's ValidationError)."""
+        path = Path(directory) / cls.FILE
+        if not path.is_file():
+            return None
+        return cls.model_validate_json(path.read_text())
+
+
+class Manifest(SealedManifest):
+    """A checkpoint's manifest (`patho_manifest.json`); `files` holds the digest of each weight file and is checked
+    before a resume or a later phase trusts the checkpoint."""
+
+    FILE: ClassVar[str] = MANIFEST_NAME
+
     phase: str
     step: int = 0
     recipe_hash: str | None = None
-    parent: str | None = None  # the checkpoint this one was trained from (path or hub id)
-    complete: bool = True
-    created: float = Field(default_factory=time.time)
     metrics: dict[str, float] = Field(default_factory=dict)
     extra: dict = Field(default_factory=dict)
-    # sha256 of each weight file, recorded when the directory is sealed; checked before a resume trusts it
-    files: dict[str, str] = Field(default_factory=dict)
     # the checkpoints this one was made from, with the digest each had then: a changed parent makes this one stale
     parents: dict[str, str | None] = Field(default_factory=dict)
+
+    @classmethod
+    def of_phase(cls, cfg, phase: str, step: int, **fields) -> Manifest:
+        """A phase's final checkpoint, complete, with its lineage from the phase config (`recipe_hash`; `parent`,
+        else the model it started from, with that one's digest now)."""
+        parent = cfg.parent or cfg.model
+        return cls(phase=phase, step=step, recipe_hash=cfg.recipe_hash, parent=parent,
+                   parents={parent: lineage_digest(parent)}, complete=True, **fields)
 
 
 @contextlib.contextmanager
@@ -125,35 +165,34 @@ def write_manifest(directory: str | Path, manifest: Manifest, *, seal: bool = Tr
     """Write the manifest; `seal` first records the digest of every weight file beside it."""
     if seal and not manifest.files:
         manifest = manifest.model_copy(update={"files": file_digests(directory)})
-    path = Path(directory) / MANIFEST_NAME
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(manifest.model_dump_json(indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return manifest.write_to(directory)
 
 
 def read_manifest(directory: str | Path) -> Manifest | None:
-    path = Path(directory) / MANIFEST_NAME
-    if not path.is_file():
-        return None
-    return Manifest.model_validate_json(path.read_text())
+    return Manifest.read_from(directory)
 
 
-def is_complete(directory: str | Path) -> bool:
-    """Marked complete, and still whole (see `checkpoint_problem`)."""
-    manifest = read_manifest(directory)
-    return manifest is not None and manifest.complete and checkpoint_problem(directory) is None
+def seal(final: str | Path, manifest: Manifest | None, write: Callable[[Path], object]) -> Path:
+    """Write a final folder: `write(tmp)` fills a temporary sibling, the manifest goes in last (with the sha256 of
+    every weight file: see `write_manifest`), and one rename puts the folder under `final` (`atomic_directory`).
+    `manifest` None: a folder with no lineage to record (the tiny fixtures' base models)."""
+    with atomic_directory(final) as tmp:
+        write(tmp)
+        if manifest is not None:
+            write_manifest(tmp, manifest)
+    return Path(final)
 
 
 def save_checkpoint(model, processor, directory: str | Path, manifest: Manifest, state_dict=None) -> Path:
     """`save_pretrained` model + processor + manifest into `directory`, atomically.  `state_dict`: the weights to
     write instead of the model's own (a ZeRO-3 model's own are partitions; its gathered state dict is given)."""
-    with atomic_directory(directory) as tmp:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         if processor is not None:
             processor.save_pretrained(tmp)
-        write_manifest(tmp, manifest)
-    return Path(directory)
+
+    return seal(directory, manifest, write)
 
 
 def config_hash(data: dict | str) -> str:

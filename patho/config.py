@@ -110,6 +110,25 @@ class PhaseConfig(StrictModel):
                 raise ConfigError(f"{name}: not found: {path}")
 
 
+# TrainingArguments fields that `patho_r1.training.training_arguments` sets, and the TrainConfig field that decides
+# each.  A `trl:` block may not set these (the phase field is the one place); a test keeps this table equal to what
+# is passed.  It lives beside TrainConfig, like `rl/config.py`'s OWNED_GRPO_ARGUMENTS, so the config imports nothing
+# of the trainer.
+OWNED_TRAINING_ARGUMENTS: dict[str, str] = {
+    "output_dir": "output_dir", "run_name": "output_dir", "learning_rate": "learning_rate",
+    "lr_scheduler_type": "lr_scheduler_type", "warmup_steps": "warmup_ratio", "weight_decay": "weight_decay",
+    "per_device_train_batch_size": "per_device_train_batch_size",
+    "gradient_accumulation_steps": "gradient_accumulation_steps", "num_train_epochs": "num_train_epochs",
+    "max_steps": "max_steps", "gradient_checkpointing": "gradient_checkpointing", "bf16": "dtype", "fp16": "dtype",
+    "use_cpu": "use_cpu", "deepspeed": "deepspeed", "seed": "seed", "data_seed": "seed",
+    "logging_steps": "logging_steps", "save_strategy": "save_steps", "save_steps": "save_steps",
+    "save_total_limit": "save_total_limit", "report_to": "wandb", "dataloader_num_workers": "dataloader_num_workers",
+    "ddp_find_unused_parameters": "freeze_vision_tower",
+    "remove_unused_columns": "(fixed: the collators read raw columns)",
+    "disable_tqdm": "(fixed: the metrics callback prints progress)",
+}
+
+
 class TrainConfig(PhaseConfig):
     """Fields every HF-Trainer phase has (CPT, SFT, RL), and `trl:`, a validated pass-through to TRL's config."""
 
@@ -171,8 +190,6 @@ class TrainConfig(PhaseConfig):
 
     def owned_trl_fields(self) -> dict[str, str]:
         """TRL config fields this phase's own fields decide (TRL field -> our field)."""
-        from patho_r1.training import OWNED_TRAINING_ARGUMENTS
-
         return dict(OWNED_TRAINING_ARGUMENTS)
 
     def input_paths(self) -> dict[str, str]:

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from patho_r1.checkpoint import Manifest, checkpoint_problem, lineage_digest, save_checkpoint
-from patho_r1.config import PhaseConfig, TrainConfig, WandbConfig
+from patho_r1.checkpoint import Manifest, checkpoint_problem, save_checkpoint
+from patho_r1.config import PhaseConfig, PhaseResult, TrainConfig, WandbConfig
 from patho_r1.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -76,23 +77,6 @@ def _flat_numbers(metrics: dict, prefix: str = "") -> dict[str, float]:
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             out[name] = float(value)
     return out
-
-
-# TrainingArguments fields that `training_arguments` sets, and the TrainConfig field that decides each.  A `trl:`
-# block may not set these (the phase field is the one place); a test keeps this table equal to what is passed.
-OWNED_TRAINING_ARGUMENTS: dict[str, str] = {
-    "output_dir": "output_dir", "run_name": "output_dir", "learning_rate": "learning_rate",
-    "lr_scheduler_type": "lr_scheduler_type", "warmup_steps": "warmup_ratio", "weight_decay": "weight_decay",
-    "per_device_train_batch_size": "per_device_train_batch_size",
-    "gradient_accumulation_steps": "gradient_accumulation_steps", "num_train_epochs": "num_train_epochs",
-    "max_steps": "max_steps", "gradient_checkpointing": "gradient_checkpointing", "bf16": "dtype", "fp16": "dtype",
-    "use_cpu": "use_cpu", "deepspeed": "deepspeed", "seed": "seed", "data_seed": "seed",
-    "logging_steps": "logging_steps", "save_strategy": "save_steps", "save_steps": "save_steps",
-    "save_total_limit": "save_total_limit", "report_to": "wandb", "dataloader_num_workers": "dataloader_num_workers",
-    "ddp_find_unused_parameters": "freeze_vision_tower",
-    "remove_unused_columns": "(fixed: the collators read raw columns)",
-    "disable_tqdm": "(fixed: the metrics callback prints progress)",
-}
 
 
 @dataclass(frozen=True)
@@ -321,12 +305,27 @@ def finalize(trainer, processor, cfg: TrainConfig, phase: str, metrics: dict[str
         # rank calls it, and rank 0 writes.
         state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
         extra["zero3_gathered"] = True
-    parent = cfg.parent or cfg.model
-    manifest = Manifest(phase=phase, step=int(trainer.state.global_step), recipe_hash=cfg.recipe_hash,
-                        parent=parent, parents={parent: lineage_digest(parent)}, complete=True,
-                        metrics={k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))},
-                        extra=extra)
+    manifest = Manifest.of_phase(cfg, phase, int(trainer.state.global_step), extra=extra,
+                                 metrics={k: float(v) for k, v in (metrics or {}).items()
+                                          if isinstance(v, (int, float))})
     if trainer.args.should_save:
         out = save_checkpoint(model, processor, final_model_dir(cfg), manifest, state_dict=state_dict)
         logger.info("%s: final model written to %s", phase, out)
     return final_model_dir(cfg)
+
+
+def train_and_finalize(trainer, processor, cfg: TrainConfig, phase: str,
+                       after_train: Callable[[], object] | None = None) -> PhaseResult:
+    """An HF-Trainer phase from its built trainer to its final model: with `resume`, continue from the newest whole
+    checkpoint (`latest_checkpoint`); train; then write the final directory (`finalize`).  `after_train` runs once
+    training stops, even when it fails (RL closes its reward clients), before the final save."""
+    resume_from = latest_checkpoint(cfg) if cfg.resume else None
+    if resume_from:
+        print(f"[{phase}] resuming from {resume_from}", flush=True)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        if after_train is not None:
+            after_train()
+    model_dir = finalize(trainer, processor, cfg, phase, result.metrics)
+    return PhaseResult(model_dir=model_dir, global_step=int(trainer.state.global_step), metrics=result.metrics)

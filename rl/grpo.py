@@ -14,11 +14,10 @@ from patho_r1.rl.data import build_rl_dataset
 from patho_r1.rl.vllm_engine import vllm_processor_kwargs
 from patho_r1.training import (
     JsonlMetricsCallback,
-    finalize,
-    latest_checkpoint,
     load_phase_backbone,
     quiet_trainer_printing,
     setup_wandb,
+    train_and_finalize,
     training_arguments,
 )
 
@@ -65,12 +64,5 @@ def build_rl_trainer(cfg: RLPhaseConfig, callbacks=()) -> DynamicSamplingGRPOTra
 
 def run_rl(cfg: RLPhaseConfig, callbacks=()) -> PhaseResult:
     trainer = build_rl_trainer(cfg, callbacks)
-    resume_from = latest_checkpoint(cfg) if cfg.resume else None
-    if resume_from:
-        print(f"[rl-{cfg.algorithm}] resuming from {resume_from}", flush=True)
-    try:
-        result = trainer.train(resume_from_checkpoint=resume_from)
-    finally:
-        trainer.reward_set.close()
-    model_dir = finalize(trainer, trainer.processing_class, cfg, f"rl-{cfg.algorithm}", result.metrics)
-    return PhaseResult(model_dir=model_dir, global_step=int(trainer.state.global_step), metrics=result.metrics)
+    return train_and_finalize(trainer, trainer.processing_class, cfg, f"rl-{cfg.algorithm}",
+                              after_train=trainer.reward_set.close)

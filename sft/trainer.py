@@ -15,11 +15,10 @@ from patho_r1.stain import hed_jitter
 from patho_r1.training import (
     JsonlMetricsCallback,
     ResumeWeightsMixin,
-    finalize,
-    latest_checkpoint,
     load_phase_backbone,
     quiet_trainer_printing,
     setup_wandb,
+    train_and_finalize,
     training_arguments,
 )
 
@@ -91,9 +90,4 @@ def run_supervised(cfg: _SupervisedConfig, phase: str, train_dataset, *, system_
                    callbacks=()) -> PhaseResult:
     trainer, processor = build_sft_trainer(cfg, phase, train_dataset, system_prompt=system_prompt,
                                            callbacks=callbacks)
-    resume_from = latest_checkpoint(cfg) if cfg.resume else None
-    if resume_from:
-        print(f"[{phase}] resuming from {resume_from}", flush=True)
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    model_dir = finalize(trainer, processor, cfg, phase, result.metrics)
-    return PhaseResult(model_dir=model_dir, global_step=int(trainer.state.global_step), metrics=result.metrics)
+    return train_and_finalize(trainer, processor, cfg, phase)

@@ -1,6 +1,14 @@
 import pytest
 
-from patho_r1.checkpoint import Manifest, atomic_directory, config_hash, is_complete, read_manifest, write_manifest
+from patho_r1.checkpoint import (
+    Manifest,
+    atomic_directory,
+    checkpoint_problem,
+    config_hash,
+    read_manifest,
+    seal,
+    write_manifest,
+)
 
 
 def test_atomic_directory_replaces_only_on_success(tmp_path):
@@ -20,11 +28,40 @@ def test_atomic_directory_replaces_only_on_success(tmp_path):
 
 
 def test_manifest_round_trip_and_hash(tmp_path):
-    assert read_manifest(tmp_path) is None and not is_complete(tmp_path)
+    assert read_manifest(tmp_path) is None
     m = Manifest(phase="sft", step=12, recipe_hash=config_hash({"a": 1}), parent="runs/cpt", complete=False)
     write_manifest(tmp_path, m)
-    assert read_manifest(tmp_path) == m and not is_complete(tmp_path)
+    assert read_manifest(tmp_path) == m and not read_manifest(tmp_path).complete
+    assert [p.name for p in tmp_path.iterdir()] == ["patho_manifest.json"]  # no temporary left behind
     assert config_hash({"a": 1, "b": 2}) == config_hash({"b": 2, "a": 1}) != config_hash({"a": 2})
+
+
+def test_a_manifest_written_before_digests_and_lineage_still_reads(tmp_path):
+    """The first manifests (before `files` and `parents`) had no digests: they read, with nothing to check."""
+    (tmp_path / "patho_manifest.json").write_text(
+        '{"phase": "cpt", "step": 40, "recipe_hash": "0123456789abcdef", "parent": "Qwen/Qwen2.5-VL-7B-Instruct",'
+        ' "complete": true, "created": 1700000000.0, "metrics": {"train_loss": 1.5}, "extra": {"lora": false}}')
+    m = read_manifest(tmp_path)
+    assert (m.phase, m.step, m.parent, m.created, m.metrics) == ("cpt", 40, "Qwen/Qwen2.5-VL-7B-Instruct",
+                                                                 1700000000.0, {"train_loss": 1.5})
+    assert m.files == {} and m.parents == {} and checkpoint_problem(tmp_path) is None
+
+
+def test_seal_writes_the_folder_and_its_manifest_in_one_rename(tmp_path):
+    final = tmp_path / "model"
+    seal(final, Manifest(phase="sft", step=3), lambda tmp: _weights(tmp, 1.0))
+    assert sorted(p.name for p in final.iterdir()) == ["model.safetensors", "patho_manifest.json"]
+    assert read_manifest(final).files.keys() == {"model.safetensors"} and checkpoint_problem(final) is None
+
+    def dies(tmp):
+        _weights(tmp, 2.0)
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        seal(final, Manifest(phase="sft", step=4), dies)
+    assert read_manifest(final).step == 3 and [p.name for p in tmp_path.iterdir()] == ["model"]
+    seal(tmp_path / "base", None, lambda tmp: _weights(tmp, 1.0))  # a base model: no manifest, no lineage
+    assert read_manifest(tmp_path / "base") is None
 
 
 def _weights(directory, value: float, name="model.safetensors"):
@@ -53,14 +90,11 @@ def test_a_truncated_checkpoint_is_skipped_for_the_newest_intact_one(tmp_path, c
 
 
 def test_a_sealed_final_model_that_changed_is_no_longer_complete(tmp_path):
-    from patho_r1.checkpoint import checkpoint_problem
-
     path = _weights(tmp_path, 1.0)
     write_manifest(tmp_path, Manifest(phase="sft", complete=True))
-    assert read_manifest(tmp_path).files.keys() == {"model.safetensors"} and is_complete(tmp_path)
+    assert read_manifest(tmp_path).files.keys() == {"model.safetensors"} and checkpoint_problem(tmp_path) is None
     _weights(tmp_path, 2.0)  # same size, other bytes
     assert "model.safetensors: changed since the phase completed" in checkpoint_problem(tmp_path)
-    assert not is_complete(tmp_path)
     path.unlink()
     assert "model.safetensors: missing" in checkpoint_problem(tmp_path)
 

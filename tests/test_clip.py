@@ -313,7 +313,8 @@ def test_the_tuned_setting_is_the_smallest_that_reaches_the_target():
 def test_bf16_clip_phase_computes_under_autocast_with_fp32_weights_that_move(tiny_clip_dir, world_dir, tmp_path):
     """`dtype: bfloat16` used to be ignored (every matmul fp32).  Now the towers run in bf16 under autocast while the
     weights the optimizer updates stay fp32: a step at 1e-5 moves nearly every weight with a gradient."""
-    from patho_r1.embed.clip_train import _Log, clip_compute_dtype, train_stage
+    from patho_r1.embed.clip_train import clip_compute_dtype, train_stage
+    from patho_r1.embed.contrastive_loop import StepLog
 
     cfg = ClipPhaseConfig.model_validate({
         "model": str(tiny_clip_dir), "output_dir": str(tmp_path), "use_cpu": True, "dtype": "bfloat16",
@@ -329,7 +330,7 @@ def test_bf16_clip_phase_computes_under_autocast_with_fp32_weights_that_move(tin
     grads = {}  # which elements had a gradient at the last step (the optimizer step sets .grad to None)
     hooks = [p.register_post_accumulate_grad_hook(lambda p, n=n: grads.__setitem__(n, p.grad != 0))
              for n, p in params.items()]
-    train_stage(clip, cfg.stage1, "stage1", cfg, _Log(tmp_path / "m.jsonl", 1, lambda *_: None, phase="clip"))
+    train_stage(clip, cfg.stage1, "stage1", cfg, StepLog(tmp_path / "m.jsonl", 1, lambda *_: None, phase="clip"))
     for h in [hook, *hooks]:
         h.remove()
     assert seen and set(seen) == {torch.bfloat16}

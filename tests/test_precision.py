@@ -91,7 +91,8 @@ def test_bf16_embedding_head_trains_its_vision_tower_with_fp32_masters(tiny_mode
     """HOMIE's stage 2 trains the vision tower beside the LoRA: peft copies it in the base dtype, so in bf16 its AdamW
     steps were pure bf16.  A step at 1e-5 now moves (almost) every vision weight that got a gradient."""
     from patho_r1.embed.config import EmbedPhaseConfig
-    from patho_r1.embed.train import _Log, build_embedder, train_stage
+    from patho_r1.embed.contrastive_loop import StepLog
+    from patho_r1.embed.train import build_embedder, train_stage
 
     stage = {"curriculum": [{"data": str(world_dir / "embed/image_text_pairs.jsonl")}], "learning_rate": 1e-5,
              "batch_size": 4, "max_steps": 2}  # the schedule warms up from 0 over the first step
@@ -106,7 +107,7 @@ def test_bf16_embedding_head_trains_its_vision_tower_with_fp32_masters(tiny_mode
     grads = {}
     hooks = [p.register_post_accumulate_grad_hook(lambda p, n=n: grads.__setitem__(n, p.grad != 0))
              for n, p in vision.items()]
-    train_stage(embedder, cfg.stage2, "stage2", cfg, _Log(tmp_path / "m.jsonl", 1, lambda *_: None))
+    train_stage(embedder, cfg.stage2, "stage2", cfg, StepLog(tmp_path / "m.jsonl", 1, lambda *_: None))
     for h in hooks:
         h.remove()
     moved = sum(int(((vision[n].detach() != before[n]) & g).sum()) for n, g in grads.items())

@@ -116,8 +116,9 @@ def test_the_owned_field_tables_match_what_is_passed_to_trl(world_dir, tmp_path)
 
     from trl import GRPOConfig
 
+    from patho_r1.config import OWNED_TRAINING_ARGUMENTS
     from patho_r1.rl.config import OWNED_GRPO_ARGUMENTS
-    from patho_r1.training import OWNED_TRAINING_ARGUMENTS, training_arguments
+    from patho_r1.training import training_arguments
 
     cfg = _cfg(world_dir, tmp_path)
     assert set(training_arguments(cfg, "t")) == set(OWNED_TRAINING_ARGUMENTS)

@@ -40,10 +40,6 @@ class ParsedReply:
     problems: list[str]
     think_from_reasoning: bool = False
 
-    @property
-    def final_answer(self) -> str | None:
-        return self.turns[-1].answer if self.turns else None
-
 
 def parse_reply(response: str, reasoning: str | None = None) -> ParsedReply:
     turns = _plain_turns(response)

@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     _register_phase(sub)
     rewards_cli.register(sub)
     sft_cli.register(sub, add_phase_command)  # cpt, sft
-    add_phase_command(sub, "rl", "rl")  # the alias rl/cli.py registered (its own command until this table had one)
+    add_phase_command(sub, "rl", "rl")  # patho-r1 rl CONFIG: an alias of patho-r1 phase rl CONFIG
     embed_cli.register(sub, add_phase_command)  # embed train, embed eval
     embed_cli.register_clip(sub, add_phase_command)  # clip train, clip eval
     eval_cli.register(sub)

@@ -12,8 +12,9 @@ TORCH_PIP_ARGS ?=
 EXTRAS ?= test,faiss,deepspeed
 RECIPE ?= recipes/demo.yaml
 PYTEST_ARGS ?=
-# Test processes (pytest-xdist): two fit this project's 2-core CI machine; the tests sharing an expensive session
-# fixture stay together (tests/conftest.py). PYTEST_WORKERS=0 runs everything in one process.
+# Test processes (pytest-xdist): two fit this project's 2-core CI machine; they are handed one test at a time, the
+# slow ones first, and build each session fixture once between them (tests/conftest.py). PYTEST_WORKERS=0 runs
+# everything in one process.
 PYTEST_WORKERS ?= 2
 # VLMEvalKit's scorers for the agreement tests, without its dependencies (torchvision cannot sit beside CPU torch);
 # the tests load its scorer modules without running vlmeval/__init__.py.
@@ -36,7 +37,7 @@ demo: install
 
 # pytest exits 5 when it collects no tests; that must fail loudly, never pass as "nothing broke".
 test: install
-	@$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS); rc=$$?; \
+	@$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist load --maxschedchunk 1 $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
 # ruff (pinned in the [test] extra; rules in pyproject.toml) over the whole tree; .ci/run calls it before the tests.

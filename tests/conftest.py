@@ -17,11 +17,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _built_once(tmp_path_factory, name: str, build) -> Path:
+    """A session fixture's folder, built once per test run however many pytest-xdist workers ask for it (the pattern
+    pytest-xdist's documentation gives): the first worker to take the lock builds it under the run's shared temporary
+    folder, the others wait for it and reuse it.  `build(folder)` returns the path the fixture gives."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # this run's folder, above every worker's own
+    done = base / f"{name}.built"
+    with FileLock(str(base / f"{name}.lock")):
+        if not done.is_file():
+            done.write_text(str(build(base / name)))
+    return Path(done.read_text())
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     from patho_r1.fixtures.tiny import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+    return _built_once(tmp_path_factory, "tiny", lambda folder: build_tiny_model(folder / "model"))
 
 
 @pytest.fixture(scope="session")
@@ -32,25 +48,26 @@ def small_world_config():
                        n_composed_per_task=8, n_eval_tiles=24, n_eval_mcq=12)
 
 
-@pytest.fixture(scope="session")
-def world_dir(tmp_path_factory, small_world_config):
+def _world(folder: Path, seed: int, config) -> Path:
     from patho_r1.fixtures.synth import generate_world
 
-    root = tmp_path_factory.mktemp("world")
-    generate_world(root, seed=0, config=small_world_config)
-    return root
+    generate_world(folder, seed=seed, config=config)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def world_dir(tmp_path_factory, small_world_config):
+    return _built_once(tmp_path_factory, "world", lambda folder: _world(folder, 0, small_world_config))
 
 
 @pytest.fixture(scope="session")
 def learning_world(tmp_path_factory):
     """A world large enough for the tiny model to learn from in about a minute."""
-    from patho_r1.fixtures.synth import WorldConfig, generate_world
+    from patho_r1.fixtures.synth import WorldConfig
 
-    root = tmp_path_factory.mktemp("learning_world")
-    generate_world(root, seed=1, config=WorldConfig(n_train_tiles=300, n_heldout_tiles=60, n_sft=900, n_rl=96,
-                                                    n_rl_heldout=48, n_embed_pairs=48, n_composed_per_task=8,
-                                                    n_eval_tiles=60, n_eval_mcq=48))
-    return root
+    config = WorldConfig(n_train_tiles=300, n_heldout_tiles=60, n_sft=900, n_rl=96, n_rl_heldout=48,
+                         n_embed_pairs=48, n_composed_per_task=8, n_eval_tiles=60, n_eval_mcq=48)
+    return _built_once(tmp_path_factory, "learning_world", lambda folder: _world(folder, 1, config))
 
 
 @pytest.fixture(scope="session")
@@ -59,12 +76,14 @@ def sft_model_dir(tiny_model_dir, learning_world, tmp_path_factory):
     from patho_r1.sft.config import SFTPhaseConfig
     from patho_r1.sft.sft import run_sft
 
-    out = tmp_path_factory.mktemp("sft_run")
-    cfg = SFTPhaseConfig(model=str(tiny_model_dir), data=str(learning_world / "sft/train.jsonl"), output_dir=str(out),
-                         max_steps=450, per_device_train_batch_size=8, learning_rate=2e-3, warmup_ratio=0.05,
-                         max_length=512, save_steps=10_000, logging_steps=50, wandb={"mode": "disabled"},
-                         freeze_vision_tower=True, freeze_projector=True)
-    return run_sft(cfg).model_dir
+    def build(out: Path) -> Path:
+        cfg = SFTPhaseConfig(model=str(tiny_model_dir), data=str(learning_world / "sft/train.jsonl"),
+                             output_dir=str(out), max_steps=450, per_device_train_batch_size=8, learning_rate=2e-3,
+                             warmup_ratio=0.05, max_length=512, save_steps=10_000, logging_steps=50,
+                             wandb={"mode": "disabled"}, freeze_vision_tower=True, freeze_projector=True)
+        return run_sft(cfg).model_dir
+
+    return _built_once(tmp_path_factory, "sft_run", build)
 
 
 @pytest.fixture(scope="session")
@@ -154,19 +173,20 @@ def hf_server(tiny_model_dir):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Scheduling for `pytest -n N --dist loadgroup` (pytest-xdist; the Makefile's test target)
+# Two pytest-xdist workers (the Makefile's test target: -n 2 --dist load --maxschedchunk 1)
 # ----------------------------------------------------------------------------------------------------------------------
 
-# Session fixtures that cost tens of seconds: the tests that use one run on one xdist worker, so it is built once.
-SHARED_EXPENSIVE_FIXTURES = ("sft_model_dir", "hf_server")
+def pytest_configure(config):
+    """Each worker's torch gets its share of the cores: two workers of two threads each on two cores spend their time
+    waiting for each other (OpenMP threads spin)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the group marks
 def pytest_collection_modifyitems(config, items):
-    """The slow end-to-end tests first, so the workers start them early and the short ones fill in around them
-    (xdist hands out tests in collection order); tests sharing an expensive session fixture in one xdist group."""
+    """The slow end-to-end tests first, so that the workers start them early and the short ones fill in around them
+    (xdist hands out tests in collection order, one at a time with --maxschedchunk 1)."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise
-    for item in items:
-        shared = [name for name in SHARED_EXPENSIVE_FIXTURES if name in item.fixturenames]
-        if shared:
-            item.add_marker(pytest.mark.xdist_group(shared[0]))

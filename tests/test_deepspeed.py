@@ -29,9 +29,17 @@ def _sft(tiny_model_dir, world_dir, out, *deepspeed) -> dict[str, torch.Tensor]:
     return load_file(str(out / "model/model.safetensors"))
 
 
+def _plain_sft(tiny_model_dir, world_dir, out) -> dict[str, torch.Tensor]:
+    """The same run without DeepSpeed, in this process (no process group to set up)."""
+    import deepspeed_sft
+
+    deepspeed_sft.run(str(tiny_model_dir), str(world_dir), str(out))
+    return load_file(str(out / "model/model.safetensors"))
+
+
 def test_zero3_final_checkpoint_is_the_gathered_trained_model(tiny_model_dir, world_dir, tmp_path):
     pytest.importorskip("deepspeed")
-    plain = _sft(tiny_model_dir, world_dir, tmp_path / "plain")
+    plain = _plain_sft(tiny_model_dir, world_dir, tmp_path / "plain")
     zero3 = _sft(tiny_model_dir, world_dir, tmp_path / "zero3", str(ROOT / "recipes/deepspeed/zero3.json"))
     base = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
     assert set(zero3) == set(plain)

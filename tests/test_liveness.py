@@ -131,13 +131,16 @@ def test_kill_anywhere_then_resume_loses_at_most_save_steps_redoes_nothing_and_e
     Train workers must notice) or with its whole process group, then resumed, until the run completes.  Every kill
     stops every worker within seconds (a driver killed alone: within 3 s, and at most the checkpoint being saved is
     written afterwards), loses at most `save_steps` steps of the phase it interrupts, no finished phase is redone,
-    the resumed runs find nothing of the old ones running, and the final SFT weights equal those of a run that was
-    never interrupted."""
+    the resumed runs find nothing of the old ones running, every console stays quiet, no key reaches a file, and the
+    final SFT weights equal those of a run that was never interrupted."""
     import random
     import re
 
     from safetensors.torch import load_file
-    from test_launch import _run, training_recipe
+    from test_launch import FAKE_KEY, _run, training_recipe
+
+    from patho_r1.checkpoint import read_manifest
+    from patho_r1.launch.recipe import load_plan
 
     save_steps = 5
     phases = [{"name": "cpt", "type": "cpt", "config": {"data": "{data}/cpt/train.jsonl", "max_steps": 40}},
@@ -153,8 +156,8 @@ def test_kill_anywhere_then_resume_loses_at_most_save_steps_redoes_nothing_and_e
     path, out = recipe(tmp_path / "cut"), tmp_path / "cut" / "out"
     rng = random.Random(7)
     # where to kill: after some seconds (preparing, starting Ray), or once a phase logs a step at or past k
-    targets = [("time", rng.uniform(1, 8)), ("cpt", rng.randint(3, 20)), ("cpt", rng.randint(21, 38)),
-               ("sft", rng.randint(3, 40)), ("sft", rng.randint(41, 78))]
+    targets = [("time", rng.uniform(1, 8)), ("cpt", rng.randint(3, 38)), ("sft", rng.randint(3, 40)),
+               ("sft", rng.randint(41, 78))]
     kills = []
     for attempt in range(len(targets) + 3):
         log_path = tmp_path / f"cut{attempt}.log"
@@ -172,7 +175,7 @@ def test_kill_anywhere_then_resume_loses_at_most_save_steps_redoes_nothing_and_e
                 time.sleep(0.02)
             if proc.poll() is None and fire:
                 workers = [json.loads(p.read_text()) for p in (out / REGISTRY).glob("*.json")]
-                alone = len(kills) % 2 == 1  # the first kill of each phase: the driver alone
+                alone = len(kills) % 2 == 1  # the driver alone in cpt and late in sft; its group otherwise
                 checkpoints = _checkpoints(out, target[0])
                 if alone:
                     os.kill(proc.pid, signal.SIGKILL)  # the driver alone: its workers must notice
@@ -214,10 +217,25 @@ def test_kill_anywhere_then_resume_loses_at_most_save_steps_redoes_nothing_and_e
             lost = kill["reached"][phase] - (int(resumed.group(1)) if resumed else 0)
             assert 0 <= lost <= save_steps, (phase, lost, kill, text[-2000:])
             resumed_mid_phase += resumed is not None
-    assert resumed_mid_phase >= 3  # the kills did land inside training, after checkpoints
+    assert resumed_mid_phase >= 2  # the kills did land inside training, after checkpoints
     for kill in kills:  # a finished phase is never rewritten afterwards
         for phase, stamp in kill["stamps"].items():
             assert (out / phase / "model/patho_manifest.json").stat().st_mtime_ns == stamp
+    # every console stayed quiet (phase lines, progress and the report: Ray's, the workers' and the libraries' output
+    # is in the logs), the last one short; no key reached any file; the final model names its parent and recipe
+    for console in [k["log"] for k in kills] + [log_path]:
+        for noise in ("PlacementGroupCleaner", "core_worker", "Warning", "WARNING", "find_unused_parameters",
+                      "Writing model shards"):
+            assert noise not in console.read_text(), (noise, console)
+    assert len(log_path.read_text().splitlines()) <= 15, log_path.read_text()
+    worker_log = (out / "logs/sft.rank0.log").read_text()
+    assert "[sft] step 80/80" in worker_log and "resuming from" in worker_log
+    assert not any("Failed to query Ray Train Controller" in p.read_text(errors="replace")
+                   for p in (out / "logs/ray").rglob("*") if p.is_file())
+    assert not [p for p in out.rglob("*") if p.is_file() and FAKE_KEY.encode() in p.read_bytes()]
+    manifest = read_manifest(out / "sft/model")
+    assert manifest.parent == str(out / "cpt/model") and manifest.recipe_hash == load_plan(path).recipe_hash
+    assert (out / "report.md").is_file()
     ref = load_file(next((tmp_path / "ref/out/sft/model").glob("*.safetensors")))
     cut = load_file(next((out / "sft/model").glob("*.safetensors")))
     assert ref.keys() == cut.keys()

@@ -534,3 +534,86 @@ def test_word_signatures_estimate_shingle_jaccard():
         assert abs((sigs[0] == sigs[1]).mean() - truth) < 0.1, (changed, truth)
     short = word_signatures(hashes("a b", "A, b.", ""), num_perm=32)
     assert (short[0] == short[1]).all() and (short[2] == np.iinfo(np.uint32).max).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Alignment: every stage keeps each text with the image it was written about
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _true_class_by_image(raw: Path) -> dict[str, set[str]]:
+    """sha256 of each exported image's bytes -> the tissue class(es) the world drew it as (`diagnosis.csv`); the
+    store names every image by that digest, so a row's image path says which exported tile it is."""
+    import csv
+    import hashlib
+
+    diagnosis = {r["id"]: r["diagnosis"] for r in csv.DictReader((raw / "diagnosis.csv").open(encoding="utf-8"))}
+    by_image: dict[str, set[str]] = {}
+    with (raw / "quilt_1M_lookup.csv").open(encoding="utf-8", newline="") as fh:
+        for k, row in enumerate(csv.DictReader(fh)):
+            sha = hashlib.sha256((raw / "images" / row["image_path"]).read_bytes()).hexdigest()
+            by_image.setdefault(sha, set()).add(diagnosis[f"quilt-1m:{k}"])
+    return by_image
+
+
+def _text_class(kind: str, row: dict) -> str | None:
+    """The tissue class a row's text says its image shows: a caption's diagnosis, an MCQ's answer option, or the
+    last answer of a conversation (an MCQ letter read back through its options)."""
+    import re
+
+    from patho_r1.fixtures.synth import TISSUES
+    from patho_r1.fixtures.teacher import diagnosis_of
+
+    def named(text):
+        return next((t.name for t in sorted(TISSUES, key=lambda t: -len(t.name)) if t.name in (text or "")), None)
+
+    if kind == "caption":
+        found = diagnosis_of(row["caption"])
+        return found.name if found else None
+    if kind == "mcq":
+        return named(row["options"].get(row["answer"]))
+    last = [m for m in row["messages"] if m["role"] == "assistant"][-1]["content"]
+    answer = re.search(r"<answer>(.*?)</answer>", last, re.S).group(1).strip()
+    if re.fullmatch(r"[A-F]", answer):
+        user = [m for m in row["messages"] if m["role"] == "user"][-1]["content"]
+        text = " ".join(p.get("text", "") for p in user) if isinstance(user, list) else user
+        option = re.search(rf"^{answer}\. (.+)$", text, re.M)
+        return named(option.group(1) if option else None)
+    return named(answer)
+
+
+def _aligned(path: Path, kind: str, by_image: dict[str, set[str]]) -> tuple[float, int]:
+    """The share of a stage file's rows whose text names the true class of the image the row points at."""
+    checked = ok = 0
+    for row in iter_jsonl(path):
+        cls = _text_class(kind, row)
+        if cls is None or not row.get("images"):
+            continue
+        checked += 1
+        ok += cls in by_image.get(Path(row["images"][0]).stem, set())
+    return ok / max(checked, 1), checked
+
+
+def test_every_stage_keeps_each_text_with_its_image(built, tmp_path):
+    """The world knows the class of every tile it exported: after every stage (import, dedup, tag, cluster, the
+    teacher's filtered conversations, the RL MCQs) at least 99% of rows name the class of the image they point at.
+    (Import is the exception that proves the rule: its planted near-duplicate captions sit on other classes' tiles,
+    until dedup removes them.)  The same check on a copy whose images were shuffled among its rows fails."""
+    import random
+
+    out, _, _, cluster, root = built
+    by_image = _true_class_by_image(root / "raw")
+    files = [(p, "caption") for p in sorted(cluster.parent.glob("*/caption.jsonl"))]
+    files += [(out / "filter/kept.jsonl", "conversation"), (out / "mcq/mcq.jsonl", "mcq"),
+              (out / "mcq-teacher/mcq.jsonl", "mcq")]
+    assert len(files) == 7
+    for path, kind in files:
+        share, checked = _aligned(path, kind, by_image)
+        assert checked >= 100, (path, checked)
+        assert share >= (0.98 if path.parent.name.endswith("import") else 0.99), (path, share)
+    rows = [json.loads(line) for line in (out / "filter/kept.jsonl").read_text().splitlines()]
+    images = [r["images"] for r in rows]
+    random.Random(0).shuffle(images)
+    broken = tmp_path / "kept.jsonl"
+    broken.write_text("".join(json.dumps({**r, "images": im}) + "\n" for r, im in zip(rows, images, strict=True)))
+    share, _ = _aligned(broken, "conversation", by_image)
+    assert share < 0.5, share  # about 1 in 12 by chance

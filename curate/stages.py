@@ -44,10 +44,10 @@ stage runs in a `curate` recipe phase with resume and a manifest.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from pkgutil import resolve_name  # "module:attribute" -> the object
 from typing import Any, Literal
 
 
@@ -89,10 +89,10 @@ class StageType:
     dry_run: bool = False  # the runner honours `ctx.dry_run`
 
     def config_class(self) -> type:
-        return _load(self.config)
+        return resolve_name(self.config)
 
     def run(self, stage, ctx: StageContext) -> dict:
-        return _load(self.runner)(stage, ctx)
+        return resolve_name(self.runner)(stage, ctx)
 
     def appends_in_place(self, stage) -> bool:
         return self.appends(stage) if callable(self.appends) else self.appends
@@ -102,10 +102,10 @@ class StageType:
         return [p for name in self.inputs for p in _paths(getattr(stage, name))]
 
     def expected_rows(self, stage) -> int | None:
-        return _load(self.estimate)(stage) if self.estimate else None
+        return resolve_name(self.estimate)(stage) if self.estimate else None
 
     def add_arguments(self, parser) -> Callable:
-        return _load(self.arguments)(parser)
+        return resolve_name(self.arguments)(parser)
 
 
 def _paths(value) -> list[str]:
@@ -116,11 +116,6 @@ def _paths(value) -> list[str]:
     if isinstance(value, list | tuple):
         return [p for item in value for p in _paths(item)]
     return list(value.input_paths())
-
-
-def _load(target: str) -> Any:
-    module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)
 
 
 STAGES: dict[str, StageType] = {}

@@ -46,9 +46,9 @@ Then a recipe may say `type: distill`, `patho-r1 phase distill distill.yaml [--d
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pkgutil import resolve_name  # "module:attribute" -> the object
 from typing import Any
 
 
@@ -74,27 +74,22 @@ class PhaseType:
     # finished phase worth a console line (its final training loss is added for every phase that logs one)
 
     def config_class(self) -> type:
-        return _load(self.config)
+        return resolve_name(self.config)
 
     def run(self, cfg, callbacks=()):
-        runner = _load(self.runner)
+        runner = resolve_name(self.runner)
         return runner(cfg, callbacks=callbacks) if self.hf_trainer else runner(cfg)
 
     def hook(self, name: str) -> Any:
         """The function a hook field names, imported now; None where the field is None."""
         target = getattr(self, name)
-        return _load(target) if target else None
+        return resolve_name(target) if target else None
 
     def kind_of(self, input_field: str) -> str | None:
         """The record kind an input field of this phase's config holds, or None (not checked)."""
         from fnmatch import fnmatchcase
 
         return next((kind for pattern, kind in self.reads.items() if fnmatchcase(input_field, pattern)), None)
-
-
-def _load(target: str) -> Any:
-    module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)
 
 
 PHASES: dict[str, PhaseType] = {}

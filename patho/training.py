@@ -314,6 +314,22 @@ def finalize(trainer, processor, cfg: TrainConfig, phase: str, metrics: dict[str
     return final_model_dir(cfg)
 
 
+def skip_deepspeed_shm_kernel(trainer) -> bool:
+    """On a CPU, DeepSpeed JIT-compiles a shared-memory all-reduce kernel (`deepspeed_shm_comm`: g++ with OpenMP,
+    about 40 s of CPU on a machine that has not built it before) when its process group starts, whatever the world
+    size.  One process never reduces across ranks, so for a one-process CPU run (checking a ZeRO config before the
+    cluster) we leave the kernel out; DeepSpeed then reduces through torch.distributed, as on every machine without
+    the kernel.  Multi-process CPU runs and GPU runs keep DeepSpeed's own choice.  True when it was left out."""
+    if not getattr(trainer, "is_deepspeed_enabled", False) or trainer.args.world_size != 1 \
+            or trainer.args.device.type != "cpu":
+        return False
+    import importlib
+
+    # by module name: as an attribute, `deepspeed.comm.torch` is the torch library (deepspeed.comm star-imports it)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    return True
+
+
 def train_and_finalize(trainer, processor, cfg: TrainConfig, phase: str,
                        after_train: Callable[[], object] | None = None) -> PhaseResult:
     """An HF-Trainer phase from its built trainer to its final model: with `resume`, continue from the newest whole
@@ -322,6 +338,7 @@ def train_and_finalize(trainer, processor, cfg: TrainConfig, phase: str,
     resume_from = latest_checkpoint(cfg) if cfg.resume else None
     if resume_from:
         print(f"[{phase}] resuming from {resume_from}", flush=True)
+    skip_deepspeed_shm_kernel(trainer)
     try:
         result = trainer.train(resume_from_checkpoint=resume_from)
     finally:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from in_process import run_recipe_in_this_process
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,19 +51,9 @@ def _run(root: Path, phase: dict, workers: int, *args, env=None) -> Path:
 
 
 def _in_this_process(root: Path, phase: dict, inputs: Path) -> Path:
-    """The same one-phase recipe, reading the base model and the world a Ray run prepared under `inputs`, run by one
-    worker in this process (no Ray): the single worker that holds the global batch, without a cluster's start-up."""
-    from patho_r1.launch.recipe import load_plan
-    from patho_r1.launch.workers import run_phase
-
-    raw = yaml.safe_load((inputs.parent / "recipe.yaml").read_text())
-    raw.update(output_root=str(root / "out"), model={"base": str(inputs / "base-model")},
-               data={"root": str(inputs / "world")}, resources={"num_workers": 1, "cpus_per_worker": 1}, phases=[phase])
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "recipe.yaml").write_text(yaml.safe_dump(raw))
-    planned = load_plan(root / "recipe.yaml").phase(phase["name"])
-    run_phase(planned.type, planned.config.model_dump(mode="json"))
-    return root / "out"
+    """The same one-phase recipe, run by one worker in this process (no Ray): the single worker that holds the global
+    batch, reading the base model and the world the Ray run prepared under `inputs`."""
+    return run_recipe_in_this_process(inputs.parent / "recipe.yaml", root, inputs, phases=[phase])
 
 
 def _steps(path: Path) -> list[dict]:

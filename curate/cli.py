@@ -91,9 +91,9 @@ def _run(args, stage, model_encoder) -> int:
 
 
 def _cmd_formats(args) -> int:
-    from patho_r1.formats import FORMATS
+    from patho_r1.formats import all_formats
 
-    for fmt in FORMATS.values():
+    for fmt in all_formats().values():
         print(f"{fmt.name:12s} {fmt.summary}" + (f"  [license: {fmt.license}]" if fmt.license else ""))
     return 0
 

@@ -184,3 +184,30 @@ def mcq_arguments(q) -> ToConfig:
         "n": a.n, "source": a.source, "labels": a.labels, "pool": a.pool, "exclude": a.exclude,
         "n_options": a.n_options, "endpoint": endpoint(a), "prompts": a.prompts, "with_image": a.with_image,
         "teacher_distractors": a.teacher_distractors})
+
+
+def wsi_arguments(q) -> ToConfig:
+    q.description = (
+        "Tile whole slides (SVS, NDPI, MRXS, SCN, tiled TIFF... through OpenSlide; tifffile for the pyramidal TIFFs "
+        "OpenSlide cannot open) where the thumbnail shows tissue, at microns per pixel (--mpp) or at pyramid levels "
+        "(--levels).  A slide that cannot be read, states no microns per pixel when --mpp asks for them, lacks a "
+        "level asked for or cannot decode it, or shows no tissue stops the stage with one line naming it and why "
+        "(--on-error skip: it goes to rejects.jsonl and the rest are tiled).  A GeoJSON of regions beside a slide "
+        "(QuPath's export, <slide stem>.geojson or .json) gives grounding rows.  A rerun tiles only the slides not "
+        "done before (finished slides are kept in .<out>.wsi-parts beside --out).")
+    q.add_argument("--slides", help="a slide file or a folder of slides (required)")
+    q.add_argument("--annotations", help="a folder of <slide stem>.geojson (or .json) files (default: beside each "
+                   "slide)")
+    scale = q.add_mutually_exclusive_group()
+    scale.add_argument("--mpp", type=float, nargs="+", help="microns per pixel of the tiles, one grid each "
+                       "(default 0.5); e.g. --mpp 0.5 2.0 for detail and context")
+    scale.add_argument("--levels", type=int, nargs="+", help="pyramid levels to tile as stored (slides without MPP)")
+    q.add_argument("--tile", type=int, help="tile side in pixels (default 224)")
+    q.add_argument("--min-tissue", type=float, help="share of a tile that must be tissue (default 0.5)")
+    q.add_argument("--details", type=int, help="multi-scale rows: detail tiles per context tile (default 4)")
+    q.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                   help="skip: a bad slide goes to rejects.jsonl with the reason")
+    engine_option(q)
+    return lambda a: _set({"slides": a.slides, "annotations": a.annotations, "mpp": a.mpp, "levels": a.levels,
+                           "tile": a.tile, "min_tissue": a.min_tissue, "details": a.details,
+                           "on_error": a.on_error, "engine": a.engine})

@@ -46,10 +46,10 @@ class SourceSpec(StrictModel):
     @field_validator("format")
     @classmethod
     def _known(cls, v):
-        from patho_r1.formats import FORMATS
+        from patho_r1.formats import all_formats
 
-        if v not in FORMATS:
-            raise ValueError(f"unknown import format {v!r}; known: {', '.join(FORMATS)}")
+        if v not in all_formats():
+            raise ValueError(f"unknown import format {v!r}; known: {', '.join(all_formats())}")
         return v
 
     @model_validator(mode="after")
@@ -300,11 +300,59 @@ class MCQStage(StrictModel):
         return self
 
 
+class WSIStage(StrictModel):
+    """Whole slides -> tiles at chosen magnifications, multi-scale rows (a context tile and detail tiles inside it)
+    and, where a slide has a GeoJSON of regions, grounding rows with boxes (`curate/wsi.py`)."""
+
+    stage: Literal["wsi"] = "wsi"
+    slides: str = Field(..., description="a slide file, or a folder searched for slides (SVS, NDPI, MRXS, SCN, "
+                        "tiled TIFF...)")
+    annotations: str | None = Field(None, description="a folder of GeoJSON files, one per slide named after it "
+                                    "(`<slide stem>.geojson`, QuPath's export); default: beside each slide")
+    mpp: list[float] | None = Field(None, min_length=1, description="microns per pixel of the tiles, one grid per "
+                                    "value (default [0.5], about 20x); a slide that states none is refused")
+    levels: list[int] | None = Field(None, min_length=1, description="tile these pyramid levels as they are "
+                                     "instead of by microns per pixel (slides without MPP)")
+    mpp_tolerance: float = Field(0.05, ge=0, lt=0.5, description="a level within this share of an asked MPP is "
+                                 "read as stored (a scanner's 0.2527 um/px for 0.25); else the next finer level is "
+                                 "resized")
+    tile: int = Field(224, ge=16, le=4096, description="tile side in pixels")
+    min_tissue: float = Field(0.5, ge=0, le=1, description="share of a tile's footprint that must be tissue")
+    details: int = Field(4, ge=0, description="multi-scale rows: detail tiles of the finest scale per tile of the "
+                         "coarsest (the most tissue first); 0 or one scale: none")
+    min_box: float = Field(4.0, ge=0, description="grounding: boxes under this many tile pixels wide or high are "
+                           "dropped")
+    thumbnail: int = Field(2048, ge=64, le=16384, description="longer side of the thumbnail tissue is found on")
+    on_error: Literal["raise", "skip"] = Field("raise", description="skip: a bad slide goes to rejects.jsonl with "
+                                               "its one-line reason")
+    engine: Engine = "auto"
+
+    @field_validator("mpp")
+    @classmethod
+    def _positive(cls, v):
+        if v is not None and (any(m <= 0 for m in v) or len(set(v)) != len(v)):
+            raise ValueError("microns per pixel must be > 0 and given once each")
+        return v
+
+    @model_validator(mode="after")
+    def _one_way(self, info: ValidationInfo):
+        if self.mpp is not None and self.levels is not None:
+            raise ValueError("mpp: give mpp or levels, not both")
+        if self.levels is not None and (min(self.levels) < 0 or len(set(self.levels)) != len(self.levels)):
+            raise ValueError("levels: levels are >= 0 and given once each")
+        _labels_exist([self.slides, self.annotations], info)
+        return self
+
+    def tiling(self) -> dict:
+        """What decides a slide's tiles and rows (not how errors are handled, nor where the work runs)."""
+        return self.model_dump(mode="json", exclude={"slides", "annotations", "on_error", "engine"})
+
+
 _BUILTIN_RULES = ("tags", "truncation", "length", "repetition", "language_mix", "answer_consistency",
                   "near_duplicate")
 
 Stage = Annotated[ImportStage | DedupStage | DecontaminateStage | TagStage | ClusterStage | GenerateStage
-                  | FilterStage | MCQStage, Field(discriminator="stage")]
+                  | FilterStage | MCQStage | WSIStage, Field(discriminator="stage")]
 
 
 class CuratePhaseConfig(PhaseConfig):
@@ -317,8 +365,10 @@ class CuratePhaseConfig(PhaseConfig):
 
     @model_validator(mode="after")
     def _chain(self, info: ValidationInfo):
+        from patho_r1.curate.stages import get_stage
+
         first = self.stages[0].stage
-        if first != "import" and self.input is None:
+        if get_stage(first).parent != "none" and self.input is None:  # import and wsi read no stage folder
             raise ValueError(f"stages.0: a chain must start with import, or give `input` for its {first} stage")
         for i, stage in enumerate(self.stages[1:], start=1):
             if stage.stage == "import":

@@ -14,11 +14,14 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def row_text(kind: str, row: dict) -> str:
-    """The text a row is compared and embedded by: the caption; the question with its options; or every turn."""
+    """The text a row is compared and embedded by: the caption; the question with its options (or, for a region
+    question, its boxes' labels); or every turn."""
     if kind == "caption":
         return row.get("caption", "")
     if kind == "mcq":
         return " ".join([row.get("question", ""), *(row.get("options") or {}).values()])
+    if kind == "grounding":
+        return " ".join([row.get("question", ""), *(b.get("label", "") for b in row.get("boxes") or [])])
     parts = []
     for message in row.get("messages", []):
         content = message.get("content")

@@ -166,3 +166,7 @@ register_stage(StageType(
     "mcq", f"{_C}:MCQStage", "patho_r1.curate.mcq:run_mcq", inputs=("exclude", "labels", "pool", "prompts"),
     appends=lambda stage: stage.source == "teacher", teacher=True, arguments=f"{_A}:mcq_arguments",
     help="stratified RL MCQs from captions the SFT data does not use"))
+register_stage(StageType(
+    "wsi", f"{_C}:WSIStage", "patho_r1.curate.wsi:run_wsi", parent="none", inputs=("slides", "annotations"),
+    estimate="patho_r1.curate.wsi:count_slides", arguments=f"{_A}:wsi_arguments",
+    help="whole slides -> tiles at chosen magnifications, multi-scale and grounding rows"))

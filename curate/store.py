@@ -34,7 +34,7 @@ from patho_r1.data import invalid_json
 from patho_r1.errors import DataError
 
 MANIFEST = "manifest.json"
-KINDS = ("caption", "mcq", "conversation")
+KINDS = ("caption", "mcq", "conversation", "grounding")
 IMAGE_DIR = "images"
 
 # First bytes of the image formats pathology corpora ship; anything else is opened by PIL to learn its format.

@@ -22,6 +22,31 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from patho_r1.embed.bench import BenchOptions, load_suite, parse_model, run_bench
+    from patho_r1.embed.bench_report import headline, write_outputs
+    from patho_r1.errors import ConfigError
+    from patho_r1.outputs import check_output_folder
+
+    suite = load_suite(args.suite)  # every input checked before the first model loads
+    if not Path(args.data).is_dir():
+        raise ConfigError(f"--data: {args.data} is not a folder")
+    models = [parse_model(m) for m in args.model]
+    ours = (Path(args.out) / "patho_manifest.json").is_file()
+    check_output_folder(args.out, "embed bench", ours=ours, overwrite=args.overwrite)
+    opts = BenchOptions(tasks=[t for t in (args.tasks or "").split(",") if t] or None, strict=args.strict,
+                        batch_size=args.batch_size, n_boot=args.bootstrap, seed=args.seed,
+                        allow_outside_images=args.allow_outside_images,
+                        max_samples=args.max_samples if args.max_samples is not None else "suite",
+                        note=lambda line: print(f"note: {line}"))
+    results = run_bench(suite, args.data, models, opts)
+    out = write_outputs(args.out, results)
+    print((out / "results.md").read_text())
+    print(headline(results))
+    print(f"written to {out}/ (results.md, results.json, results.png, selection.json)")
+    return 0
+
+
 def register(sub, add_phase_command) -> None:
     p = sub.add_parser("embed", help="train or evaluate the embedding head")
     esub = p.add_subparsers(dest="embed_command", required=True)
@@ -34,6 +59,25 @@ def register(sub, add_phase_command) -> None:
     e.add_argument("--out", default="runs/embed-eval")
     e.add_argument("--batch-size", type=int, default=32)
     e.set_defaults(func=_cmd_eval)
+    b = esub.add_parser("bench", help="an embedding suite (PMEB: retrieval, composed retrieval, zero-shot "
+                        "classification over the public datasets) for one or more models")
+    b.add_argument("--suite", default="pmeb", help="a shipped suite (pmeb) or a suite YAML")
+    b.add_argument("--data", required=True, help="the folder the suite's task paths are relative to")
+    b.add_argument("--model", action="append", required=True,
+                   help="[LABEL=][homie:|clip:]PATH: a HOMIE adapter folder or base checkpoint, or any transformers "
+                   "CLIP directory (PathoCLIP, PLIP); repeatable")
+    b.add_argument("--tasks", help="comma-separated task names (default: every task of the suite)")
+    b.add_argument("--strict", action="store_true", help="a missing task folder or a rejected row is an error")
+    b.add_argument("--allow-outside-images", action="store_true", help="take image files that a dataset's rows name "
+                   "outside its folder (through .., an absolute path or a link); default: such a row is rejected")
+    b.add_argument("--max-samples", type=int, help="items per task (default: the suite's, 1,000 for PMEB)")
+    b.add_argument("--seed", type=int, help="the selection and bootstrap seed (default: the suite's)")
+    b.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    b.add_argument("--batch-size", type=int, default=32, help="inputs per forward pass of a model")
+    b.add_argument("--out", default="runs/embed-bench", help="the results folder (results.md, results.json, "
+                   "results.png, selection.json)")
+    b.add_argument("--overwrite", action="store_true", help="replace an --out folder this command did not write")
+    b.set_defaults(func=_cmd_bench)
 
 
 def _clip_done(cfg, result) -> None:

@@ -293,28 +293,32 @@ def score_and_write(bench: Benchmark, loaded: LoadedBenchmark, responses: list[s
     return report
 
 
+def load_generator(model: str, engine: str = "hf") -> tuple[ResponseGenerator, object, object]:
+    """(generator, tokenizer, processor) for a checkpoint: with `hf` the model on the GPU when there is one and its
+    own tokenizer and processor; another engine loads the model itself (tokenizer and processor None)."""
+    from patho_r1.eval.generation import make_generator
+    from patho_r1.models import load_backbone
+
+    if engine != "hf":
+        return make_generator(model, engine=engine), None, None
+    import torch
+
+    backbone = load_backbone(model)
+    if torch.cuda.is_available():
+        backbone.model.to("cuda")
+    return make_generator(backbone), backbone.tokenizer, backbone.processor
+
+
 def run_benchmark(name: str, data: str | Path, model: str, out_dir: str | Path, *, engine: str = "hf",
                   prompt: PromptMode = "cot", split: str | None = None, subsets: list[str] | None = None,
                   question_filter: str | None = None, images: str | None = None, limit: int | None = None,
                   on_error: OnError = "raise", max_new_tokens: int = 512, batch_size: int = 16,
                   scorer: str = "official", llm_judge=None, seed: int = 42, show_progress: bool = False) -> dict:
     """Read, generate, then score and write (as `eval score` would) one benchmark for one checkpoint."""
-    from patho_r1.eval.generation import make_generator
-    from patho_r1.models import load_backbone
-
     bench = get_benchmark(name)
     loaded = bench.read(data, images=images, split=split, subsets=subsets, question_filter=question_filter,
                         limit=limit, on_error=on_error)
-    tokenizer = None
-    if engine == "hf":
-        import torch
-
-        backbone = load_backbone(model)
-        if torch.cuda.is_available():
-            backbone.model.to("cuda")
-        generator, tokenizer = make_generator(backbone), backbone.tokenizer
-    else:
-        generator = make_generator(model, engine=engine)
+    generator, tokenizer, _ = load_generator(model, engine)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)
     responses = generate_responses(bench, loaded.records, generator, sampling, prompt=prompt,
                                    show_progress=show_progress)

@@ -86,12 +86,35 @@ def _cmd_bench(args) -> int:
     out = Path(args.out or f"runs/bench/{args.name}")
     check_output_folder(out, "eval bench", ours=True)  # it writes only its own files: a path that is a file is refused
     judge = _bench_judge(args, bench, out)
+    if args.detail_completion or args.detail_config or args.slides:  # either of the two implies it
+        return _bench_with_details(args, out, judge)
     report = run_benchmark(args.name, args.data, args.model, out, engine=args.engine, prompt=args.prompt,
                            split=args.split, subsets=args.subsets, question_filter=args.question_filter,
                            images=args.images, limit=args.limit, on_error=args.on_error,
                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, scorer=args.scorer,
                            llm_judge=judge, seed=args.seed, show_progress=True)
     _print_report("bench", report, out)
+    return 0
+
+
+def _bench_with_details(args, out, judge) -> int:
+    """`eval bench --detail-completion`: the benchmark without and with OmniPath-style detail completion, paired
+    (`patho_r1.eval.detail_completion`)."""
+    from patho_r1.eval.detail_completion import DETAIL_DIR, load_detail_config, run_detail_benchmark
+
+    detail = load_detail_config(args.detail_config, slides_dir=args.slides)
+    comparison = run_detail_benchmark(
+        args.name, args.data, args.model, out, detail=detail, engine=args.engine, prompt=args.prompt,
+        split=args.split, subsets=args.subsets, question_filter=args.question_filter, images=args.images,
+        limit=args.limit, on_error=args.on_error, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        scorer=args.scorer, llm_judge=judge, seed=args.seed, show_progress=True)
+    paired, counts = comparison["paired"], comparison["detail"]
+    test = paired["mcnemar"] or {}
+    print(f"[bench] {args.name}: n={paired['n']} accuracy without {paired['without']['accuracy']}, with detail "
+          f"completion {paired['with']['accuracy']} (McNemar +{test.get('gained', 0)}/-{test.get('lost', 0)}, "
+          f"p={test.get('p_value', 1.0):.3g}); crops {counts['cropped']} ({counts['from_slide']} from the slide), "
+          f"fell back {counts['fell_back']} {counts['fallback_reasons']}; tables in {out}/results.md and "
+          f"{out}/{DETAIL_DIR}/")
     return 0
 
 
@@ -235,6 +258,13 @@ def register(sub) -> None:
     b.add_argument("--limit", type=int)
     b.add_argument("--max-new-tokens", type=int, default=512)
     b.add_argument("--batch-size", type=int, default=16)
+    b.add_argument("--detail-completion", action="store_true",
+                   help="also answer in two passes (OmniPath's detail completion): the model names a box, its crop "
+                   "at a higher magnification is appended, the model answers; both accuracies, paired")
+    b.add_argument("--detail-config", help="YAML of the two passes' prompts and crop settings (DetailConfig; "
+                   "implies --detail-completion)")
+    b.add_argument("--slides", help="folder of the slides that tile rows name (`slide`): crops are read from "
+                   "them (implies --detail-completion)")
     b.set_defaults(func=_cmd_bench)
     s = esub.add_parser("score", help="score predictions that already exist (ours, {id, prediction} JSONL, or "
                         "VLMEvalKit's .xlsx/.tsv/.json) without loading a model")

@@ -153,3 +153,7 @@ register_phase(PhaseType(
     "curate", "patho_r1.curate.config:CuratePhaseConfig", "patho_r1.launch.curate_phase:run_curate", ray_train=False,
     uses_model=False, headline=(), summary="the data engine: import, dedup, decontaminate, tag, cluster",
     not_planned="no GPU training", result=f"{_REPORT}:curate_result"))
+register_phase(PhaseType(
+    "embed_bench", "patho_r1.embed.bench_phase:EmbedBenchConfig", "patho_r1.embed.bench_phase:run_embed_bench",
+    ray_train=False, uses_model=False, headline=(), summary="an embedding suite (PMEB) over trained embedders",
+    not_planned="inference only: one embedder at a time", result=f"{_REPORT}:embed_bench_result"))

@@ -59,6 +59,7 @@ def collect(run_dir: str | Path) -> dict:
     report: dict = {"recipe": state.get("recipe", run_dir.name), "recipe_hash": state.get("recipe_hash"),
                     "context": state.get("context", {}), "phase_links": {},
                     "mcq": {}, "paired": [], "samples": {}, "retrieval": {}, "pathoclip": {}, "curate": {},
+                    "embed_bench": {},
                     "wall_time_s": {}, "training": {}}
     evals = [n for n, e in state["phases"].items() if (phase_dir(run_dir, n, e) / "summary.json").is_file()]
     for name, entry in state["phases"].items():
@@ -86,6 +87,9 @@ def collect(run_dir: str | Path) -> dict:
         if (out / "eval" / "comparison.json").is_file():  # a clip phase's evaluation
             report["pathoclip"][name] = {**read_json(out / "eval" / "comparison.json"),
                                          "plot": str(out / "eval" / "few_shot.png")}
+        if (out / "bench" / "results.json").is_file():  # an embed_bench phase's suite (embed.bench_report)
+            report["embed_bench"][name] = {**read_json(out / "bench" / "results.json"),
+                                           "plot": str(out / "bench" / "results.png")}
         stages = curate_stages(out)
         if stages:
             report["curate"][name] = stages
@@ -214,6 +218,10 @@ def draw(report: dict, plot_dir: Path) -> dict[str, Path]:
     for name, r in report["pathoclip"].items():
         if Path(r["plot"]).is_file():
             drawn[f"{name}: PathoCLIP few-shot linear probe"] = Path(r["plot"])
+    for name, r in report.get("embed_bench", {}).items():
+        if Path(r["plot"]).is_file():
+            drawn[f"{name}: embedding suite {r['suite']}, headline metric per task with its 95% interval"] = \
+                Path(r["plot"])
     for name, r in report["retrieval"].items():
         drawn[f"{name}: {RETRIEVAL_CAPTION}"] = plots.retrieval(r.get("tasks", {}), plot_dir / f"{name}_retrieval.png",
                                                                  name)
@@ -352,6 +360,10 @@ def render_markdown(report: dict, figures: dict[str, Path] | None = None, root: 
         from patho_r1.embed.clip_eval import comparison_markdown
 
         lines += [f"## PathoCLIP ({name})", "", comparison_markdown(r["results"])]
+    for name, r in report.get("embed_bench", {}).items():
+        from patho_r1.embed.bench_report import markdown as bench_markdown
+
+        lines += [f"## Embedding suite ({name})", "", *bench_markdown(r).splitlines()[2:], ""]
     for name, stages in report.get("curate", {}).items():
         lines += _curate_markdown(name, stages)
     lines += context_lines(report)
@@ -445,6 +457,14 @@ def clip_result(out: Path, metrics: dict) -> str:
             parts.append(f"{label}: mean R={r.get('mean_recall', float('nan')):.2f} "
                          f"zero-shot={z.get('accuracy', float('nan')):.2f}")
     return "  ".join(parts)
+
+
+def embed_bench_result(out: Path, metrics: dict) -> str:
+    """The embedding suite: each model's mean headline (R@1, weighted F1) over its tasks."""
+    from patho_r1.embed.bench_report import headline
+
+    path = out / "bench" / "results.json"
+    return headline(read_json(path)) if path.is_file() else ""
 
 
 def curate_result(out: Path, metrics: dict) -> str:

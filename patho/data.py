@@ -1,4 +1,4 @@
-"""Typed records for the five dataset kinds and streaming loaders that name the file, row and field of bad input.
+"""Typed records for the dataset kinds and streaming loaders that name the file, row and field of bad input.
 
 Kinds and their records:
 
@@ -8,6 +8,7 @@ Kinds and their records:
 | `conversation` | `ConversationRecord` | chain-of-thought SFT        |
 | `mcq`          | `MCQRecord`          | RL prompts, MCQ evaluation  |
 | `embed_pair`   | `EmbedPairRecord`    | embedding training and eval |
+| `grounding`    | `GroundingRecord`    | region answers (boxes)      |
 
 The fifth kind, the VLMEvalKit TSV, is read by `iter_vlmeval_tsv` into `MCQRecord`s.
 
@@ -184,11 +185,70 @@ class EmbedPairRecord(_Record):
     target_id: str | None = None
 
 
+class GroundingBox(BaseModel):
+    """One target region: `[x1, y1, x2, y2]` in the original image's pixels (pixel edges: `x2 = x1 + width`; see
+    `patho_r1.boxes`) and what it is."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    bbox: list[float] = Field(min_length=4, max_length=4)
+    label: str
+
+    _label_not_blank = field_validator("label")(_not_blank)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        x1, y1, x2, y2 = self.bbox
+        if x1 < 0 or y1 < 0 or x2 <= x1 or y2 <= y1:
+            raise ValueError(f"bbox {self.bbox} is not [x1, y1, x2, y2] with 0 <= x1 < x2 and 0 <= y1 < y2")
+        return self
+
+
+class GroundingRecord(_Record):
+    """A referring question about an image and its target boxes (`boxes: []`: the structure is not there).  `image`
+    is shorthand for `images: [image]`; with several images (a context tile and detail crops) `box_image` says
+    which one the boxes are drawn on, and `image_size` is that image's `[width, height]` when known."""
+
+    question: str
+    boxes: list[GroundingBox]
+    image: ImageRef | None = Field(None, description="shorthand for images=[image]; moved there on loading")
+    images: list[ImageRef] = Field(default_factory=list)
+    box_image: int = Field(0, ge=0)
+    image_size: tuple[int, int] | None = None
+
+    _question_not_blank = field_validator("question")(_not_blank)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _image_into_images(cls, raw):
+        if isinstance(raw, dict) and raw.get("image") is not None:
+            if raw.get("images"):
+                raise ValueError("image: give `image` or `images`, not both")
+            raw = {**raw, "images": [raw["image"]], "image": None}
+        return raw
+
+    @model_validator(mode="after")
+    def _check_images_and_boxes(self):
+        if not self.images:
+            raise ValueError("images: a grounding record needs the image its boxes are drawn on")
+        if self.box_image >= len(self.images):
+            raise ValueError(f"box_image: {self.box_image} but only {len(self.images)} image(s)")
+        if self.image_size is None:
+            return self
+        w, h = self.image_size
+        if w <= 0 or h <= 0:
+            raise ValueError(f"image_size: {list(self.image_size)} is not a [width, height] in pixels")
+        for i, box in enumerate(self.boxes):
+            if box.bbox[2] > w or box.bbox[3] > h:
+                raise ValueError(f"boxes.{i}.bbox: {box.bbox} reaches outside the {w}x{h} image")
+        return self
+
+
 RECORD_TYPES: dict[str, type[_Record]] = {
     "caption": CaptionRecord,
     "conversation": ConversationRecord,
     "mcq": MCQRecord,
     "embed_pair": EmbedPairRecord,
+    "grounding": GroundingRecord,
 }
 
 

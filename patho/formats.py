@@ -26,6 +26,7 @@ Adding a format is one `register_format` call; nothing else dispatches on the na
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
 import re
@@ -118,6 +119,18 @@ class SourceFormat:
 
 FORMATS: dict[str, SourceFormat] = {}
 
+# Families of formats kept in their own modules (each registers its formats when imported).  They import this module
+# for `register_format` and its helpers, so this module loads them on first lookup rather than importing them at
+# its top: a one-way dependency, not a cycle.
+FORMAT_FAMILIES = ("patho_r1.grounding_formats", "patho_r1.pmeb_formats")
+
+
+def all_formats() -> dict[str, SourceFormat]:
+    """Every registered format, the families' included."""
+    for module in FORMAT_FAMILIES:
+        importlib.import_module(module)
+    return FORMATS
+
 
 def register_format(fmt: SourceFormat) -> SourceFormat:
     if fmt.name in FORMATS:
@@ -127,10 +140,11 @@ def register_format(fmt: SourceFormat) -> SourceFormat:
 
 
 def get_format(name: str) -> SourceFormat:
+    formats = all_formats()
     try:
-        return FORMATS[name]
+        return formats[name]
     except KeyError:
-        raise KeyError(f"unknown import format {name!r}; known: {', '.join(FORMATS)}") from None
+        raise KeyError(f"unknown import format {name!r}; known: {', '.join(formats)}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------------

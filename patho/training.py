@@ -251,9 +251,19 @@ class ResumeWeightsMixin:
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
+def _trainer_state_problem(checkpoint: Path) -> str | None:
+    """HF writes trainer_state.json last, but not atomically: a kill while it is written leaves it empty or cut off,
+    and resuming from it fails deep inside `Trainer.train` (found by tests/test_liveness.py's kill-anywhere)."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError) as exc:
+        return f"trainer_state.json unreadable, cut off while it was written ({type(exc).__name__})"
+    return None
+
+
 def latest_checkpoint(cfg: TrainConfig) -> str | None:
-    """Newest intermediate checkpoint that is whole: fully written (HF writes trainer_state.json last), with every
-    safetensors file matching its header.  A damaged newer one is skipped, and the log says which and why."""
+    """Newest intermediate checkpoint that is whole: fully written (HF writes trainer_state.json last; it must parse),
+    with every safetensors file matching its header.  A damaged newer one is skipped, and the log says which and why."""
     root = Path(cfg.output_dir) / CHECKPOINTS_SUBDIR
     if not root.is_dir():
         return None
@@ -263,7 +273,7 @@ def latest_checkpoint(cfg: TrainConfig) -> str | None:
         if m and (d / "trainer_state.json").is_file():
             found.append((int(m.group(1)), d))
     for _, d in sorted(found, reverse=True):
-        problem = checkpoint_problem(d)
+        problem = _trainer_state_problem(d) or checkpoint_problem(d)
         if problem is None:
             return str(d)
         logger.warning("checkpoint %s is damaged (%s); trying an older one", d, problem)

@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from patho_r1.rewards.accuracy import AccuracyReward
 from patho_r1.rewards.format import FormatReward
+from patho_r1.rewards.grounding import GroundingReward
 from patho_r1.rewards.length import SoftOverlongReward
 
 logger = logging.getLogger(__name__)
@@ -168,6 +169,7 @@ REGISTRY = RewardRegistry()
 REGISTRY.register("format", FormatReward)
 REGISTRY.register("accuracy", AccuracyReward)
 REGISTRY.register("soft_overlong", SoftOverlongReward)
+REGISTRY.register("grounding", GroundingReward)
 
 
 def register_reward(name: str, factory: Callable[..., RewardFn] | None = None, *, overwrite: bool = False):

@@ -274,9 +274,9 @@ def test_every_registered_benchmark_names_a_known_reader_and_the_cli_offers_each
     import argparse
 
     from patho_r1.eval.cli import register
-    from patho_r1.formats import FORMATS
+    from patho_r1.formats import all_formats
 
-    assert {b.format for b in BENCHMARKS.values()} - {None} <= set(FORMATS)  # None: our own MCQ sets
+    assert {b.format for b in BENCHMARKS.values()} - {None} <= set(all_formats())  # None: our own MCQ sets
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
     args = parser.parse_args(["eval", "bench", "--name", "pathmmu", "--data", "d", "--model", "m"])

@@ -89,6 +89,22 @@ def test_a_truncated_checkpoint_is_skipped_for_the_newest_intact_one(tmp_path, c
     assert "checkpoint-10 is damaged (model.safetensors:" in caplog.text and "truncated" in caplog.text
 
 
+def test_a_checkpoint_killed_while_its_trainer_state_was_written_is_skipped(tmp_path, caplog):
+    """HF opens trainer_state.json, truncating it, then writes it: a kill in between leaves it empty (seen in CI)."""
+    from types import SimpleNamespace
+
+    from patho_r1.training import latest_checkpoint
+
+    for step, state in ((5, '{"global_step": 5}'), (10, ""), (15, '{"global_st')):
+        _weights(tmp_path / f"checkpoints/checkpoint-{step}", float(step))
+        (tmp_path / f"checkpoints/checkpoint-{step}/trainer_state.json").write_text(state)
+    with caplog.at_level("WARNING"):
+        found = latest_checkpoint(SimpleNamespace(output_dir=str(tmp_path)))
+    assert found == str(tmp_path / "checkpoints/checkpoint-5")
+    assert "checkpoint-15 is damaged (trainer_state.json unreadable" in caplog.text
+    assert "checkpoint-10 is damaged (trainer_state.json unreadable" in caplog.text
+
+
 def test_a_sealed_final_model_that_changed_is_no_longer_complete(tmp_path):
     path = _weights(tmp_path, 1.0)
     write_manifest(tmp_path, Manifest(phase="sft", complete=True))

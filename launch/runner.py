@@ -118,6 +118,11 @@ def _worker_env(plan: Plan) -> dict[str, str]:
                 "HF_DATASETS_DISABLE_PROGRESS_BARS"):
         if key in os.environ:
             env[key] = os.environ[key]
+    if cluster_address(plan) is None:
+        # A Ray this driver starts has one node, which no autoscaler drains: Ray Train's preemption watcher (an actor
+        # per phase, about 2 s of CPU to start, measured) has nothing to watch.  On a cluster it stays on.
+        watcher = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+        env[watcher] = os.environ.get(watcher, "0")
     return env
 
 

@@ -190,14 +190,26 @@ def pytest_configure(config):
 # longest (about 7 and 5 of the 15 minutes on two workers, measured in CI) start at once on different workers.
 LONGEST_FIRST = ("tests/test_liveness.py::test_kill_anywhere", "tests/test_multiworker.py::test_sft_two_workers",
                  "tests/test_submit.py::test_submit_on_a_real_cluster")
+# The test that builds the shared SFT model (`sft_model_dir`, about a minute) goes right after them, and the tests that
+# only read it after every other slow test: in file order, both workers asked for it at once and one of them waited
+# the whole minute on the other's build (52-65 s of a worker idle, measured in CI).
+BUILDS_SHARED = ("tests/test_learning.py::test_sft_teaches",)
+READS_SHARED = ("tests/test_learning.py::test_rl_raises",)
 
 
 def pytest_collection_modifyitems(config, items):
     """The longest tests first, then the other slow end-to-end ones, so that the workers start them early and the
     short ones fill in around them (xdist hands out tests in collection order, one at a time with --maxschedchunk 1);
     file order otherwise."""
+    def rank(item, prefixes) -> int | None:
+        return next((i for i, prefix in enumerate(prefixes) if item.nodeid.startswith(prefix)), None)
+
     def order(item) -> tuple[int, int]:
-        longest = next((i for i, prefix in enumerate(LONGEST_FIRST) if item.nodeid.startswith(prefix)), None)
-        return (0, longest) if longest is not None else (1 if item.get_closest_marker("slow") else 2, 0)
+        for group, prefixes in enumerate((LONGEST_FIRST, BUILDS_SHARED)):
+            if (i := rank(item, prefixes)) is not None:
+                return (group, i)
+        if rank(item, READS_SHARED) is not None:
+            return (3, 0)
+        return (2, 0) if item.get_closest_marker("slow") else (4, 0)
 
     items.sort(key=order)  # stable

@@ -32,19 +32,23 @@ def submit(recipe: str, out: str, *extra: str, timeout: float = 420) -> dict:
 
 
 def interrupted(recipe: str, out: str) -> dict:
-    """Submit, wait for the job's first log line, press Ctrl-C; then ask the cluster whether the job still runs (it
-    must), and stop it: waiting for it to end would prove nothing more.  `out` is this step's own output root, so the
-    stopped job leaves nothing half-written where the other steps' outputs are checked."""
+    """Submit, wait until the client tails the job's logs, press Ctrl-C; then ask the cluster whether the job still
+    runs (it must), and stop it: waiting for it to end would prove nothing more.  `out` is this step's own output
+    root, so the stopped job leaves nothing half-written where the other steps' outputs are checked."""
     proc = subprocess.Popen([sys.executable, "-m", "patho_r1.launch.cli", "submit", recipe, "--address", ADDRESS,
                              "--output-root", out, "--phases", "eval"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     seen = ""
     deadline = time.time() + 120
-    while "[run]" not in seen and time.time() < deadline:
+    while "submitted" not in seen and time.time() < deadline:
         line = proc.stdout.readline()
         if not line:
             break
         seen += line
+    # Ctrl-C while the client tails the logs: two seconds after the submission, when the job's driver is still
+    # starting (its imports alone take longer).  Waiting for the job's first log line instead raced the job's end on a
+    # loaded machine, where the tail delivered that line with the rest.
+    time.sleep(2)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
     job = next((w for w in (seen + stdout).split() if w.strip("'\".,").startswith("raysubmit_")), None)

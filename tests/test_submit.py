@@ -155,7 +155,7 @@ def test_submit_on_a_real_cluster_writes_to_output_root_resumes_survives_ctrl_c_
     assert steps["spread"]["rc"] == 0, steps["spread"]["out"]
     assert (spread_out / "cpt" / "model").is_dir()
     assert {p.name for p in (spread_out / "logs").glob("cpt.rank*.log")} == {"cpt.rank0.log", "cpt.rank1.log"}
-    assert steps["interrupted"]["rc"] == 130
+    assert steps["interrupted"]["rc"] == 130, steps["interrupted"]
     assert "RUNNING" in steps["interrupted"]["status"] or "PENDING" in steps["interrupted"]["status"], steps[
         "interrupted"]  # the job goes on without its client
     assert "keeps running" in steps["interrupted"]["err"] and "ray job stop" in steps["interrupted"]["err"]

@@ -190,7 +190,9 @@ def submit(recipe: str, *, address: str, phases: str | None = None, resume: bool
                                                  "output_root": plan.recipe.output_root})
         except RuntimeError as exc:  # the job API's refusal: its first line is the reason
             raise SubmitError(f"the cluster at {address} refused the job: {str(exc).splitlines()[0]}") from None
-    print(f"submitted {plan.recipe.name} as job {job_id} to {address}; outputs in {plan.recipe.output_root}")
+    # flushed: piped into `tee` or a CI log, the job id must show before the (long) tail, not with its first lines
+    print(f"submitted {plan.recipe.name} as job {job_id} to {address}; outputs in {plan.recipe.output_root}",
+          flush=True)
     return tail(client, job_id, address, stop_on_interrupt) if wait else 0
 
 

@@ -164,3 +164,33 @@ def test_submit_on_a_real_cluster_writes_to_output_root_resumes_survives_ctrl_c_
     auth = steps["token_auth"]
     assert auth["rc"] == 2 and "Traceback" not in auth["err"] and len(auth["err"].strip().splitlines()) == 1, auth
     assert "export RAY_AUTH_MODE=token" in auth["err"]
+
+
+TAIL_SCRIPT = """
+import asyncio, sys
+from patho_r1.launch.submit import tail
+
+class Client:  # a job whose log stream sends a line, then waits (a long training phase)
+    async def tail_job_logs(self, job_id):
+        yield "[run] 1/1 sft\\n"
+        await asyncio.sleep(3600)
+        yield "never"
+
+sys.exit(tail(Client(), "raysubmit_x", "http://127.0.0.1:8265"))
+"""
+
+
+def test_one_ctrl_c_while_tailing_leaves_at_once_with_130(tmp_path):
+    """One Ctrl-C ends the client within a second, whatever the log stream is awaiting, even when it lands while the
+    tail is starting (the first version of the threaded tail let that one through as a traceback)."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", TAIL_SCRIPT], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=tmp_path)
+    assert proc.stdout.readline().startswith("[run]")
+    proc.send_signal(signal.SIGINT)
+    sent = time.time()
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and time.time() - sent < 1.5, (proc.returncode, err)
+    assert "keeps running" in err and "ray job stop raysubmit_x" in err and "Traceback" not in err

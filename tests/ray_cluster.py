@@ -1,8 +1,8 @@
 """Run inside `unshare --net --pid --fork --mount-proc` by tests/test_submit.py: bring loopback up, start a one-node
 Ray cluster in a temporary folder, and drive `patho-r1 submit` against it three times (a first run, a `--resume`, a
 run interrupted with Ctrl-C while tailing); with a second recipe, join a second node and submit it (a phase whose
-workers must land on different nodes); then restart the head with token auth and submit from a client without it;
-print one JSON line with each step's exit code and output.  The network
+workers must land on different nodes); then submit from a client that has not turned token auth on (the head asks
+for it from the start); print one JSON line with each step's exit code and output.  The network
 namespace has loopback only, so the head's ports are reachable from nowhere else, and `ray stop` sees only this
 namespace's processes.
 
@@ -32,19 +32,23 @@ def submit(recipe: str, out: str, *extra: str, timeout: float = 420) -> dict:
 
 
 def interrupted(recipe: str, out: str) -> dict:
-    """Submit, wait for the job's first log line, press Ctrl-C; then ask the cluster whether the job still runs (it
-    must), and stop it: waiting for it to end would prove nothing more.  `out` is this step's own output root, so the
-    stopped job leaves nothing half-written where the other steps' outputs are checked."""
+    """Submit, wait until the client tails the job's logs, press Ctrl-C; then ask the cluster whether the job still
+    runs (it must), and stop it: waiting for it to end would prove nothing more.  `out` is this step's own output
+    root, so the stopped job leaves nothing half-written where the other steps' outputs are checked."""
     proc = subprocess.Popen([sys.executable, "-m", "patho_r1.launch.cli", "submit", recipe, "--address", ADDRESS,
                              "--output-root", out, "--phases", "eval"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     seen = ""
     deadline = time.time() + 120
-    while "[run]" not in seen and time.time() < deadline:
+    while "submitted" not in seen and time.time() < deadline:
         line = proc.stdout.readline()
         if not line:
             break
         seen += line
+    # Ctrl-C while the client tails the logs: two seconds after the submission, when the job's driver is still
+    # starting (its imports alone take longer).  Waiting for the job's first log line instead raced the job's end on a
+    # loaded machine, where the tail delivered that line with the rest.
+    time.sleep(2)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
     job = next((w for w in (seen + stdout).split() if w.strip("'\".,").startswith("raysubmit_")), None)
@@ -58,20 +62,12 @@ def interrupted(recipe: str, out: str) -> dict:
             "status": status[-2000:]}
 
 
-def token_auth(recipe: str, out: str, temp: str, env: dict) -> dict:
-    """A head started with token auth, and a client that has not turned it on: the refusal must be one line."""
-    token_env = {**env, "RAY_AUTH_MODE": "token"}
-    subprocess.run([RAY, "get-auth-token", "--generate"], capture_output=True, env=token_env, check=True)
-    subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", "--port=6379", "--dashboard-host=127.0.0.1",
-                    "--dashboard-port=8265", "--num-cpus=1", f"--temp-dir={temp}", "--disable-usage-stats"],
-                   capture_output=True, env=token_env, check=True)
-    try:
-        client_env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
-        done = subprocess.run([sys.executable, "-m", "patho_r1.launch.cli", "submit", recipe, "--address", ADDRESS,
-                               "--output-root", out, "--no-wait"], capture_output=True, text=True, timeout=120,
-                              env=client_env)
-    finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True)
+def token_auth(recipe: str, out: str) -> dict:
+    """The head asks for token auth; a client that has not turned it on is refused in one line."""
+    client_env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    done = subprocess.run([sys.executable, "-m", "patho_r1.launch.cli", "submit", recipe, "--address", ADDRESS,
+                           "--output-root", out, "--no-wait"], capture_output=True, text=True, timeout=120,
+                          env=client_env)
     return {"rc": done.returncode, "out": done.stdout[-2000:], "err": done.stderr[-2000:]}
 
 
@@ -79,12 +75,15 @@ def main() -> int:
     recipe, out, temp = sys.argv[1:4]
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     Path(temp).mkdir(parents=True, exist_ok=True)
-    # the head runs from an activated environment, as on a real node: a job's `python` is that environment's
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # The head runs from an activated environment, as on a real node: a job's `python` is that environment's.  It
+    # asks for token auth (one head for every step: a second start costs half a minute); the submitting clients
+    # here have turned it on (RAY_AUTH_MODE=token, the token in ~/.ray/auth_token), the last one has not.
+    os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token",
+                      PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    subprocess.run([RAY, "get-auth-token", "--generate"], capture_output=True, check=True)
     started = subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", "--port=6379",
                               "--dashboard-host=127.0.0.1", "--dashboard-port=8265", "--num-cpus=2",
-                              f"--temp-dir={temp}", "--disable-usage-stats"], capture_output=True, text=True, env=env)
+                              f"--temp-dir={temp}", "--disable-usage-stats"], capture_output=True, text=True)
     if started.returncode:
         print(f"ray start failed:\n{started.stdout[-3000:]}\n{started.stderr[-3000:]}", file=sys.stderr)
         return 1
@@ -94,14 +93,13 @@ def main() -> int:
         steps["interrupted"] = interrupted(recipe, f"{out}-interrupted")
         if len(sys.argv) > 5:  # a second node (its own raylet, one CPU), then a phase spread over both nodes
             joined = subprocess.run([RAY, "start", "--address=127.0.0.1:6379", "--node-ip-address=127.0.0.1",
-                                     "--num-cpus=1", "--disable-usage-stats"], capture_output=True, text=True,
-                                    env=env)
+                                     "--num-cpus=1", "--disable-usage-stats"], capture_output=True, text=True)
             steps["second_node"] = {"rc": joined.returncode, "out": joined.stdout[-2000:],
                                     "err": joined.stderr[-2000:]}
             steps["spread"] = submit(sys.argv[4], sys.argv[5])
+        steps["token_auth"] = token_auth(recipe, out)
     finally:
         subprocess.run([RAY, "stop", "--force"], capture_output=True)  # this PID namespace's Ray only
-    steps["token_auth"] = token_auth(recipe, out, temp, env)
     print(json.dumps(steps))
     return 0
 

@@ -73,6 +73,10 @@ def token_auth(recipe: str, out: str) -> dict:
 
 def main() -> int:
     recipe, out, temp = sys.argv[1:4]
+    # A shell's background job starts with SIGINT ignored, and a child keeps an ignored signal across exec (CI run as
+    # `.ci/run &` did: the "interrupted" client never saw its Ctrl-C).  A handled one is reset to the default on
+    # exec, so every client started here takes Ctrl-C as a user's terminal would give it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     Path(temp).mkdir(parents=True, exist_ok=True)
     # The head runs from an activated environment, as on a real node: a job's `python` is that environment's.  It

@@ -239,12 +239,14 @@ def run_sft_part(cfg, model_dir: Path, gpu_name: str | None, profile: bool) -> d
 
     from patho_r1.sft.data import conversation_rows, to_dataset
     from patho_r1.sft.trainer import build_sft_trainer
+    from patho_r1.training import skip_deepspeed_shm_kernel
 
     clock = StepClock()
     profiler = StepProfiler(cfg.max_steps) if profile else None
     trainer, _ = build_sft_trainer(cfg, "sft", to_dataset(conversation_rows, source=cfg.data),
                                    system_prompt=cfg.system_prompt,
                                    callbacks=[clock.callback()] + ([profiler.callback()] if profiler else []))
+    skip_deepspeed_shm_kernel(trainer)  # as the SFT phase does: no CPU kernel build for one process on a CPU
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     if profiler:

@@ -178,12 +178,17 @@ def hf_server(tiny_model_dir):
 
 def pytest_configure(config):
     """Each worker's torch gets its share of the cores: two workers of two threads each on two cores spend their time
-    waiting for each other (OpenMP threads spin)."""
+    waiting for each other (OpenMP threads spin: a 0.3 s vision-tower test took 78 s beside one busy process).  The
+    processes a test starts (a `patho-r1` driver, a server, a bench script) get the same share through the
+    environment; Ray's workers already run one thread per CPU they hold."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
     if workers > 1:
         import torch
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        share = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(share)
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(name, str(share))
 
 
 # The longest tests, first: xdist hands the first two to one worker and the next two to the other, so the two

@@ -1,6 +1,7 @@
 """Teacher chain-of-thought: caption rows, through their prompt-grid cells, to an OpenAI-compatible endpoint.
 
-    DIR/generations.jsonl   append-only: one line per finished request, keyed by (record_id, prompt_id)
+    DIR/generations.jsonl   one line per finished request, keyed by (record_id, prompt_id): appended as replies
+                            arrive, then put in the planned order when the stage ends
     DIR/failures.jsonl      append-only: requests that failed after every retry, or whose reply was not a chat
                             completion with text, with a one-line redacted reason (a re-run asks them again)
     DIR/generate.json       the identity of the run that wrote them (teacher, sampling, prompts), to refuse mixing
@@ -192,6 +193,36 @@ def generate(make_jobs: Callable[[], Iterator[Job]], out: Path, endpoint: Endpoi
     progress.total = counts["requests"] = n_jobs - resumed
     pending = (j for j in make_jobs() if j.key not in done)
     run(_send(pending, out, endpoint, with_image, progress, counts))
+    put_in_planned_order(out / GENERATIONS, (job.key for job in make_jobs()))
+
+
+def put_in_planned_order(path: Path, planned: Iterator[str]) -> None:
+    """Rewrite `generations.jsonl` in the order its requests were planned, not the order their replies arrived.
+    With several requests in flight the arrival order changes from run to run, and the filter, the MCQ builder and
+    SFT's seeded sampler read rows in file order: two identical runs would train on different batches.  Only byte
+    offsets are held in memory; rows of keys no longer planned go last in their file order; the rewrite is atomic
+    (a kill leaves the arrival-ordered file, which a resume reads as well)."""
+    if not path.is_file():
+        return
+    rank = {key: i for i, key in enumerate(planned)}
+    spans = []  # (planned position, offset, length)
+    with path.open("rb") as fh:
+        offset = 0
+        for line in fh:
+            row = json.loads(line)
+            spans.append((rank.get(f"{row['record_id']}|{row['prompt_id']}", len(rank)), offset, len(line)))
+            offset += len(line)
+    spans.sort()
+    if all(a[1] < b[1] for a, b in zip(spans, spans[1:], strict=False)):
+        return  # already in order (one request at a time, or a finished stage read again)
+    tmp = path.with_name(path.name + ".tmp")
+    with path.open("rb") as src, tmp.open("wb") as dst:
+        for _, offset, length in spans:
+            src.seek(offset)
+            dst.write(src.read(length))
+        dst.flush()
+        os.fsync(dst.fileno())
+    os.replace(tmp, path)
 
 
 async def _send(pending: Iterator[Job], out: Path, endpoint: EndpointConfig, with_image: bool, progress,

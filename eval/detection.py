@@ -8,8 +8,9 @@ boxes in the micro counts and AP, as 0 in the per-item numbers as the reward sco
 * **P/R/F1 @ IoU 0.5**: each item's boxes are paired one-to-one by the grounding reward's Hungarian matching
   (`rewards.grounding.match_boxes`); pairs at IoU >= 0.5 are true positives, unpaired predictions false positives,
   unpaired targets false negatives, summed over the items (micro).  `per_item_f1` (both empty: 1.0) is the number a
-  paired test between two checkpoints compares.  `mean_iou`: the mean over items of the reward's matched IoU (paired
-  IoUs over max(n_pred, n_target); both empty 1.0), which moves before a box clears IoU 0.5.
+  paired test between two checkpoints compares; `per_item_counts` (`[tp, n_pred, n_target]`) is what an interval
+  on the micro F1 resamples (the `detection` phase's).  `mean_iou`: the mean over items of the reward's matched IoU
+  (paired IoUs over max(n_pred, n_target); both empty 1.0), which moves before a box clears IoU 0.5.
 * **AP**: pycocotools' `COCOeval` (bbox), never a hand-written AP: `AP` is COCO's AP@[.5:.95], `AP50` and `AP75`
   at one threshold, each the 101-point interpolated area under precision/recall: `COCOeval.stats[:3]`
   (cocodataset/cocoapi@8c9bcc3cf640524c4c20a9c40e89cb6a2f2fa0e9, PythonAPI/pycocotools/cocoeval.py `accumulate`,
@@ -112,13 +113,14 @@ def coco_ap(items: Sequence[DetectionItem]) -> dict:
 def score_detection(items: Sequence[DetectionItem], iou_threshold: float = IOU) -> dict:
     """Every number of the module docstring, overall and per class."""
     totals: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
-    per_item_f1, per_item_iou = [], []
+    per_item_f1, per_item_iou, per_item_counts = [], [], []
     for it in items:
         preds = it.predictions or []
         m = match_boxes(preds, it.targets, iou_threshold=iou_threshold)
         malformed = it.predictions is None  # as the reward scores it: 0, even where the target is empty
         per_item_f1.append(0.0 if malformed else m.f1)
         per_item_iou.append(0.0 if malformed else m.mean_iou)
+        per_item_counts.append([m.true_positives, len(preds), len(it.targets)])  # what a micro-F1 interval resamples
         for key in ("__all__", it.label):
             totals[key][0] += m.true_positives
             totals[key][1] += len(preds)
@@ -128,7 +130,8 @@ def score_detection(items: Sequence[DetectionItem], iou_threshold: float = IOU) 
                "mean_iou": float(np.mean(per_item_iou)) if items else None}
     per_class = {c: {**_prf(*totals[c]), **ap["per_class"].get(c, {})} for c in sorted(totals)}
     return {"n": len(items), "malformed": sum(it.predictions is None for it in items), "iou_threshold": iou_threshold,
-            "overall": overall, "per_class": per_class, "per_item_f1": per_item_f1, "per_item_iou": per_item_iou}
+            "overall": overall, "per_class": per_class, "per_item_f1": per_item_f1, "per_item_iou": per_item_iou,
+            "per_item_counts": per_item_counts}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -150,6 +150,12 @@ register_phase(PhaseType(
     summary="score checkpoints on an MCQ set", reads={"data": "mcq"},
     not_planned="inference only: the model's weights plus the engine's KV cache", result=f"{_REPORT}:eval_result"))
 register_phase(PhaseType(
+    "detection", "patho_r1.eval.detection_phase:DetectionPhaseConfig", "patho_r1.eval.detection_phase:run_detection",
+    ray_train=False, headline=(), summary="score checkpoints on referring detection (F1@0.5, AP), paired",
+    reads={"data": "mcq", "prior_from": "mcq"},  # grounding prompts in RL form: open-answer rows, boxes as answer
+    not_planned="inference only: the model's weights plus the engine's KV cache",
+    result="patho_r1.eval.detection_phase:detection_result"))
+register_phase(PhaseType(
     "curate", "patho_r1.curate.config:CuratePhaseConfig", "patho_r1.launch.curate_phase:run_curate", ray_train=False,
     uses_model=False, headline=(), summary="the data engine: import, dedup, decontaminate, tag, cluster",
     not_planned="no GPU training", result=f"{_REPORT}:curate_result"))

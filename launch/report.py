@@ -2,7 +2,8 @@
 per phase, and plots of every training phase.
 
 Everything is read back from the run's own files (`run_state.json`, each phase's `metrics.jsonl`, the eval phase's
-`summary.json`, the embed phase's `eval/metrics.json`), so `patho-r1 report RUN_DIR` redraws any past run:
+`summary.json`, the detection phase's `detection/summary.json`, the embed phase's `eval/metrics.json`), so
+`patho-r1 report RUN_DIR` redraws any past run:
 
     RUN_DIR/report.md     tables, with the plots linked
     RUN_DIR/report.html   the same, plots inline (one file, no server)
@@ -59,14 +60,15 @@ def collect(run_dir: str | Path) -> dict:
     report: dict = {"recipe": state.get("recipe", run_dir.name), "recipe_hash": state.get("recipe_hash"),
                     "context": state.get("context", {}), "phase_links": {},
                     "mcq": {}, "paired": [], "samples": {}, "retrieval": {}, "pathoclip": {}, "curate": {},
-                    "embed_bench": {},
+                    "embed_bench": {}, "detection": {},
                     "wall_time_s": {}, "training": {}}
     evals = [n for n, e in state["phases"].items() if (phase_dir(run_dir, n, e) / "summary.json").is_file()]
     for name, entry in state["phases"].items():
         out = phase_dir(run_dir, name, entry)
         report["wall_time_s"][name] = round(float(entry.get("seconds", 0.0)), 1)
         report["phase_links"][name] = {what: os.path.relpath(out / folder, run_dir) for what, folder in
-                                       (("model", "model"), ("wandb", "wandb"), ("eval", "")) if
+                                       (("model", "model"), ("wandb", "wandb"), ("eval", ""),
+                                        ("detection", "detection")) if
                                        (out / folder).is_dir() and (folder or (out / "summary.json").is_file())}
         rows = read_jsonl(out / "metrics.jsonl")
         if rows:
@@ -90,6 +92,10 @@ def collect(run_dir: str | Path) -> dict:
         if (out / "bench" / "results.json").is_file():  # an embed_bench phase's suite (embed.bench_report)
             report["embed_bench"][name] = {**read_json(out / "bench" / "results.json"),
                                            "plot": str(out / "bench" / "results.png")}
+        if (out / "detection" / "summary.json").is_file():  # a detection phase's results (eval.detection_phase)
+            paired = out / "detection" / "paired.json"
+            report["detection"][name] = {"summary": read_json(out / "detection" / "summary.json"),
+                                         "paired": read_json(paired) if paired.is_file() else []}
         stages = curate_stages(out)
         if stages:
             report["curate"][name] = stages
@@ -364,6 +370,10 @@ def render_markdown(report: dict, figures: dict[str, Path] | None = None, root: 
         from patho_r1.embed.bench_report import markdown as bench_markdown
 
         lines += [f"## Embedding suite ({name})", "", *bench_markdown(r).splitlines()[2:], ""]
+    for name, r in report.get("detection", {}).items():
+        from patho_r1.eval.detection_phase import markdown_lines as detection_lines
+
+        lines += [f"## Referring detection ({name})", "", *detection_lines(r["summary"], r["paired"])]
     for name, stages in report.get("curate", {}).items():
         lines += _curate_markdown(name, stages)
     lines += context_lines(report)

@@ -406,3 +406,39 @@ def test_sample_generations_show_each_checkpoint_on_the_same_items(run_dir):
     page = render_html(collect(run_dir), {})
     assert f'<img src="{thumb}" alt="mcq:7"' in page  # the thumbnail is inline, the page stays one file
     assert "&lt;think&gt;pale debris" in page  # the model's tags shown as text, not parsed as HTML
+
+
+def test_a_detection_phase_shows_its_rows_intervals_paired_tests_and_classes(run_dir):
+    """A `detection` phase's folder (eval.detection_phase) beside an MCQ eval: its own section, numbers by hand."""
+    from patho_r1.eval.detection import DetectionItem, score_detection
+    from patho_r1.eval.detection_phase import paired_tests, row_numbers
+    from patho_r1.launch.report import phase_headline
+    from patho_r1.rewards.grounding import Box
+
+    hit, miss = Box((0, 0, 10, 10)), Box((20, 20, 30, 30))
+    answers = {"sft": [[hit], [miss], [miss]], "rl": [[hit], [hit], [miss]]}
+    reports = {label: score_detection([DetectionItem(c, t, p) for c, t, p in
+                                       zip("aba", [[hit], [hit], [miss]], boxes, strict=True)])
+               for label, boxes in answers.items()}
+    summary = {label: {"role": "checkpoint", **row_numbers(r, n_resamples=500)} for label, r in reports.items()}
+    out = run_dir / "ground/detection"
+    out.mkdir(parents=True)
+    (out / "summary.json").write_text(json.dumps(summary))
+    (out / "paired.json").write_text(json.dumps(paired_tests(reports, [("sft", "rl")], n_resamples=500)))
+    state = json.loads((run_dir / STATE_FILE).read_text())
+    state["phases"]["ground"] = {"name": "ground", "type": "detection", "status": "done", "seconds": 2.0,
+                                 "metrics": {}, "output_dir": str(run_dir / "ground")}
+    (run_dir / STATE_FILE).write_text(json.dumps(state))
+    numbers = write_report(run_dir)
+    text = (run_dir / "report.md").read_text()
+    assert "## Referring detection (ground)" in text and "## Held-out MCQ" in text
+    assert "| ground | 2.0 | - | [detection](ground/detection) |" in text  # the phase's folder, linked
+    # sft: 2 of its 3 boxes right, 2 of 3 targets found: P = R = F1 = 2/3; per prompt F1 and IoU 1, 0, 1
+    ci = summary["sft"]["f1_ci95"]
+    assert ci == [0.0, 1.0]  # three prompts: a resample of the miss alone (1 in 27) and of the hits alone
+    assert "| sft | 3 | 0.667 | 0.00 to 1.00 | 0.667 | 0.667 | 0.667 |" in text
+    assert "| rl | 3 | 1.000 | 1.00 to 1.00 | 1.000 | 1.000 | 1.000 | 1.00 to 1.00 |" in text
+    assert "| sft | rl | 3 | +0.333 |" in text  # mean per-prompt F1 2/3 -> 1
+    assert "| a | sft | 2 | 1.000 |" in text and "| b | sft | 1 | 0.000 |" in text  # per class
+    assert numbers["detection"]["ground"]["summary"]["sft"]["f1"] == 2 / 3 and "sft" in numbers["mcq"]
+    assert phase_headline(run_dir / "ground", {}, "detection") == "F1@0.5 sft=0.67 rl=1.00  mean IoU sft=0.67 rl=1.00"

@@ -295,8 +295,7 @@ def test_boxes_csv_takes_its_own_column_names(tmp_path):
 # The synthetic world's scenes
 # ----------------------------------------------------------------------------------------------------------------------
 
-def _scenes_covering_every_kind():
-    cfg = GroundingConfig()
+def _scenes_covering_every_kind(cfg: GroundingConfig):
     scenes, kinds = [], set()
     for i in range(60):
         scene = make_scene(0, "train", i, cfg)
@@ -309,14 +308,40 @@ def _scenes_covering_every_kind():
     raise AssertionError(f"60 scenes hold only {kinds}")
 
 
-def test_every_box_is_exactly_the_drawn_structures_extent():
-    for scene in _scenes_covering_every_kind():
+GRID = GroundingConfig(max_structures=2, scene_size=112, grid=28, min_fraction=0.5, max_fraction=0.5)
+
+
+FREE = GroundingConfig()
+
+
+@pytest.mark.parametrize("cfg", [FREE, GRID], ids=["free", "grid"])
+def test_every_box_is_exactly_the_drawn_structures_extent(cfg):
+    for scene in _scenes_covering_every_kind(cfg):
         full = render_scene(scene)
         for k, placed in enumerate(scene.placed):
             changed = (full != render_scene(scene, omit=k)).any(axis=-1)  # the pixels this structure painted
             ys, xs = np.nonzero(changed)
             assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == placed.bbox
             assert np.array_equal(changed, structure_mask(changed.shape, placed.bbox))
+
+
+def test_the_grid_layout_puts_whole_cell_boxes_anywhere_on_the_grid_and_draws_only_the_kinds_asked():
+    cfg = GroundingConfig(n_train=200, max_structures=1, scene_size=112, grid=28, min_fraction=0.25,
+                          max_fraction=0.5, absent_share=0.0, kinds="gland,mucin")
+    scenes = [make_scene(0, "train", i, cfg) for i in range(200)]
+    boxes = [p.bbox for s in scenes for p in s.placed]
+    assert all((s.width, s.height) == (112, 112) and len(s.placed) == 1 for s in scenes)
+    assert all(v % 28 == 0 and 0 <= v <= 112 for b in boxes for v in b)
+    # 0.25 and 0.5 of 112 px are 1 and 2 cells: every side length and every start on the grid that fits occurs
+    assert {b[2] - b[0] for b in boxes} == {b[3] - b[1] for b in boxes} == {28, 56}
+    assert {(b[0], b[2] - b[0]) for b in boxes} == {(x, w) for w in (28, 56) for x in range(0, 112 - w + 1, 28)}
+    assert {p.kind for s in scenes for p in s.placed} == {s.asked for s in scenes} == {"gland", "mucin"}
+    with pytest.raises(ValueError, match="kinds"):
+        GroundingConfig(kinds="gland,tumour")
+    # the grid's answers need no rounding: at the tiny budget a 112 px scene is seen as it is
+    assert answer_json(scenes[0].targets(), (112, 112), **TINY) == json.dumps(
+        [{"bbox_2d": list(scenes[0].placed[0].bbox), "label": STRUCTURES[1].label if scenes[0].asked == "gland"
+          else STRUCTURES[3].label}])
 
 
 def test_the_world_writes_records_whose_answers_are_the_boxes_in_resized_pixels(tmp_path):

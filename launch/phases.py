@@ -68,6 +68,7 @@ class PhaseType:
     # input field (a key of the config's `input_paths()`, fnmatch patterns allowed) -> the record kind its rows are
     # (`patho_r1.data.RECORD_TYPES`); fields not named here are not checked
     reads: Mapping[str, str] = field(default_factory=dict, hash=False)
+    makes: str = ""  # what makes its input, where the kind's usual source (KIND_SOURCES) would be the wrong advice
     plan: str | None = None  # "module:function", `(planned, shape, world, default_max_pixels) -> planner.Setup`
     not_planned: str = "not a training phase"  # why `plan` is None, in the planner's table
     result: str | None = None  # "module:function", `(out_dir: Path, metrics: dict) -> str`: the numbers of a
@@ -153,6 +154,8 @@ register_phase(PhaseType(
     "detection", "patho_r1.eval.detection_phase:DetectionPhaseConfig", "patho_r1.eval.detection_phase:run_detection",
     ray_train=False, headline=(), summary="score checkpoints on referring detection (F1@0.5, AP), paired",
     reads={"data": "mcq", "prior_from": "mcq"},  # grounding prompts in RL form: open-answer rows, boxes as answer
+    makes="it reads grounding prompts in RL form, open-answer rows whose answer is the box JSON (as `python -m "
+          "patho_r1.fixtures.grounding` writes them in rl/)",
     not_planned="inference only: the model's weights plus the engine's KV cache",
     result="patho_r1.eval.detection_phase:detection_result"))
 register_phase(PhaseType(

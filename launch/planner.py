@@ -772,15 +772,15 @@ def file_kinds(path: Path) -> list[str] | None:
             if all(isinstance(row, dict) and all(f in row for f in need) for row in rows)]
 
 
-def kind_problem(path: Path, need: str, phase_type: str) -> str | None:
+def kind_problem(path: Path, need: str, phase_type: str, hint: str = "") -> str | None:
     """Why `path` cannot feed a phase that reads `need` rows, in one line; None where it can (or cannot be told
     cheaply: a `datasets` folder, an empty file).  Reads the first rows of a file, or a curate stage folder's
-    manifest."""
+    manifest.  `hint` says what makes the right rows (default: the kind's usual source)."""
     from patho_r1.data import parse_record
     from patho_r1.errors import DataError
     from patho_r1.launch.phases import KIND_SOURCES
 
-    hint = KIND_SOURCES.get(need, "")
+    hint = hint or KIND_SOURCES.get(need, "")
     try:
         if path.is_dir():
             from patho_r1.curate.store import read_stage_manifest
@@ -816,7 +816,7 @@ def data_kind_problems(phase_type, config, where: str = "", skip=lambda path: Fa
         path = Path(value)
         if need is None or not path.exists() or skip(path):
             continue
-        problem = kind_problem(path, need, phase_type.name)
+        problem = kind_problem(path, need, phase_type.name, phase_type.makes)
         if problem:
             problems.append(f"{where}{name}: {problem}")
     return problems

@@ -225,7 +225,8 @@ def test_a_wrong_kind_fails_at_dry_run_in_one_line(world, tmp_path, capsys, monk
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
     assert err.startswith(f"error: {recipe}: phases[0] (ground).config.data: {world / 'sft/train.jsonl'} holds "
-                          "conversation rows, but the detection phase reads mcq rows")
+                          "conversation rows, but the detection phase reads mcq rows; it reads grounding prompts in "
+                          "RL form")  # this phase's own hint, not `curate mcq`'s
     assert main(["run", str(write("{data}/rl/heldout.jsonl")), "--dry-run"]) == 0
 
 

@@ -9,7 +9,8 @@ Each `PhaseType` says, besides its config class and runner:
   `defaults` and `deepspeed` apply, `--resume` continues from its newest checkpoint), what it writes and reads
   (`writes_checkpoint`, `produces_model`, `uses_model`);
 - what data it reads (`reads`: an input field of its config, as `input_paths()` names it, -> the record kind of
-  `patho_r1.data` the rows must be), which `patho-r1 run --dry-run` and `patho-r1 phase` check on the first rows;
+  `patho_r1.data` the rows must be), which `patho-r1 run --dry-run` and `patho-r1 phase` check on the first rows
+  (`makes`: what makes such rows, where the kind's usual source in `KIND_SOURCES` would be the wrong advice);
 - its memory plan (`plan`: a function from the phase to the planner's `Setup`; None: not planned, `not_planned`
   says why);
 - its numbers (`headline`: the metrics.jsonl keys beside the progress bar; `result`: the line of numbers the run

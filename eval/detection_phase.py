@@ -41,7 +41,8 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field, model_validator
 
-from patho_r1.config import PhaseConfig, PhaseResult, check_model_reference
+from patho_r1.config import PhaseResult
+from patho_r1.eval.phase import CheckpointsPhaseConfig
 
 FOLDER = "detection"  # under OUTPUT_DIR
 PRIOR = "prior"  # the prior's row and file name (a checkpoint may not take it)
@@ -49,12 +50,11 @@ CONTROLS = {"no_image": "no image", "wrong_image": "wrong image"}  # file suffix
 _LABEL = r"[A-Za-z0-9_-]+"  # a checkpoint label is a file stem (as a recipe's phase names are)
 
 
-class DetectionPhaseConfig(PhaseConfig):
-    """`model` alone scores one checkpoint (labelled `model`); `checkpoints` compares several."""
+class DetectionPhaseConfig(CheckpointsPhaseConfig):
+    """Score checkpoints on referring detection; their labels name files, so they are file stems."""
 
     data: str = Field(..., description="grounding prompts in RL form (JSONL of open-answer rows whose answer is the "
                       "target box JSON), e.g. a grounding world's rl/heldout.jsonl")
-    checkpoints: dict[str, str] = Field(default_factory=dict, description="label -> checkpoint directory or hub id")
     prior_from: str | None = Field(None, description="training prompts (the same form): also score the no-image "
                                    "prior, each class's median training box, as a row and a paired baseline")
     blind: bool = Field(False, description="also score each checkpoint with its images taken out")
@@ -66,12 +66,9 @@ class DetectionPhaseConfig(PhaseConfig):
     n_resamples: int = Field(10_000, ge=100, description="bootstrap and permutation resamples")
 
     @model_validator(mode="after")
-    def _check(self):
+    def _labels_are_file_stems(self):
         import re
 
-        self.checkpoints = self.checkpoints or ({"model": self.model} if self.model else {})  # as the eval phase
-        if not self.checkpoints:
-            raise ValueError("checkpoints: name at least one checkpoint to score (or give model)")
         bad = next((label for label in self.checkpoints if label == PRIOR or not re.fullmatch(_LABEL, label)), None)
         if bad is not None:
             raise ValueError(f"checkpoints: label {bad!r} must be letters, digits, _ and - (a file name), not "
@@ -80,11 +77,6 @@ class DetectionPhaseConfig(PhaseConfig):
 
     def input_paths(self) -> dict[str, str]:
         return {"data": self.data, **({"prior_from": self.prior_from} if self.prior_from else {})}
-
-    def check_inputs(self) -> None:
-        super().check_inputs()
-        for label, path in self.checkpoints.items():
-            check_model_reference(f"checkpoints.{label}", path)
 
 
 def box_prompts(path: str, limit: int | None = None, check_images: bool = True) -> list:

@@ -15,11 +15,30 @@ from patho_r1.eval.stats import mcnemar
 from patho_r1.rewards.parsing import REASONING_SYSTEM_PROMPT
 
 
-class EvalPhaseConfig(PhaseConfig):
-    """`model` alone scores one checkpoint (labelled `model`); `checkpoints` compares several."""
+class CheckpointsPhaseConfig(PhaseConfig):
+    """A phase that scores checkpoints (`eval`, `detection`): `model` alone scores one checkpoint (labelled
+    `model`); `checkpoints` compares several."""
+
+    checkpoints: dict[str, str] = Field(default_factory=dict, description="label -> checkpoint directory or hub id")
+
+    @model_validator(mode="after")
+    def _checkpoints_or_model(self):
+        if not self.checkpoints and self.model:
+            self.checkpoints = {"model": self.model}
+        if not self.checkpoints:
+            raise ValueError("checkpoints: name at least one checkpoint to score (or give model)")
+        return self
+
+    def check_inputs(self) -> None:
+        super().check_inputs()
+        for label, path in self.checkpoints.items():
+            check_model_reference(f"checkpoints.{label}", path)
+
+
+class EvalPhaseConfig(CheckpointsPhaseConfig):
+    """Score checkpoints on one MCQ set."""
 
     data: str = Field(..., description="VLMEvalKit TSV or MCQ JSONL")
-    checkpoints: dict[str, str] = Field(default_factory=dict, description="label -> checkpoint directory or hub id")
     engine: Literal["hf", "vllm"] = "hf"
     max_new_tokens: int = Field(128, gt=0)
     batch_size: int = Field(32, gt=0)
@@ -31,21 +50,8 @@ class EvalPhaseConfig(PhaseConfig):
     wrong_image_control: bool = Field(True, description="also score every checkpoint with the images shuffled "
                                       "across items: a model that reads the image falls to chance")
 
-    @model_validator(mode="after")
-    def _check(self):
-        if not self.checkpoints and self.model:
-            self.checkpoints = {"model": self.model}
-        if not self.checkpoints:
-            raise ValueError("checkpoints: name at least one checkpoint to evaluate (or give model)")
-        return self
-
     def input_paths(self) -> dict[str, str]:
         return {"data": self.data}
-
-    def check_inputs(self) -> None:
-        super().check_inputs()
-        for label, path in self.checkpoints.items():
-            check_model_reference(f"checkpoints.{label}", path)
 
 
 def wrong_images(records: list, seed: int) -> list:

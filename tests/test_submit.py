@@ -146,7 +146,8 @@ def test_submit_on_a_real_cluster_writes_to_output_root_resumes_survives_ctrl_c_
         shutil.rmtree(ray_temp, ignore_errors=True)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     steps = json.loads(result.stdout.strip().splitlines()[-1])
-    print(f"cluster steps, seconds: {steps['seconds']}, all {time.time() - started:.1f}")  # shown with -s or on failure: where the test's time goes
+    # shown with -s or on a failure: where the test's time goes
+    print(f"cluster steps, seconds: {steps['seconds']}, all {time.time() - started:.1f}")
     assert steps["first"]["rc"] == 0 and "SUCCEEDED" in steps["first"]["out"]
     assert (out / "report.md").is_file() and (out / "eval" / "summary.json").is_file()  # on the shared path
     assert (out / "recipe.as-run.yaml").is_file() and "## Context" in (out / "report.md").read_text()

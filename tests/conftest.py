@@ -173,7 +173,7 @@ def hf_server(tiny_model_dir):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Two pytest-xdist workers (the Makefile's test target: -n 2 --dist load --maxschedchunk 1)
+# Three pytest-xdist workers on two cores (the Makefile's test target: -n 3 --dist load --maxschedchunk 1)
 # ----------------------------------------------------------------------------------------------------------------------
 
 def pytest_configure(config):
@@ -191,26 +191,25 @@ def pytest_configure(config):
             os.environ.setdefault(name, str(share))
 
 
-# The longest tests, first: xdist hands the first two to one worker and the next two to the other, so the two
-# longest (about 7 and 5 of the 15 minutes on two workers, measured in CI) start at once on different workers.
-LONGEST_FIRST = ("tests/test_liveness.py::test_kill_anywhere", "tests/test_multiworker.py::test_sft_two_workers",
-                 "tests/test_submit.py::test_submit_on_a_real_cluster")
-# The test that builds the shared SFT model (`sft_model_dir`, about a minute) goes right after them, and the tests that
-# only read it after every other slow test: in file order, both workers asked for it at once and one of them waited
-# the whole minute on the other's build (52-65 s of a worker idle, measured in CI).
+# The test that builds the shared SFT model (`sft_model_dir`, about a minute and a half) goes first, and the tests
+# that only read it after every other slow test: when they came up while it was still being built, a worker sat idle
+# for the rest of the build (52-65 s with two workers; 95 s with three when the build came after the longest tests,
+# measured in CI).  Then the longest tests, so that they start at once on the other workers.
 BUILDS_SHARED = ("tests/test_learning.py::test_sft_teaches",)
+LONGEST_FIRST = ("tests/test_liveness.py::test_kill_anywhere", "tests/test_submit.py::test_submit_on_a_real_cluster",
+                 "tests/test_multiworker.py::test_sft_two_workers")
 READS_SHARED = ("tests/test_learning.py::test_rl_raises",)
 
 
 def pytest_collection_modifyitems(config, items):
-    """The longest tests first, then the other slow end-to-end ones, so that the workers start them early and the
-    short ones fill in around them (xdist hands out tests in collection order, one at a time with --maxschedchunk 1);
-    file order otherwise."""
+    """The shared SFT build and the longest tests first, then the other slow end-to-end ones, so that the workers
+    start them early and the short ones fill in around them (xdist hands out tests in collection order, one at a time
+    with --maxschedchunk 1); file order otherwise."""
     def rank(item, prefixes) -> int | None:
         return next((i for i, prefix in enumerate(prefixes) if item.nodeid.startswith(prefix)), None)
 
     def order(item) -> tuple[int, int]:
-        for group, prefixes in enumerate((LONGEST_FIRST, BUILDS_SHARED)):
+        for group, prefixes in enumerate((BUILDS_SHARED, LONGEST_FIRST)):
             if (i := rank(item, prefixes)) is not None:
                 return (group, i)
         if rank(item, READS_SHARED) is not None:

@@ -16,6 +16,7 @@ from patho_r1.data import GroundingRecord, load_records, parse_record
 from patho_r1.errors import DataError
 from patho_r1.eval.detection import DetectionItem, score_detection
 from patho_r1.fixtures.grounding import (
+    STRUCTURE_BY_KEY,
     STRUCTURES,
     GroundingConfig,
     generate_grounding_world,
@@ -309,8 +310,6 @@ def _scenes_covering_every_kind(cfg: GroundingConfig):
 
 
 GRID = GroundingConfig(max_structures=2, scene_size=112, grid=28, min_fraction=0.5, max_fraction=0.5)
-
-
 FREE = GroundingConfig()
 
 
@@ -340,8 +339,7 @@ def test_the_grid_layout_puts_whole_cell_boxes_anywhere_on_the_grid_and_draws_on
         GroundingConfig(kinds="gland,tumour")
     # the grid's answers need no rounding: at the tiny budget a 112 px scene is seen as it is
     assert answer_json(scenes[0].targets(), (112, 112), **TINY) == json.dumps(
-        [{"bbox_2d": list(scenes[0].placed[0].bbox), "label": STRUCTURES[1].label if scenes[0].asked == "gland"
-          else STRUCTURES[3].label}])
+        [{"bbox_2d": list(scenes[0].placed[0].bbox), "label": STRUCTURE_BY_KEY[scenes[0].asked].label}])
 
 
 def test_the_world_writes_records_whose_answers_are_the_boxes_in_resized_pixels(tmp_path):

@@ -83,6 +83,26 @@ def test_phase_inputs_default_to_the_previous_phase(tmp_path):
     assert b.config.parent == b.config.model
 
 
+def test_relative_phase_inputs_are_read_from_where_the_run_started(tmp_path, monkeypatch):
+    # A Ray worker runs in its own working directory, so a phase's relative `data:` would name nothing there (the
+    # grounding demo's RL rows failed so: "rl.data: not found").  Relative input paths are made absolute at planning,
+    # against the directory the runner starts from, nested ones (a detection prior, an embed curriculum) too.
+    monkeypatch.chdir(tmp_path)
+    plan = build_plan(_recipe(tmp_path, [
+        {"name": "rl", "type": "rl", "config": {"data": "rows/rl.jsonl", "algorithm": "dapo"}},
+        {"name": "det", "type": "detection", "config": {"data": "/abs/heldout.jsonl", "checkpoints": ["rl"],
+                                                        "prior_from": "rows/train.jsonl"}},
+        {"name": "emb", "type": "embed", "config": {"stage1": {"curriculum": [{"data": "pairs/a.jsonl"}]}}},
+    ], defaults={"per_device_train_batch_size": 8}))
+    rl, det, emb = (p.config for p in plan.phases)
+    assert rl.data == str(tmp_path / "rows/rl.jsonl")
+    assert det.prior_from == str(tmp_path / "rows/train.jsonl") and det.data == "/abs/heldout.jsonl"
+    assert emb.stage1.curriculum[0].data == str(tmp_path / "pairs/a.jsonl")
+    assert rl.rewards == build_plan(_recipe(tmp_path, [
+        {"name": "rl", "type": "rl", "config": {"data": "{data}/rl/train.jsonl", "algorithm": "dapo"}}
+    ], defaults={"per_device_train_batch_size": 8})).phases[0].config.rewards  # nothing but the paths changed
+
+
 def test_unknown_phase_selection_is_an_error(tmp_path, capsys):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(_recipe(tmp_path, [{"name": "a", "type": "cpt",

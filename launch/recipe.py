@@ -238,24 +238,23 @@ def _substitute(value, mapping: dict[str, str], where: str, errors: list[str]):
     return value
 
 
-def _absolute_inputs(config, data: dict) -> bool:
-    """Make each relative input path of a phase config (`input_paths()`, by dotted field name) absolute in `data`,
-    against the directory the runner was started from, as the data and output roots are: a Ray worker runs in its own
-    working directory, where `rows/train.jsonl` names nothing.  Returns whether anything changed."""
-    changed = False
-    for dotted, path in config.input_paths().items():
-        if not path or Path(path).is_absolute():
-            continue
+def absolute_inputs(config, data: dict) -> dict[str, str]:
+    """Make each relative input path of a phase config (`input_paths()`, by dotted field name) absolute in `data` (the
+    phase's config as written), against the directory the runner was started from, as the data and output roots
+    are: a Ray worker runs in its own working directory, where `rows/train.jsonl` names nothing.  Values with a
+    `{placeholder}` are left to substitution.  Returns {dotted name: absolute path} of what it changed."""
+    changed = {}
+    for dotted in config.input_paths():
         node, *keys = data, *dotted.split(".")
         try:
             for key in keys[:-1]:
                 node = node[int(key)] if isinstance(node, list) else node[key]
             leaf = int(keys[-1]) if isinstance(node, list) else keys[-1]
-            if node[leaf] == path:
-                node[leaf] = str(Path(path).expanduser().resolve())
-                changed = True
+            value = node[leaf]
         except (KeyError, IndexError, ValueError, TypeError):  # a default the recipe did not write: left as it is
             continue
+        if isinstance(value, str) and value and "{" not in value and not Path(value).expanduser().is_absolute():
+            node[leaf] = changed[dotted] = str(Path(value).expanduser().resolve())
     return changed
 
 
@@ -317,7 +316,7 @@ def build_plan(raw: dict, source: str = "<recipe>") -> Plan:
             data.setdefault("parent", data.get("model"))
         try:
             config = cls.model_validate(data, context={"defer_path_checks": True})
-            if _absolute_inputs(config, data):
+            if absolute_inputs(config, data):
                 config = cls.model_validate(data, context={"defer_path_checks": True})
         except ValidationError as exc:
             errors.extend(format_validation_error(exc, prefix=f"{where}.config.").split("\n  ")[1:])

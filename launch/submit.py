@@ -35,7 +35,7 @@ import yaml
 
 from patho_r1.config import is_local_model_path, read_yaml
 from patho_r1.errors import ConfigError, PathoError
-from patho_r1.launch.recipe import Plan, build_plan
+from patho_r1.launch.recipe import Plan, absolute_inputs, build_plan
 
 RECIPE_NAME = "recipe.yaml"
 _NOT_SHIPPED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
@@ -122,6 +122,11 @@ def package_job(recipe: str | Path, dest: Path, *, output_root: str | None = Non
     recipe = Path(recipe)
     raw, warnings = resolve_recipe(read_yaml(recipe), recipe, output_root)
     plan = build_plan(raw, source=str(recipe))  # every field and phase config: a bad recipe fails here, not later
+    for i, planned in enumerate(plan.phases):  # a phase's relative input path, as the roots above: from here
+        for name, path in absolute_inputs(planned.config, raw["phases"][i].get("config") or {}).items():
+            if not Path(path).exists():
+                warnings.append(f"phases[{i}] ({planned.spec.name}).config.{name}: {path} does not exist on this "
+                                "machine; it must exist on every cluster node")
     working_dir = dest / "job"
     working_dir.mkdir(parents=True)
     (working_dir / RECIPE_NAME).write_text(yaml.safe_dump(raw, sort_keys=False))

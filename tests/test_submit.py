@@ -72,13 +72,16 @@ def test_relative_paths_are_refused_or_made_absolute_before_submission(tmp_path,
     raw = yaml.safe_load(recipe.read_text())
     raw["data"] = {"root": "data/here"}
     raw["model"] = {"base": "./models/base"}
+    raw["phases"][0]["config"]["data"] = "bench/items.tsv"  # a phase's own input, not under {data}
     recipe.write_text(yaml.safe_dump(raw))
     package = package_job(recipe, tmp_path / "b", output_root=str(tmp_path / "shared"))
     shipped = yaml.safe_load((package.working_dir / RECIPE_NAME).read_text())
     assert shipped["output_root"] == str(tmp_path / "shared")
     assert shipped["data"]["root"] == str(tmp_path / "data/here") and shipped["model"]["base"] == str(
         tmp_path / "models/base")
-    assert [w.split(":")[0] for w in package.warnings] == ["data.root", "model.base"]  # must exist on the cluster
+    assert shipped["phases"][0]["config"]["data"] == str(tmp_path / "bench/items.tsv")
+    assert [w.split(":")[0] for w in package.warnings] == ["data.root", "model.base",  # must exist on the cluster
+                                                           "phases[0] (eval).config.data"]
     raw["model"] = {"base": "Qwen/Qwen2.5-VL-3B-Instruct"}  # a hub id is the cluster's to download, left as it is
     recipe.write_text(yaml.safe_dump(raw))
     package = package_job(recipe, tmp_path / "c", output_root=str(tmp_path / "shared"))

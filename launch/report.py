@@ -78,7 +78,7 @@ def collect(run_dir: str | Path) -> dict:
             prefix = f"{name}: " if len(evals) > 1 else ""
             for label, r in read_json(out / "summary.json").items():
                 lo, hi = wilson_interval(round(r["accuracy"] * r["n"]), r["n"])
-                report["mcq"][prefix + label] = {**r, "ci95": [lo, hi]}
+                report["mcq"][prefix + label] = {**r, "ci95": [lo, hi], "eval_phase": name}
             if (out / "paired.json").is_file():
                 report["paired"] += [{**p, "from": prefix + p["from"], "to": prefix + p["to"]}
                                      for p in read_json(out / "paired.json")]
@@ -236,8 +236,9 @@ def draw(report: dict, plot_dir: Path) -> dict[str, Path]:
 
 def class_lines(mcq: dict, paired: list[dict] = ()) -> list[str]:
     """Per-class accuracy of each checkpoint scored on a classification set, its balanced accuracy, and every class
-    that fell between consecutive checkpoints by more than their 95% intervals allow (the intervals do not overlap),
-    with where its items went.  An overall gain can hide a class that collapses; this is the line that shows it."""
+    that fell between consecutive checkpoints of one evaluation by more than their 95% intervals allow (the intervals
+    do not overlap), with where its items went.  An overall gain can hide a class that collapses; this is the line
+    that shows it."""
     tables = {label: r["classes"] for label, r in mcq.items() if r.get("classes")}
     if not tables:
         return []
@@ -269,6 +270,8 @@ def class_lines(mcq: dict, paired: list[dict] = ()) -> list[str]:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     for before, after in zip(labels, labels[1:], strict=False):
+        if mcq[before].get("eval_phase") != mcq[after].get("eval_phase"):
+            continue  # the last checkpoint of one benchmark and the first of the next: different items
         for name in names:
             old, new = tables[before]["per_class"].get(name), tables[after]["per_class"].get(name)
             if old and new and new["ci95"][1] < old["ci95"][0]:

@@ -234,6 +234,13 @@ def test_a_class_that_falls_beyond_its_intervals_is_flagged_with_where_its_items
     assert flagged == ["**necrosis fell** from 0.53 (sft) to 0.21 (rl), beyond both 95% intervals (paired test on "
                        "its items: p 1.1e-15); answered 'stroma' on 97 of 178"]  # tumour: inside the intervals
     assert class_lines({"sft": {"n": 3}}) == []
+    # the last checkpoint of one benchmark and the first of the next (another eval phase) are not a step
+    empty = classes({"necrosis": (0, 178), "stroma": (0, 170), "tumour": (0, 100)},
+                    [[0, 0, 0, 178], [0, 0, 0, 170], [0, 0, 0, 100]])
+    for second_phase, flags in (("eval-curated", 0), ("eval", 3)):
+        lines = class_lines({"eval: rl": {"classes": sft, "eval_phase": "eval"},
+                             f"{second_phase}: cpt": {"classes": empty, "eval_phase": second_phase}})
+        assert len([line for line in lines if "fell" in line]) == flags
 
 
 @pytest.mark.parametrize("original", ["kept", "gone"])
